@@ -1,0 +1,38 @@
+# The two commands of the README:
+#   make run   installs the pipeline into .venv and runs it (`dvc repro`, default params.yaml)
+#   make test  installs it with the test tools and runs the linter and every test
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: run test lint benchmark mlflow-ui
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+run: $(VENV)/.installed
+	dvc repro
+	dvc metrics show
+
+test: $(VENV)/.installed-dev lint
+	python -m pytest
+
+lint: $(VENV)/.installed-dev
+	ruff check src stages tests benchmarks
+
+benchmark: $(VENV)/.installed
+	python benchmarks/throughput.py
+
+mlflow-ui: $(VENV)/.installed
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

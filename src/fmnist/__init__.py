@@ -1,0 +1,1 @@
+"""Fashion-MNIST CNN pipeline: the library behind the DVC stages in dvc.yaml."""

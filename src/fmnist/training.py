@@ -1,0 +1,216 @@
+"""The train stage: fit one variant under one seed, resumably, tracked in MLflow.
+
+Test loss and accuracy are computed after every epoch because the paper plots them
+(Fig. 3); they are only monitored: nothing here selects an epoch or stops on them, and the
+model kept is the one after the last epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from fmnist import device, tracking
+from fmnist.config import NUM_CLASSES, Config, ModelSpec, TrainConfig, flatten
+from fmnist.files import atomic_path, write_json, write_text
+from fmnist.models import build_model, summary_text
+from fmnist.prepare import Dataset
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN or infinite)."""
+
+
+def to_inputs(images: np.ndarray) -> np.ndarray:
+    """(n, 28, 28) uint8 -> (n, 28, 28, 1) float32 in [0, 1]."""
+    return (images.astype("float32") / 255.0)[..., np.newaxis]
+
+
+def to_targets(labels: np.ndarray) -> np.ndarray:
+    """(n,) ints -> (n, 10) one-hot float32 (categorical cross-entropy, as in the paper)."""
+    return keras.utils.to_categorical(labels, NUM_CLASSES).astype("float32")
+
+
+def compile_model(model: keras.Model, train: TrainConfig) -> keras.Model:
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=train.learning_rate),
+                  loss="categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    """Completes each epoch's record: monitored test metrics, timing, a finite-loss check,
+    then hands it to ``on_epoch`` (which checkpoints and logs it)."""
+
+    def __init__(self, on_epoch: Callable[[dict[str, float]], None],
+                 test: tuple[np.ndarray, np.ndarray] | None, batch_size: int):
+        super().__init__()
+        self.on_epoch = on_epoch
+        self.test = test
+        self.batch_size = batch_size
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        record = {"epoch": epoch + 1}
+        record.update({key: float(value) for key, value in (logs or {}).items()})
+        record["epoch_seconds"] = time.perf_counter() - self._started
+        if not math.isfinite(record.get("loss", 0.0)):
+            raise TrainingError(f"training loss became {record['loss']} at epoch {epoch + 1}; "
+                                "lower train.learning_rate or check the data")
+        if self.test is not None:
+            scores = self.model.evaluate(*self.test, batch_size=self.batch_size, verbose=0,
+                                         return_dict=True)
+            record["test_loss"] = float(scores["loss"])
+            record["test_accuracy"] = float(scores["accuracy"])
+        self.on_epoch(record)
+
+
+class Checkpoint:
+    """Resumable training state outside DVC's outputs (DVC deletes those before a run).
+
+    Holds the model after the last completed epoch (with its optimizer state), the history
+    so far, and the MLflow run id; a fingerprint of everything that shapes training makes a
+    checkpoint of other settings be discarded rather than resumed.
+    """
+
+    def __init__(self, folder: Path, fingerprint: str):
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        self.state_file = self.folder / "state.json"
+        self.model_file = self.folder / "model.keras"
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or None when there is none; a stale one is removed and its
+        MLflow run marked FAILED."""
+        if not self.state_file.is_file():
+            return None
+        state = json.loads(self.state_file.read_text())
+        if state.get("fingerprint") != self.fingerprint:
+            print(f"Discarding checkpoint {self.folder}: it was made with other settings.")
+            if state.get("run_id"):
+                tracking.mark_failed(state["run_id"])
+            self.clear()
+            return None
+        return state
+
+    def save(self, run_id: str, history: list[dict[str, float]], model: keras.Model | None) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if model is not None:
+            with atomic_path(self.model_file) as tmp:  # tmp keeps the .keras suffix
+                model.save(tmp)
+        write_json(self.state_file, {"fingerprint": self.fingerprint, "run_id": run_id,
+                                     "history": history})
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    model: keras.Model
+    history: list[dict[str, float]]
+    run_id: str
+    backend: str
+    device: str
+    train_seconds: float
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fit(model: keras.Model, data: Dataset, train: TrainConfig, callbacks: list,
+        initial_epoch: int = 0) -> None:
+    """The stage's input path: whole arrays in memory, Keras' own batching and shuffling."""
+    validation = None
+    if len(data.y_val):
+        validation = (to_inputs(data.x_val), to_targets(data.y_val))
+    model.fit(to_inputs(data.x_train), to_targets(data.y_train), batch_size=train.batch_size,
+              epochs=train.epochs, initial_epoch=initial_epoch, validation_data=validation,
+              callbacks=callbacks, shuffle=True, verbose=2)
+
+
+def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_info: dict[str, Any],
+                  out_dir: Path, checkpoint_dir: Path) -> TrainedModel:
+    """Train ``variant`` under ``seed``; write model, history, summary and run id to ``out_dir``."""
+    spec: ModelSpec = config.variant(variant)
+    name = f"{variant}-seed{seed}"
+    experiment_id = tracking.connect(config.tracking.experiment)
+    keras.utils.set_random_seed(seed)
+    train_settings = {k: v for k, v in asdict(config.train).items() if k != "seeds"}
+    checkpoint = Checkpoint(checkpoint_dir, _fingerprint(
+        asdict(spec), train_settings, seed, data_info, device.backend()))
+    state = checkpoint.load()
+    history: list[dict[str, float]] = state["history"] if state else []
+    if state and checkpoint.model_file.is_file():
+        model = keras.models.load_model(checkpoint.model_file)
+        print(f"Resuming {name} after epoch {len(history)} from {checkpoint.folder}")
+    else:
+        history = []
+        model = compile_model(build_model(spec, variant), config.train)
+    tags = {
+        "variant": variant, "seed": str(seed), "git_commit": tracking.git_commit(),
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "dvc_stage": f"train@{variant}-{seed}",
+        "data_source": data_info["source"], "canonical_split": str(data_info["canonical_split"]),
+        "keras_backend": device.backend(), "device": device.describe(),
+    }
+    test = (to_inputs(data.x_test), to_targets(data.y_test)) if config.train.monitor_test else None
+    started = time.perf_counter()
+    with tracking.run(experiment_id, name, tags, run_id=state and state["run_id"],
+                      on_start=lambda run_id: checkpoint.save(run_id, history, None)) as run_id:
+        tracking.log_params(flatten({"variant": variant, "seed": seed, "model": spec,
+                                     "train": train_settings,
+                                     "data": {"source": data_info["source"],
+                                              "canonical_split": data_info["canonical_split"],
+                                              **data_info["sizes"]}}))
+        tracking.log_params({"model.parameters": model.count_params()})
+
+        def on_epoch(record: dict[str, float]) -> None:
+            history.append(record)
+            checkpoint.save(run_id, history, model)
+            tracking.log_metrics({k: v for k, v in record.items() if k != "epoch"},
+                                 step=int(record["epoch"]))
+
+        recorder = EpochRecorder(on_epoch, test, config.train.batch_size)
+        fit(model, data, config.train, [recorder], initial_epoch=len(history))
+        seconds = time.perf_counter() - started
+        result = TrainedModel(model, history, run_id, device.backend(), device.describe(), seconds)
+        write_outputs(result, out_dir, data_info)
+        tracking.log_artifacts(out_dir / "history.json", out_dir / "summary.txt")
+        tracking.log_keras_model(model, to_inputs(data.x_test[:5]))
+    checkpoint.clear()
+    return result
+
+
+def write_outputs(result: TrainedModel, out_dir: Path, data_info: dict[str, Any]) -> None:
+    """models/<variant>/seed<k>/: model.keras, history.json/.csv, summary.txt, run.json."""
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        result.model.save(tmp / "model.keras")
+        (tmp / "history.json").write_text(json.dumps(result.history, indent=1) + "\n")
+        columns = list(dict.fromkeys(key for record in result.history for key in record))
+        with (tmp / "history.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(result.history)
+        write_text(tmp / "summary.txt", summary_text(result.model))
+        write_json(tmp / "run.json", {
+            "mlflow_run_id": result.run_id, "keras_backend": result.backend,
+            "device": result.device, "train_seconds": round(result.train_seconds, 1),
+            "epochs": len(result.history), "parameters": result.model.count_params(),
+            "canonical_split": data_info["canonical_split"], "data_source": data_info["source"],
+        })

@@ -1,0 +1,29 @@
+"""DVC stage `train@<variant>-<seed>`: train one variant under one seed (see fmnist.training)."""
+
+import argparse
+
+from fmnist import paths
+from fmnist.cli import stage_main
+from fmnist.config import load_params
+from fmnist.prepare import data_info, load_prepared
+from fmnist.training import train_variant
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variant", required=True, help="a key of `variants` in params.yaml")
+    parser.add_argument("--seed", type=int, required=True)
+    args = parser.parse_args()
+    config = load_params(paths.PARAMS)
+    config.variant(args.variant)  # an unknown name fails before the data is loaded
+    result = train_variant(config, args.variant, args.seed, load_prepared(paths.PREPARED_ARRAYS),
+                           data_info(paths.PREPARED_INFO), paths.model_dir(args.variant, args.seed),
+                           paths.checkpoint_dir(args.variant, args.seed))
+    last = result.history[-1]
+    print(f"{args.variant} seed {args.seed}: {len(result.history)} epochs in "
+          f"{result.train_seconds:.0f} s on {result.device} ({result.backend}); last epoch "
+          + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "epoch"))
+
+
+if __name__ == "__main__":
+    stage_main(main)

@@ -1,0 +1,132 @@
+"""Fixtures that shrink the real pipeline: the real params.yaml with tiny settings, tiny
+fabricated Fashion-MNIST-shaped IDX files, temporary MLflow stores and DVC repositories."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from fmnist import download  # noqa: E402
+from fmnist.config import parse_params  # noqa: E402
+from fmnist.idx import write_idx  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_TRAIN_PER_CLASS = 24
+TINY_TEST_PER_CLASS = 6
+
+
+def tiny_images(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images a model can tell apart: class c lights up row band c, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(10, dtype=np.uint8), per_class)
+    images = rng.integers(0, 60, size=(len(labels), 28, 28)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        images[i, 2 + 2 * label: 4 + 2 * label, 4:24] = 250
+    order = rng.permutation(len(labels))
+    return images[order], labels[order]
+
+
+def write_tiny_idx(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    x_train, y_train = tiny_images(TINY_TRAIN_PER_CLASS, seed=1)
+    x_test, y_test = tiny_images(TINY_TEST_PER_CLASS, seed=2)
+    write_idx(folder / download.TRAIN_IMAGES, x_train)
+    write_idx(folder / download.TRAIN_LABELS, y_train)
+    write_idx(folder / download.TEST_IMAGES, x_test)
+    write_idx(folder / download.TEST_LABELS, y_test)
+    return folder
+
+
+def real_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def shrink(raw: dict, source: Path) -> dict:
+    """The real params, made tiny: local tiny data, 2 epochs, small batches, one seed."""
+    raw = copy.deepcopy(raw)
+    raw["data"]["source"] = str(source)
+    raw["data"]["mirrors"] = ["http://127.0.0.1:9/unreachable"]
+    raw["train"].update(epochs=2, batch_size=32, seeds=[0])
+    raw["baseline"]["train_size"] = 100
+    return raw
+
+
+@pytest.fixture
+def tiny_idx_dir(tmp_path: Path) -> Path:
+    return write_tiny_idx(tmp_path / "tiny_idx")
+
+
+@pytest.fixture
+def tiny_params(tiny_idx_dir: Path) -> dict:
+    return shrink(real_params(), tiny_idx_dir)
+
+
+@pytest.fixture
+def tiny_config(tiny_params: dict):
+    return parse_params(tiny_params)
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temporary project root: MLflow writes its SQLite store and artifacts there."""
+    root = tmp_path / "project"
+    root.mkdir()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    return root
+
+
+def venv_env() -> dict[str, str]:
+    """Environment for subprocesses: this interpreter's bin first on PATH (python, dvc)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("DVC_ROOT", None)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None,
+        timeout: float = 1200) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env or venv_env(),
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}"
+                             f"\n{result.stderr[-5000:]}")
+    return result
+
+
+def make_dvc_repo(dest: Path, params: dict) -> Path:
+    """A temporary git + DVC repository holding this project's pipeline and ``params``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in ("dvc.yaml", "stages", "src", "plot_templates"):
+        source = REPO / item
+        if source.is_dir():
+            shutil.copytree(source, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.exists():
+            shutil.copy(source, dest / item)
+    shutil.copy(REPO / ".gitignore", dest / ".gitignore")
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], dest)
+    run(["git", "config", "user.email", "test@example.com"], dest)
+    run(["git", "config", "user.name", "test"], dest)
+    run(["dvc", "init", "-q"], dest)
+    run(["dvc", "config", "core.analytics", "false"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "pipeline"], dest)
+    return dest
+
+
+@pytest.fixture
+def dvc_repo(tmp_path: Path, tiny_params: dict) -> Path:
+    return make_dvc_repo(tmp_path / "repo", tiny_params)

@@ -1,0 +1,102 @@
+"""params.yaml validation: every kind of bad value stops the run with the key named."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from fmnist.config import ConfigError, flatten, load_params, parse_params
+from tests.conftest import REPO, real_params
+
+
+def test_real_params_load_with_the_three_paper_variants():
+    config = load_params(REPO / "params.yaml")
+    assert list(config.variants) == ["cnn2", "cnn2_bn", "cnn2_bn_skip"]
+    assert config.variants["cnn2_bn_skip"].skip and config.variants["cnn2_bn_skip"].batch_norm
+    assert not config.variants["cnn2"].batch_norm
+    # a variant inherits the shared defaults it does not override
+    assert config.variants["cnn2_bn"].filters == 32 and config.variants["cnn2_bn"].padding == "valid"
+
+
+def _with(path: str, value, raw: dict | None = None) -> dict:
+    raw = copy.deepcopy(raw or real_params())
+    *parents, last = path.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return raw
+
+
+@pytest.mark.parametrize("path, value, named", [
+    ("train.epochs", -1, "train.epochs"),
+    ("train.epochs", "ten", "train.epochs"),
+    ("train.batch_size", 0, "train.batch_size"),
+    ("train.learning_rate", 0, "train.learning_rate"),
+    ("train.seeds", [], "train.seeds"),
+    ("train.seeds", [1, 1], "train.seeds"),
+    ("train.monitor_test", "yes", "train.monitor_test"),
+    ("data.source", "ftp-somewhere", "data.source"),
+    ("data.validation_size", 60_000, "data.validation_size"),
+    ("data.validation_size", -5, "data.validation_size"),
+    ("data.npm_shasum", "abc", "data.npm_shasum"),
+    ("data.mirrors", "http://one-string-not-a-list", "data.mirrors"),
+    ("model_defaults.padding", "full", "variants.cnn2.padding"),
+    ("model_defaults.dropout_rate", 1.5, "variants.cnn2.dropout_rate"),
+    ("model_defaults.blocks", 9, "variants.cnn2.blocks"),
+    ("model_defaults.filters", [32, 32, 32], "variants.cnn2.filters"),
+    ("variants.cnn2_bn_skip.padding", "valid", "variants.cnn2_bn_skip.padding"),
+    ("variants.cnn2.skip_projection", "magic", "variants.cnn2.skip_projection"),
+    ("variants.cnn2.colour", "red", "variants.cnn2.colour"),
+    ("analyse.error_variant", "cnn9", "analyse.error_variant"),
+    ("analyse.feature_map_classes", ["Hat"], "analyse.feature_map_classes"),
+    ("evaluate.class_names", ["a", "b"], "evaluate.class_names"),
+    ("baseline.kernel", "rbff", "baseline.kernel"),
+    ("baseline.C", -1, "baseline.C"),
+    ("baseline.train_size", 70_000, "baseline.train_size"),
+    ("tracking.experiment", "  ", "tracking.experiment"),
+])
+def test_bad_values_name_the_key(path, value, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        parse_params(_with(path, value))
+
+
+def test_unknown_keys_and_sections_are_rejected_with_the_allowed_ones():
+    with pytest.raises(ConfigError, match=r"unknown key train\.epoch;.*epochs"):
+        parse_params(_with("train.epoch", 3))
+    with pytest.raises(ConfigError, match="unknown section trian"):
+        parse_params(_with("trian", {}))
+    raw = real_params()
+    del raw["train"]["epochs"]
+    with pytest.raises(ConfigError, match=r"missing key train\.epochs"):
+        parse_params(raw)
+
+
+def test_a_local_directory_is_a_valid_source(tmp_path):
+    assert parse_params(_with("data.source", str(tmp_path))).data.source == str(tmp_path)
+
+
+def test_a_new_variant_is_only_an_edit_of_params():
+    raw = _with("variants.wide3", {"blocks": 3, "filters": 64, "padding": "same"})
+    spec = parse_params(raw).variant("wide3")
+    assert spec.block_filters == (64, 64, 64) and spec.dense_units == 128
+    with pytest.raises(ValueError, match="unknown variant 'nope'.*cnn2, cnn2_bn"):
+        parse_params(raw).variant("nope")
+
+
+def test_invalid_yaml_and_missing_file_are_clear(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_flatten_gives_dotted_keys():
+    config = load_params(REPO / "params.yaml")
+    flat = flatten({"model": config.variant("cnn2"), "train": config.train})
+    assert flat["model.filters"] == 32 and flat["train.epochs"] == config.train.epochs
+    assert yaml.safe_load(yaml.safe_dump(flat))  # plain values only
