@@ -197,7 +197,7 @@ class Config:
 
     def variant(self, name: str) -> ModelSpec:
         if name not in self.variants:
-            raise ValueError(f"unknown variant {name!r}; params.yaml defines: {', '.join(self.variants)}")
+            raise ConfigError(f"unknown variant {name!r}; params.yaml defines: {', '.join(self.variants)}")
         return self.variants[name]
 
     def class_index(self, class_name: str) -> int:

@@ -1,0 +1,192 @@
+"""The train stage's library on tiny data: outputs, MLflow run, resume, backends, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fmnist import download, tracking, training
+from fmnist.prepare import prepare
+from fmnist.tracking import TrackingError
+from fmnist.training import EpochRecorder, TrainingError, train_variant
+from tests.conftest import REPO, venv_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def tiny_data(tmp_path, tiny_config):
+    download.download(tiny_config.data, tmp_path / "raw")
+    return prepare(tmp_path / "raw", tmp_path / "prepared" / "d.npz", tmp_path / "prepared" / "i.json",
+                   validation_size=20, validation_seed=0)
+
+
+def _train(config, data_and_info, root: Path, variant: str = "cnn2", seed: int = 0):
+    data, info = data_and_info
+    return train_variant(config, variant, seed, data, info, root / "models" / variant,
+                         root / ".checkpoints" / variant)
+
+
+def test_tiny_training_writes_outputs_and_an_mlflow_run(tiny_config, tiny_data, mlflow_store):
+    result = _train(tiny_config, tiny_data, mlflow_store)
+    out = mlflow_store / "models" / "cnn2"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "history.csv", "history.json", "model.keras", "run.json", "summary.txt"]
+    history = json.loads((out / "history.json").read_text())
+    assert [record["epoch"] for record in history] == [1, 2]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"} <= set(history[0])
+    assert "113,386" in (out / "summary.txt").read_text()
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["mlflow_run_id"] == result.run_id and run_info["device"] == "cpu"
+    assert not (mlflow_store / ".checkpoints" / "cnn2").exists()
+
+    client = MlflowClient(f"sqlite:///{mlflow_store / 'mlflow.db'}")
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "cnn2-seed0"
+    assert run.data.params["model.filters"] == "32" and run.data.params["train.epochs"] == "2"
+    assert run.data.tags["variant"] == "cnn2" and run.data.tags["canonical_split"] == "False"
+    assert run.data.tags["keras_backend"] == "tensorflow" and run.data.tags["device"] == "cpu"
+    steps = [m.step for m in client.get_metric_history(result.run_id, "test_accuracy")]
+    assert steps == [1, 2]
+    assert run.info.artifact_uri.startswith((mlflow_store / "mlartifacts").as_uri())
+    mlflow.set_tracking_uri(f"sqlite:///{mlflow_store / 'mlflow.db'}")
+    logged = tracking.load_logged_model(result.run_id)
+    x = training.to_inputs(tiny_data[0].x_test[:4])
+    np.testing.assert_allclose(logged.predict(x, verbose=0), result.model.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_gives_the_same_history(tiny_config, tiny_data, mlflow_store):
+    first = _train(tiny_config, tiny_data, mlflow_store, seed=3)
+    second = _train(tiny_config, tiny_data, mlflow_store, seed=3)
+    losses = [[r["loss"] for r in run.history] for run in (first, second)]
+    assert losses[0] == losses[1]
+    other = _train(tiny_config, tiny_data, mlflow_store, seed=4)
+    assert [r["loss"] for r in other.history] != losses[0]
+
+
+def test_interrupted_training_resumes_from_the_last_completed_epoch(
+        tiny_config, tiny_data, mlflow_store, monkeypatch):
+    from dataclasses import replace
+
+    config = replace(tiny_config, train=replace(tiny_config.train, epochs=3))
+    real_fit = training.fit
+
+    class Interrupt(training.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt("simulated Ctrl-C")
+
+    monkeypatch.setattr(training, "fit", lambda model, data, train, callbacks, initial_epoch=0:
+                        real_fit(model, data, train, callbacks + [Interrupt()], initial_epoch))
+    with pytest.raises(KeyboardInterrupt):
+        _train(config, tiny_data, mlflow_store)
+    state = json.loads((mlflow_store / ".checkpoints" / "cnn2" / "state.json").read_text())
+    assert [r["epoch"] for r in state["history"]] == [1, 2]
+    client = MlflowClient(f"sqlite:///{mlflow_store / 'mlflow.db'}")
+    assert client.get_run(state["run_id"]).info.status == "KILLED"
+
+    monkeypatch.setattr(training, "fit", real_fit)
+    resumed = _train(config, tiny_data, mlflow_store)
+    assert resumed.run_id == state["run_id"]
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert resumed.history[:2] == state["history"]
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from fmnist import training
+    from fmnist.config import parse_params
+    from fmnist.prepare import load_prepared, data_info
+    import yaml
+
+    class Kill(training.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1 and sys.argv[1] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    real_fit = training.fit
+    training.fit = lambda m, d, t, callbacks, initial_epoch=0: real_fit(
+        m, d, t, callbacks + [Kill()], initial_epoch)
+    config = parse_params(yaml.safe_load(Path("params.yaml").read_text()))
+    result = training.train_variant(config, "cnn2", 0, load_prepared(Path("d.npz")),
+                                    data_info(Path("i.json")), Path("out"), Path("ckpt"))
+    print("EPOCHS", len(result.history), result.run_id)
+""")
+
+
+def test_a_killed_run_is_resumed_not_left_running(tmp_path, tiny_params, tiny_config):
+    import yaml
+
+    download.download(tiny_config.data, tmp_path / "raw")
+    prepare(tmp_path / "raw", tmp_path / "d.npz", tmp_path / "i.json", 0, 0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+    (tmp_path / "kill.py").write_text(KILL_SCRIPT)
+    env = {**venv_env(), "DVC_ROOT": str(tmp_path)}
+    killed = subprocess.run([sys.executable, "kill.py", "kill"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(state["run_id"]).info.status == "RUNNING"  # what a kill leaves
+
+    resumed = subprocess.run([sys.executable, "kill.py", "resume"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"EPOCHS 2 {state['run_id']}" in resumed.stdout
+    assert "Resuming cnn2-seed0 after epoch 1" in resumed.stdout
+    assert client.get_run(state["run_id"]).info.status == "FINISHED"
+
+
+def test_training_under_the_jax_backend(tmp_path, tiny_params, tiny_config):
+    import yaml
+
+    download.download(tiny_config.data, tmp_path / "raw")
+    prepare(tmp_path / "raw", tmp_path / "d.npz", tmp_path / "i.json", 0, 0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+    (tmp_path / "train.py").write_text(KILL_SCRIPT)
+    env = {**venv_env(), "DVC_ROOT": str(tmp_path), "KERAS_BACKEND": "jax"}
+    result = subprocess.run([sys.executable, "train.py", "run"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_info = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run_info["keras_backend"] == "jax" and run_info["epochs"] == 2
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert all(math.isfinite(r["loss"]) for r in history)
+
+
+def test_non_finite_loss_stops_training_with_a_clear_error():
+    recorder = EpochRecorder(on_epoch=lambda record: None, test=None, batch_size=8)
+    recorder.on_epoch_begin(0)
+    with pytest.raises(TrainingError, match="loss became nan at epoch 1"):
+        recorder.on_epoch_end(0, {"loss": float("nan"), "accuracy": 0.1})
+
+
+def test_unreachable_tracking_server_fails_before_training(tiny_config, tiny_data, tmp_path,
+                                                          monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with pytest.raises(TrackingError, match=r"http://127\.0\.0\.1:9.*does not answer"):
+        _train(tiny_config, tiny_data, tmp_path)
+    assert not (tmp_path / "models").exists()
+
+
+def test_the_train_stage_script_reports_bad_input_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), "--variant", "cnn9",
+                             "--seed", "0"], cwd=REPO, env=venv_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    assert "ERROR: unknown variant 'cnn9'" in result.stderr and "Traceback" not in result.stderr
+    assert os.path.exists(REPO / "params.yaml")
