@@ -56,8 +56,29 @@ def feature_layer_names(model: keras.Model) -> list[str]:
     return [layer.name for layer in model.layers if layer.name.endswith("_relu")]
 
 
+def _inputs_of(layer: keras.Layer) -> str:
+    """The layers feeding ``layer`` ("image x32" for the repeat shortcut)."""
+    try:
+        tensors = keras.tree.flatten(layer._inbound_nodes[0].input_tensors)
+    except (AttributeError, IndexError):
+        return ""
+    names = [tensor._keras_history.operation.name for tensor in tensors]
+    counts = {name: names.count(name) for name in names}
+    return ", ".join(name if n == 1 else f"{name} x{n}" for name, n in counts.items())
+
+
 def summary_text(model: keras.Model) -> str:
-    """The model summary (the paper's Fig. 4) as plain text."""
-    lines: list[str] = []
-    model.summary(print_fn=lambda line, **_: lines.append(line), line_length=100)
-    return "\n".join(lines) + "\n"
+    """The model summary (the paper's Fig. 4) as a plain-text table."""
+    rows = [("Layer", "Type", "Output shape", "Params", "Inputs")]
+    for layer in model.layers:
+        rows.append((layer.name, type(layer).__name__, str(tuple(layer.output.shape)),
+                     f"{layer.count_params():,}", _inputs_of(layer)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [f'Model: "{model.name}"']
+    for row in rows:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+                     + "  " + row[4])
+    trainable = sum(int(w.numpy().size) for w in model.trainable_weights)
+    total = model.count_params()
+    lines.append(f"Total params: {total:,} (trainable {trainable:,}, non-trainable {total - trainable:,})")
+    return "\n".join(line.rstrip() for line in lines) + "\n"

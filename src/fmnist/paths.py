@@ -28,6 +28,7 @@ ANALYSIS = REPORTS / "analysis"
 REPORT = REPORTS / "report.md"
 SUMMARY = METRICS / "summary.json"
 BASELINE_METRICS = METRICS / "baseline.json"
+CURVES = ANALYSIS / "curves.csv"
 
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
@@ -47,11 +48,16 @@ def checkpoint_dir(variant: str, seed: int) -> Path:
 
 
 def metrics_file(variant: str, seed: int) -> Path:
-    return METRICS / f"{run_name(variant, seed)}.json"
+    return METRICS / "runs" / f"{run_name(variant, seed)}.json"
 
 
 def eval_dir(variant: str, seed: int) -> Path:
     return EVAL_REPORTS / run_name(variant, seed)
+
+
+def confusion_csv(variant: str, seed: int) -> Path:
+    """(actual, predicted) per test image, for DVC's confusion plot template."""
+    return REPORTS / "confusion" / f"{run_name(variant, seed)}.csv"
 
 
 def predictions_file(variant: str, seed: int) -> Path:

@@ -38,3 +38,79 @@ def dataset_grid(images: np.ndarray, labels: np.ndarray, class_names: Sequence[s
                           fontsize=9)
     fig.suptitle("Fashion-MNIST: examples per class")
     _save(fig, path)
+
+
+def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: Path, title: str) -> None:
+    """The paper's Fig. 9: counts, rows actual and columns predicted."""
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    ax.imshow(matrix, cmap="Blues")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=8,
+                    color="white" if matrix[i, j] > threshold else "black")
+    labels = [f"{i} {name}" for i, name in enumerate(class_names)]
+    ax.set_xticks(range(n), labels, rotation=45, ha="right")
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("Predicted class")
+    ax.set_ylabel("Actual class")
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def error_grid(images: np.ndarray, captions: Sequence[str], path: Path, title: str) -> None:
+    """The paper's Fig. 8: the misclassified images with the highest cross-entropy."""
+    n = len(images)
+    columns = min(n, 3)
+    rows = max(1, -(-n // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, caption in zip(axes.ravel(), images, captions, strict=False):
+        ax.imshow(image, cmap="gray_r")
+        ax.set_title(caption, fontsize=8)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def feature_maps(image: np.ndarray, maps: Sequence[np.ndarray], layer_names: Sequence[str],
+                 path: Path, title: str) -> None:
+    """The paper's Figs. 5-7: the input image, then every channel of each conv layer's
+    output; ``maps`` holds one (channels, h, w) array per layer."""
+    columns = 8
+    layer_rows = [-(-len(m) // columns) for m in maps]
+    rows = 1 + sum(layer_rows)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.2), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    axes[0, 0].imshow(image, cmap="gray_r")
+    axes[0, 0].set_title("input", fontsize=7)
+    row = 1
+    for layer_maps, name, n_rows in zip(maps, layer_names, layer_rows, strict=True):
+        for channel, channel_map in enumerate(layer_maps):
+            ax = axes[row + channel // columns, channel % columns]
+            ax.imshow(channel_map, cmap="viridis")
+            ax.set_title(f"{name} ch{channel + 1}", fontsize=6)
+        row += n_rows
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def training_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path,
+                    ylabel: str, title: str) -> None:
+    """Figs. 2-3: one line per variant (mean over seeds) with the seeds' min-max band.
+
+    ``curves`` maps a label to (epochs, mean, (min, max) stacked as shape (2, epochs)).
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (epochs, mean, band) in curves.items():
+        (line,) = ax.plot(epochs, mean, label=label)
+        if band[0].shape == mean.shape and not np.allclose(band[0], band[1]):
+            ax.fill_between(epochs, band[0], band[1], color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("Epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)

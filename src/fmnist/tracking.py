@@ -54,13 +54,19 @@ def _check_server(uri: str, timeout_s: float = 5.0) -> None:
             "Start it, fix the variable, or unset it to use the local mlflow.db.") from error
 
 
-def connect(experiment: str, root: Path | None = None) -> str:
-    """Point MLflow at the project's store and return the experiment's id (created if new)."""
-    root = root or paths.project_root()
+def use_store(root: Path | None = None) -> str:
+    """Point MLflow at the project's store (a remote server must answer); return its URI."""
     uri = tracking_uri(root)
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def connect(experiment: str, root: Path | None = None) -> str:
+    """Point MLflow at the project's store and return the experiment's id (created if new)."""
+    root = root or paths.project_root()
+    uri = use_store(root)
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
@@ -115,6 +121,20 @@ def run(experiment_id: str, name: str, tags: dict[str, str], run_id: str | None 
         mlflow.end_run(status="FAILED")
         raise
     mlflow.end_run(status="FINISHED")
+
+
+@contextlib.contextmanager
+def resume(run_id: str) -> Iterator[bool]:
+    """Reopen a finished run to add to it (the evaluate stage); yields False, and logs
+    nothing, when the store no longer holds that run (e.g. mlflow.db was deleted)."""
+    uri = use_store()
+    if not run_is_usable(run_id):
+        print(f"WARNING: MLflow run {run_id} is not in {uri}; nothing logged to it. Re-run the "
+              "train stage (`dvc repro -f train`) to record it again.")
+        yield False
+        return
+    with run(experiment_id="", name="", tags={}, run_id=run_id):
+        yield True
 
 
 def log_params(params: dict[str, Any]) -> None:

@@ -1,0 +1,23 @@
+"""DVC stage `analyse`: every table and figure of the paper, summary and report (see fmnist.report)."""
+
+from fmnist import paths
+from fmnist.cli import stage_main
+from fmnist.config import load_params
+from fmnist.files import read_json
+from fmnist.prepare import data_info, load_prepared
+from fmnist.report import analyse
+
+
+def main() -> None:
+    config = load_params(paths.PARAMS)
+    summary = analyse(config, load_prepared(paths.PREPARED_ARRAYS), data_info(paths.PREPARED_INFO),
+                      read_json(paths.BASELINE_METRICS, "written by the baseline stage"),
+                      paths.ANALYSIS, paths.REPORT, paths.SUMMARY)
+    for variant, entry in summary["variants"].items():
+        print(f"{variant}: test accuracy {100 * entry['test_accuracy']['mean']:.2f}% over "
+              f"{entry['test_accuracy']['n']} seed(s)")
+    print(f"Report: {paths.REPORT}")
+
+
+if __name__ == "__main__":
+    stage_main(main)

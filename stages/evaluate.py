@@ -1,0 +1,30 @@
+"""DVC stage `evaluate@<variant>-<seed>`: the final model on the test set (see fmnist.evaluation)."""
+
+import argparse
+
+from fmnist import paths
+from fmnist.cli import stage_main
+from fmnist.config import load_params
+from fmnist.evaluation import evaluate_model
+from fmnist.prepare import load_prepared
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variant", required=True, help="a key of `variants` in params.yaml")
+    parser.add_argument("--seed", type=int, required=True)
+    args = parser.parse_args()
+    config = load_params(paths.PARAMS)
+    config.variant(args.variant)
+    data = load_prepared(paths.PREPARED_ARRAYS)
+    metrics = evaluate_model(
+        paths.model_dir(args.variant, args.seed), data.x_test, data.y_test,
+        config.evaluate.class_names, paths.metrics_file(args.variant, args.seed),
+        paths.eval_dir(args.variant, args.seed), paths.confusion_csv(args.variant, args.seed),
+        paths.predictions_file(args.variant, args.seed), paths.run_name(args.variant, args.seed))
+    print(f"{paths.run_name(args.variant, args.seed)}: test accuracy {metrics['test_accuracy']:.4f}, "
+          f"macro F1 {metrics['macro_f1']:.4f}")
+
+
+if __name__ == "__main__":
+    stage_main(main)
