@@ -67,7 +67,7 @@ def summarise(config: Config, runs: list[TrainedRun], baseline: dict[str, Any],
         entry["batch_norm"] = config.variants[variant].batch_norm
         entry["train_seconds_mean"] = float(np.mean([r.run_info["train_seconds"] for r in variant_runs]))
         if variant in analysis.PAPER_VARIANTS:
-            entry["paper_test_accuracy"] = analysis.PAPER_VARIANTS[variant] / 100
+            entry["paper_test_accuracy"] = round(analysis.PAPER_VARIANTS[variant] / 100, 4)
         variants[variant] = entry
     names = list(config.variants)
     comparisons = {f"{b} - {a}": analysis.compare(spreads[a], spreads[b])

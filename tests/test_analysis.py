@@ -1,0 +1,165 @@
+"""Evaluation metrics, error analysis, statistics, figures and the report, on fixtures
+whose answers are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fmnist import analysis, plots, report
+from fmnist.config import load_params
+from fmnist.evaluation import score, summary_metrics
+from fmnist.models import build_model
+from tests.conftest import REPO
+
+CLASSES = tuple(f"c{i}" for i in range(10))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _probabilities(rows: list[tuple[int, float]]) -> np.ndarray:
+    """One row per example: (predicted class, its probability), the rest spread evenly."""
+    out = np.zeros((len(rows), 10))
+    for i, (predicted, p) in enumerate(rows):
+        out[i] = (1 - p) / 9
+        out[i, predicted] = p
+    return out
+
+
+def test_metrics_match_a_hand_computed_case():
+    labels = np.array([0, 0, 1, 1])
+    probabilities = _probabilities([(0, 0.9), (1, 0.6), (1, 0.8), (1, 0.7)])
+    evaluation = score(probabilities, labels, CLASSES)
+    assert evaluation.accuracy == 0.75
+    assert evaluation.report["c0"]["precision"] == 1.0 and evaluation.report["c0"]["recall"] == 0.5
+    assert evaluation.report["c1"]["precision"] == pytest.approx(2 / 3)
+    assert evaluation.report["c1"]["f1-score"] == pytest.approx(0.8)
+    assert evaluation.confusion[:2, :2].tolist() == [[1, 1], [0, 2]]
+    expected_loss = -np.mean(np.log([0.9, 0.4 / 9, 0.8, 0.7]))
+    assert evaluation.loss == pytest.approx(expected_loss)
+
+
+def test_summary_metrics_keep_final_and_label_the_test_selected_best():
+    evaluation = score(_probabilities([(0, 0.9), (1, 0.8)]), np.array([0, 1]), CLASSES)
+    history = [{"epoch": 1, "loss": 0.5, "test_accuracy": 0.97}, {"epoch": 2, "loss": 0.4, "test_accuracy": 0.9}]
+    metrics = summary_metrics(evaluation, history)
+    assert metrics["test_accuracy"] == 1.0  # the final model, not the best epoch
+    assert metrics["best_epoch_test_accuracy_selected_on_test"] == 0.97
+    assert metrics["epochs"] == 2 and metrics["final_train_loss"] == 0.4
+
+
+def test_top_errors_are_the_highest_cross_entropy_misclassifications():
+    labels = np.array([0, 1, 2, 3, 4, 5])
+    probabilities = _probabilities([
+        (0, 0.99),  # right
+        (2, 0.70),  # wrong, p(true) = 0.3/9
+        (5, 0.95),  # wrong, p(true) = 0.05/9: the worst
+        (3, 0.40),  # right, yet low confidence: not an error
+        (1, 0.50),  # wrong, p(true) = 0.5/9
+        (6, 0.91),  # wrong, p(true) = 0.09/9
+    ])
+    assert analysis.top_errors(probabilities, labels, k=3).tolist() == [2, 5, 1]
+    assert analysis.top_errors(probabilities, labels, k=10).tolist() == [2, 5, 1, 4]
+
+
+def test_confused_pairs_are_the_largest_off_diagonal_cells():
+    confusion = np.diag([50] * 10)
+    confusion[6, 0] = 105
+    confusion[0, 6] = 88
+    confusion[4, 2] = 33
+    pairs = analysis.confused_pairs(confusion, CLASSES, n=3)
+    assert [(p["actual"], p["predicted"], p["count"]) for p in pairs] == [
+        ("c6", "c0", 105), ("c0", "c6", 88), ("c4", "c2", 33)]
+
+
+def test_feature_maps_have_one_channel_per_filter_and_come_from_the_named_class():
+    config = load_params(REPO / "params.yaml")
+    labels = np.array([3, 8, 2, 8, 2])
+    images = np.random.default_rng(0).integers(0, 255, (5, 28, 28)).astype(np.uint8)
+    index = analysis.first_of_class(labels, config.class_index("Bag"))
+    assert index == 1 and labels[index] == 8
+    maps = analysis.feature_maps(build_model(config.variant("cnn2"), "cnn2"), images[index])
+    assert [m.shape for m in maps] == [(32, 26, 26), (32, 11, 11)]
+    assert (maps[0] >= 0).all()  # after ReLU
+    skip_maps = analysis.feature_maps(build_model(config.variant("cnn2_bn_skip"), "s"), images[index])
+    assert [m.shape for m in skip_maps] == [(32, 28, 28), (32, 14, 14)]
+    with pytest.raises(ValueError, match="no image of class 5"):
+        analysis.first_of_class(labels, 5)
+
+
+def test_spread_and_welch_comparison_agree_with_scipy():
+    a = analysis.Spread((0.910, 0.912, 0.915))
+    b = analysis.Spread((0.920, 0.925, 0.921))
+    assert a.std == pytest.approx(np.std(a.values, ddof=1))
+    low, high = a.ci95
+    assert low < a.mean < high
+    comparison = analysis.compare(a, b)
+    expected = stats.ttest_ind(b.values, a.values, equal_var=False)
+    assert comparison["p_value"] == pytest.approx(expected.pvalue)
+    assert comparison["difference"] == pytest.approx(b.mean - a.mean)
+    assert analysis.verdict(comparison, "b beats a").startswith("b beats a: supported")
+    single = analysis.compare(analysis.Spread((0.9,)), analysis.Spread((0.91,)))
+    assert single["p_value"] is None and "cannot tell" in analysis.verdict(single, "x")
+
+
+def test_convergence_finds_the_paper_check_epoch():
+    slow = [{"loss": 1.0 / e} for e in range(1, 51)]  # loss 1/40 after epoch 40
+    fast = [{"loss": 1.0 / (4 * e)} for e in range(1, 51)]  # 4x faster: 1/40 after epoch 10
+    result = analysis.convergence({"cnn2": [slow], "cnn2_bn": [fast]}, "cnn2", [0.1])
+    assert result["levels"]["cnn2"]["0.1"] == 10 and result["levels"]["cnn2_bn"]["0.1"] == 3
+    check = result["paper_check"]
+    assert check["loss"] == pytest.approx(1 / 40)
+    assert check["first_epoch"] == {"cnn2": 40, "cnn2_bn": 10}
+
+
+def test_figures_are_written_as_png(tmp_path):
+    images = np.random.default_rng(0).integers(0, 255, (20, 28, 28)).astype(np.uint8)
+    labels = np.repeat(np.arange(10), 2)
+    plots.dataset_grid(images, labels, CLASSES, tmp_path / "a.png", per_class=2)
+    plots.confusion_matrix(np.eye(10, dtype=int) * 7, CLASSES, tmp_path / "b.png", "t")
+    plots.error_grid(images[:6], ["x"] * 6, tmp_path / "c.png", "t")
+    plots.feature_maps(images[0], [np.ones((32, 26, 26)), np.ones((32, 11, 11))], ["c1", "c2"],
+                       tmp_path / "d.png", "t")
+    curve = (np.arange(1, 4), np.array([1.0, 0.5, 0.3]), np.array([[0.9, 0.4, 0.2], [1.1, 0.6, 0.4]]))
+    plots.training_curves({"v": curve}, tmp_path / "e.png", "loss", "t")
+    for name in "abcde":
+        data = (tmp_path / f"{name}.png").read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 2000, name
+
+
+def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypatch):
+    config = load_params(REPO / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    for n, variant in enumerate(config.variants):
+        history = [{"epoch": e + 1, "loss": 1.0 / (e + 1 + 3 * n), "test_accuracy": 0.9} for e in range(45)]
+        for seed in config.train.seeds:
+            metrics = {"test_accuracy": 0.91 + 0.005 * n, "macro_f1": 0.9, "test_loss": 0.3, "epochs": 45,
+                       "best_epoch_test_accuracy_selected_on_test": 0.93}
+            runs.append(report.TrainedRun(variant, seed, history, metrics, {
+                "parameters": 1000, "train_seconds": 10.0, "device": "cpu", "keras_backend": "tensorflow"}))
+            summary_file = tmp_path / "models" / variant / f"seed{seed}" / "summary.txt"
+            summary_file.parent.mkdir(parents=True)
+            summary_file.write_text(f'Model: "{variant}"\n')
+    info = {"source": "npm", "canonical_split": False, "note": "NOT the canonical split"}
+    summary = report.summarise(config, runs, {"test_accuracy": 0.85, "macro_f1": 0.85, "train_size": 500},
+                               info)
+    evaluation = score(_probabilities([(0, 0.9), (1, 0.8)]), np.array([0, 1]), CLASSES)
+    summary["error_analysis"] = {"run": "cnn2_bn_skip-seed0", "confused_pairs": [
+        {"actual": "Shirt", "predicted": "T-shirt/top", "count": 9}], "top_errors": [
+        {"index": 7, "actual": "Sneaker", "predicted": "Ankle boot", "probability_predicted": 0.99,
+         "probability_actual": 0.001}], "per_class": {
+        name: evaluation.report[c] for name, c in zip(config.evaluate.class_names, CLASSES, strict=True)}}
+    summary["feature_maps"] = {"cnn2": {"Bag": "feature_maps_cnn2_bag.png"}}
+    text = report.markdown(config, summary, runs)
+    for heading in ["Tables I and II", "The paper's claims, checked", "Figs. 2-3", "Fig. 4",
+                    "Figs. 5-7", "Fig. 8 and Table III", "Table IV", "Fig. 9", "Every run"]:
+        assert heading in text, heading
+    assert "| cnn2 (1,000 parameters) | 91.17 | 91.00 |" in text
+    assert "SVC (C=10, rbf) [1] | 89.70 | 85.00" in text
+    assert "**Caveat:** NOT the canonical split" in text
+    assert "Batch normalization improves CNN2 (paper: +1.05 points): cannot tell" in text
+    assert "reached by cnn2_bn at epoch" in text
+    assert "| Sneaker | Ankle boot |" not in text and "| Ankle boot | Sneaker |" in text
+    compact = report.compact(summary)
+    assert compact["variants"]["cnn2"]["paper_test_accuracy"] == 0.9117
