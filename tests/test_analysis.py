@@ -41,7 +41,8 @@ def test_metrics_match_a_hand_computed_case():
 
 def test_summary_metrics_keep_final_and_label_the_test_selected_best():
     evaluation = score(_probabilities([(0, 0.9), (1, 0.8)]), np.array([0, 1]), CLASSES)
-    history = [{"epoch": 1, "loss": 0.5, "test_accuracy": 0.97}, {"epoch": 2, "loss": 0.4, "test_accuracy": 0.9}]
+    history = [{"epoch": 1, "loss": 0.5, "test_accuracy": 0.97},
+               {"epoch": 2, "loss": 0.4, "test_accuracy": 0.9}]
     metrics = summary_metrics(evaluation, history)
     assert metrics["test_accuracy"] == 1.0  # the final model, not the best epoch
     assert metrics["best_epoch_test_accuracy_selected_on_test"] == 0.97

@@ -90,3 +90,13 @@ def test_dvc_repro_runs_the_tiny_pipeline_incrementally(dvc_repo, tiny_params):
     assert {s for s in _ran(experiment.stdout) if s.startswith("train")} == {"train@cnn2-0"}
     names = [name for name, _ in _runs_in_store(dvc_repo)]
     assert names.count("cnn2-seed0") == 2
+
+    # A queued experiment runs in a temporary copy, yet lands in this repository's store.
+    run(["git", "reset", "-q", "--hard"], dvc_repo)
+    run(["dvc", "exp", "run", "--queue", "-S", "+variants.cnn2.dropout_rate=0.2"], dvc_repo)
+    run(["dvc", "exp", "run", "--run-all"], dvc_repo)
+    with sqlite3.connect(dvc_repo / "mlflow.db") as db:
+        uris = [uri for (uri,) in db.execute(
+            "SELECT artifact_uri FROM runs WHERE name = 'cnn2-seed0' ORDER BY start_time")]
+    assert len(uris) == 3
+    assert uris[-1].startswith((dvc_repo / "mlartifacts").as_uri())

