@@ -1,19 +1,14 @@
 """DVC stage `evaluate@<variant>-<seed>`: the final model on the test set (see fmnist.evaluation)."""
 
-import argparse
-
 from fmnist import paths
-from fmnist.cli import stage_main
+from fmnist.cli import parse_run_args, stage_main
 from fmnist.config import load_params
 from fmnist.evaluation import evaluate_model
 from fmnist.prepare import load_prepared
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--variant", required=True, help="a key of `variants` in params.yaml")
-    parser.add_argument("--seed", type=int, required=True)
-    args = parser.parse_args()
+    args = parse_run_args(__doc__)
     config = load_params(paths.PARAMS)
     config.variant(args.variant)
     data = load_prepared(paths.PREPARED_ARRAYS)

@@ -1,19 +1,14 @@
 """DVC stage `train@<variant>-<seed>`: train one variant under one seed (see fmnist.training)."""
 
-import argparse
-
 from fmnist import paths
-from fmnist.cli import stage_main
+from fmnist.cli import parse_run_args, stage_main
 from fmnist.config import load_params
 from fmnist.prepare import data_info, load_prepared
 from fmnist.training import train_variant
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--variant", required=True, help="a key of `variants` in params.yaml")
-    parser.add_argument("--seed", type=int, required=True)
-    args = parser.parse_args()
+    args = parse_run_args(__doc__)
     config = load_params(paths.PARAMS)
     config.variant(args.variant)  # an unknown name fails before the data is loaded
     result = train_variant(config, args.variant, args.seed, load_prepared(paths.PREPARED_ARRAYS),

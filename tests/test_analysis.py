@@ -152,11 +152,13 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
          "probability_actual": 0.001}], "per_class": {
         name: evaluation.report[c] for name, c in zip(config.evaluate.class_names, CLASSES, strict=True)}}
     summary["feature_maps"] = {"cnn2": {"Bag": "feature_maps_cnn2_bag.png"}}
+    summary["curve_figures"] = ["training_loss.png"]
     text = report.markdown(config, summary, runs)
     for heading in ["Tables I and II", "The paper's claims, checked", "Figs. 2-3", "Fig. 4",
                     "Figs. 5-7", "Fig. 8 and Table III", "Table IV", "Fig. 9", "Every run"]:
         assert heading in text, heading
     assert "| cnn2 (1,000 parameters) | 91.17 | 91.00 |" in text
+    assert "![training_loss.png](analysis/training_loss.png)" in text
     assert "SVC (C=10, rbf) [1] | 89.70 | 85.00" in text
     assert "**Caveat:** NOT the canonical split" in text
     assert "Batch normalization improves CNN2 (paper: +1.05 points): cannot tell" in text

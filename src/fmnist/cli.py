@@ -3,6 +3,7 @@ for the mistakes a user can fix (bad params, missing or corrupt data, unreachabl
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -27,6 +28,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     else:
         errors += [TrackingError, TrainingError]
     return tuple(errors)
+
+
+def parse_run_args(description: str) -> argparse.Namespace:
+    """``--variant`` and ``--seed``: the trained model a per-run stage (train, evaluate) is for."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--variant", required=True, help="a key of `variants` in params.yaml")
+    parser.add_argument("--seed", type=int, required=True)
+    return parser.parse_args()
 
 
 def _interrupt(signum: int, frame: object) -> None:

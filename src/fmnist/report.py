@@ -115,6 +115,7 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
                           for v in config.variants}
                 plots.training_curves(curves, tmp / file, label,
                                       f"{label} per epoch (mean over seeds {list(config.train.seeds)})")
+                summary.setdefault("curve_figures", []).append(file)
         # Error analysis (Fig. 8, Table III, Fig. 9) of the variant the paper analyses.
         error_run = paths.run_name(config.analyse.error_variant, first_seed)
         predictions = np.load(paths.predictions_file(config.analyse.error_variant, first_seed))
@@ -280,8 +281,7 @@ def markdown(config: Config, summary: dict[str, Any], runs: list[TrainedRun]) ->
                    f"{_spread(best) if best else '-'} |")
     out += ["", "## The paper's claims, checked", ""] + _claims(summary) + [""]
     out += ["## Figs. 2-3: training curves", "",
-            "![Fig. 2: training loss](analysis/training_loss.png)", "",
-            "![Fig. 3: test accuracy](analysis/test_accuracy.png)", "",
+            *(f"![{file}](analysis/{file})\n" for file in summary.get("curve_figures", [])),
             "First epoch at which the mean training loss reaches each level:", "",
             "| Variant | " + " | ".join(f"loss ≤ {lvl}" for lvl in config.analyse.loss_levels) + " |",
             "|---|" + "---|" * len(config.analyse.loss_levels)]
