@@ -107,7 +107,7 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
     first_seed = config.train.seeds[0]
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        write_curves_csv(runs, tmp / "curves.csv")
+        write_curves_csv(runs, tmp / paths.CURVES.name)
         for key, label, file in (("loss", "Training loss", "training_loss.png"),
                                  ("test_accuracy", "Test accuracy (monitored only)", "test_accuracy.png")):
             if all(key in r.history[0] for r in runs):
