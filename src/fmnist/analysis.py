@@ -64,7 +64,7 @@ def first_of_class(labels: np.ndarray, label: int) -> int:
 def feature_maps(model: keras.Model, image: np.ndarray) -> list[np.ndarray]:
     """Each conv block's activated output for one (28, 28) uint8 image, as (channels, h, w)."""
     names = feature_layer_names(model)
-    probe = keras.Model(model.inputs, [model.get_layer(name).output for name in names])
+    probe = keras.Model(model.inputs[0], [model.get_layer(name).output for name in names])
     # a direct call, not predict(): no step function is compiled for one image
     outputs = probe(to_inputs(image[np.newaxis]), training=False)
     if not isinstance(outputs, list | tuple):
