@@ -33,7 +33,7 @@ def run_baseline(config: BaselineConfig, data: Dataset, class_names: tuple[str, 
     x_train = data.x_train[subset].reshape(len(subset), -1).astype("float32")
     x_test = data.x_test.reshape(len(data.x_test), -1).astype("float32")
     classifier = make_pipeline(StandardScaler(), SVC(C=config.C, kernel=config.kernel,
-                                                     gamma=config.gamma, probability=False))
+                                                     gamma=config.gamma))
     started = time.perf_counter()
     classifier.fit(x_train, data.y_train[subset])
     fit_seconds = time.perf_counter() - started
