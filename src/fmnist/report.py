@@ -131,7 +131,7 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
                   for i in worst]
         plots.error_grid(data.x_test[worst], [
             f"({chr(97 + n)}) predicted {e['predicted']} ({e['probability_predicted']:.2f})\n"
-            f"actual {e['actual']} ({e['probability_actual']:.3f})" for n, e in enumerate(errors)],
+            f"actual {e['actual']} ({e['probability_actual']:.1e})" for n, e in enumerate(errors)],
             tmp / "top_errors.png", f"Highest cross-entropy errors: {error_run}")
         summary["error_analysis"] = {
             "run": error_run, "top_errors": errors,
@@ -304,7 +304,7 @@ def markdown(config: Config, summary: dict[str, Any], runs: list[TrainedRun]) ->
     for n, error in enumerate(errors["top_errors"]):
         paper = analysis.PAPER_TOP_ERRORS[n] if n < len(analysis.PAPER_TOP_ERRORS) else ("-", "-")
         out.append(f"| ({chr(97 + n)}) test #{error['index']} | {error['predicted']} | {error['actual']} | "
-                   f"{error['probability_predicted']:.3f} | {error['probability_actual']:.4f} | "
+                   f"{error['probability_predicted']:.3f} | {error['probability_actual']:.1e} | "
                    f"{paper[0]} / {paper[1]} |")
     out += ["", "Most confused pairs (actual → predicted):", ""]
     out += [f"- {p['actual']} → {p['predicted']}: {p['count']}" for p in errors["confused_pairs"]]
