@@ -1,0 +1,75 @@
+"""Run the pipeline one stage at a time and record each stage's wall time.
+
+    python benchmarks/timed_repro.py [--out benchmarks/results/repro_timing.json]
+
+Equivalent to `dvc repro` (each stage runs through `dvc repro --single-item`, so DVC still
+skips stages that are up to date), but seed-major: every variant of seed 0, then of seed 1,
+... so an interrupted run leaves whole seeds, and a re-run resumes where it stopped. The
+timing file is rewritten after every stage; stages DVC skipped are recorded as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from fmnist import paths  # noqa: E402
+from fmnist.config import load_params  # noqa: E402
+from fmnist.files import read_json, write_json  # noqa: E402
+
+FIRST = ("download", "prepare", "baseline")
+
+
+def stage_order(names: list[str], variants: list[str]) -> list[str]:
+    """download, prepare, baseline, then per seed each variant's train and evaluate, then the rest."""
+    def key(name: str) -> tuple:
+        base, _, item = name.partition("@")
+        if name in FIRST:
+            return (0, FIRST.index(name))
+        if item:
+            variant, _, seed = item.rpartition("-")
+            return (1, int(seed), variants.index(variant), base != "train")
+        return (2, names.index(name))
+    return sorted(names, key=key)
+
+
+def run_stage(name: str) -> tuple[float, bool]:
+    started = time.perf_counter()
+    process = subprocess.run(["dvc", "repro", "--single-item", name], capture_output=True,
+                             text=True)
+    seconds = time.perf_counter() - started
+    sys.stdout.write(process.stdout)
+    sys.stderr.write(process.stderr)
+    if process.returncode != 0:
+        sys.exit(f"ERROR: stage {name} failed (exit {process.returncode}); fix it and re-run "
+                 "this script: finished stages are not run again")
+    return seconds, f"Running stage '{name}'" in process.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/repro_timing.json"))
+    args = parser.parse_args()
+    config = load_params(paths.PARAMS)
+    listed = subprocess.run(["dvc", "stage", "list", "--name-only"], capture_output=True,
+                            text=True, check=True).stdout.split()
+    previous = read_json(args.out, "a previous timing")["stages"] if args.out.exists() else {}
+    timings = dict(previous)
+    for name in stage_order(listed, list(config.variants)):
+        print(f"== {name}", flush=True)
+        seconds, ran = run_stage(name)
+        if ran:
+            timings[name] = {"seconds": round(seconds, 1), "finished": time.strftime("%FT%T")}
+        else:
+            timings.setdefault(name, {"seconds": None, "note": "up to date, not run here"})
+        print(f"== {name}: {seconds:.1f} s ({'ran' if ran else 'up to date'})", flush=True)
+        write_json(args.out, {"command": "dvc repro --single-item <stage>", "stages": timings})
+
+
+if __name__ == "__main__":
+    main()
