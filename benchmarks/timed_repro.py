@@ -11,6 +11,7 @@ timing file is rewritten after every stage; stages DVC skipped are recorded as s
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -23,6 +24,9 @@ from fmnist.config import load_params  # noqa: E402
 from fmnist.files import read_json, write_json  # noqa: E402
 
 FIRST = ("download", "prepare", "baseline")
+# DVC and the stage commands (`python stages/...`) from this interpreter's environment.
+DVC = [sys.executable, "-m", "dvc"]
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
 def stage_order(names: list[str], variants: list[str]) -> list[str]:
@@ -40,8 +44,8 @@ def stage_order(names: list[str], variants: list[str]) -> list[str]:
 
 def run_stage(name: str) -> tuple[float, bool]:
     started = time.perf_counter()
-    process = subprocess.run(["dvc", "repro", "--single-item", name], capture_output=True,
-                             text=True)
+    process = subprocess.run([*DVC, "repro", "--single-item", name], capture_output=True,
+                             text=True, env=ENV)
     seconds = time.perf_counter() - started
     sys.stdout.write(process.stdout)
     sys.stderr.write(process.stderr)
@@ -56,8 +60,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/repro_timing.json"))
     args = parser.parse_args()
     config = load_params(paths.PARAMS)
-    listed = subprocess.run(["dvc", "stage", "list", "--name-only"], capture_output=True,
-                            text=True, check=True).stdout.split()
+    listed = subprocess.run([*DVC, "stage", "list", "--name-only"], capture_output=True,
+                            text=True, check=True, env=ENV).stdout.split()
     previous = read_json(args.out, "a previous timing")["stages"] if args.out.exists() else {}
     timings = dict(previous)
     for name in stage_order(listed, list(config.variants)):
