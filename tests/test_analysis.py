@@ -3,6 +3,8 @@ whose answers are known."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -99,6 +101,11 @@ def test_spread_and_welch_comparison_agree_with_scipy():
     assert comparison["p_value"] == pytest.approx(expected.pvalue)
     assert comparison["difference"] == pytest.approx(b.mean - a.mean)
     assert analysis.verdict(comparison, "b beats a").startswith("b beats a: supported")
+    low, high = (100 * v for v in comparison["ci95"])
+    assert "1.00 is inside" in analysis.verdict(comparison, "b", paper_difference=1.0)
+    assert f"{high + 1:+.2f} is outside" in analysis.verdict(comparison, "b", high + 1)
+    noisy = analysis.compare(a, analysis.Spread((0.905, 0.925, 0.913)))
+    assert "within seed noise" in analysis.verdict(noisy, "b beats a")
     single = analysis.compare(analysis.Spread((0.9,)), analysis.Spread((0.91,)))
     assert single["p_value"] is None and "cannot tell" in analysis.verdict(single, "x")
 
@@ -111,6 +118,16 @@ def test_convergence_finds_the_paper_check_epoch():
     check = result["paper_check"]
     assert check["loss"] == pytest.approx(1 / 40)
     assert check["first_epoch"] == {"cnn2": 40, "cnn2_bn": 10}
+    assert check["per_seed"] == {"cnn2": [40], "cnn2_bn": [10]}
+
+
+def test_convergence_per_seed_pairs_runs_of_the_same_seed():
+    def run(speed):
+        return [{"loss": 1.0 / (speed * e)} for e in range(1, 51)]
+    result = analysis.convergence({"cnn2": [run(1), run(2)], "cnn2_bn": [run(4), run(4)]},
+                                  "cnn2", [0.1])
+    # seed 0: 1/40 reached at epoch 10 (4x); seed 1: 1/80 at epoch 20 (2x)
+    assert result["paper_check"]["per_seed"] == {"cnn2": [40, 40], "cnn2_bn": [10, 20]}
 
 
 def test_figures_are_written_as_png(tmp_path):
@@ -130,12 +147,15 @@ def test_figures_are_written_as_png(tmp_path):
 
 def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypatch):
     config = load_params(REPO / "params.yaml")
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, seeds=(0, 1, 2)))
     monkeypatch.chdir(tmp_path)
     runs = []
     for n, variant in enumerate(config.variants):
         history = [{"epoch": e + 1, "loss": 1.0 / (e + 1 + 3 * n), "test_accuracy": 0.9} for e in range(45)]
         for seed in config.train.seeds:
-            metrics = {"test_accuracy": 0.91 + 0.005 * n, "macro_f1": 0.9, "test_loss": 0.3, "epochs": 45,
+            # accuracy 91.0 / 91.2 / 91.4 for cnn2, +0.5 points per variant
+            metrics = {"test_accuracy": 0.91 + 0.005 * n + 0.002 * seed, "macro_f1": 0.9,
+                       "test_loss": 0.3, "epochs": 45,
                        "best_epoch_test_accuracy_selected_on_test": 0.93}
             runs.append(report.TrainedRun(variant, seed, history, metrics, {
                 "parameters": 1000, "train_seconds": 10.0, "device": "cpu", "keras_backend": "tensorflow"}))
@@ -157,12 +177,16 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
     for heading in ["Tables I and II", "The paper's claims, checked", "Figs. 2-3", "Fig. 4",
                     "Figs. 5-7", "Fig. 8 and Table III", "Table IV", "Fig. 9", "Every run"]:
         assert heading in text, heading
-    assert "| cnn2 (1,000 parameters) | 91.17 | 91.00 |" in text
+    # mean ± sample std, t-interval 91.20 ± 4.303 * 0.20 / sqrt(3)
+    assert "| cnn2 (1,000 parameters) | 91.17 | 91.20 ± 0.20 | [90.70, 91.70] |" in text
     assert "![training_loss.png](analysis/training_loss.png)" in text
     assert "SVC (C=10, rbf) [1] | 89.70 | 85.00" in text
     assert "**Caveat:** NOT the canonical split" in text
-    assert "Batch normalization improves CNN2 (paper: +1.05 points): cannot tell" in text
-    assert "reached by cnn2_bn at epoch" in text
+    # Welch: +0.50 points, se 0.163, 4 dof: 95% CI [+0.05, +0.95], the paper's +1.05 outside
+    assert ("Batch normalization improves CNN2 (paper: +1.05 points): supported (difference "
+            "+0.50 points, 95% CI [+0.05, +0.95]") in text
+    assert "the paper's +1.05 is outside this interval" in text
+    assert "cnn2_bn at epoch" in text and "(per seed: " in text
     assert "| Sneaker | Ankle boot |" not in text and "| Ankle boot | Sneaker |" in text
     compact = report.compact(summary)
     assert compact["variants"]["cnn2"]["paper_test_accuracy"] == 0.9117

@@ -128,8 +128,9 @@ def compare(a: Spread, b: Spread) -> dict[str, Any]:
     return result
 
 
-def verdict(comparison: dict[str, Any], claim: str) -> str:
-    """Plain words on whether a difference supports a claim that b beats a."""
+def verdict(comparison: dict[str, Any], claim: str, paper_difference: float | None = None) -> str:
+    """Plain words on whether a difference supports a claim that b beats a; with the paper's
+    difference (points), whether our interval contains it."""
     difference = comparison["difference"] * 100
     if comparison["ci95"] is None:
         return (f"{claim}: cannot tell (difference {difference:+.2f} points from fewer than two "
@@ -141,8 +142,12 @@ def verdict(comparison: dict[str, Any], claim: str) -> str:
         word = "contradicted (the other way round)"
     else:
         word = "not supported: the difference is within seed noise"
-    return (f"{claim}: {word} (difference {difference:+.2f} points, 95% CI [{low:+.2f}, {high:+.2f}], "
-            f"p = {comparison['p_value']:.3f})")
+    text = (f"{claim}: {word} (difference {difference:+.2f} points, 95% CI [{low:+.2f}, {high:+.2f}], "
+            f"p = {comparison['p_value']:.3f}")
+    if paper_difference is not None:
+        where = "inside" if low <= paper_difference <= high else "outside"
+        text += f"; the paper's {paper_difference:+.2f} is {where} this interval"
+    return text + ")"
 
 
 def mean_curve(histories: Sequence[Sequence[dict[str, float]]], key: str
@@ -155,11 +160,14 @@ def mean_curve(histories: Sequence[Sequence[dict[str, float]]], key: str
 
 def convergence(histories: dict[str, list[list[dict[str, float]]]], reference_variant: str,
                 levels: Sequence[float]) -> dict[str, Any]:
-    """How fast each variant's (mean) training loss falls.
+    """How fast each variant's training loss falls; ``histories`` lists each variant's runs
+    in the same seed order.
 
-    ``levels``: the first epoch each variant reaches each given loss. ``paper_check``: the
-    loss the reference variant has after the paper's epoch 40, and the first epoch at
-    which every other variant reaches it (the paper: 10 with batch norm).
+    ``levels``: the first epoch each variant's mean curve reaches each given loss.
+    ``paper_check``: the loss the reference variant's mean curve has after the paper's epoch
+    40, and the first epoch at which every variant's mean curve reaches it (the paper: 10
+    with batch norm); ``per_seed`` repeats the check within each seed (seed k's reference
+    run against seed k's run of every variant), so its spread shows the seed noise.
     """
     curves = {name: mean_curve(runs, "loss")[1] for name, runs in histories.items()}
     result: dict[str, Any] = {
@@ -169,9 +177,17 @@ def convergence(histories: dict[str, list[list[dict[str, float]]]], reference_va
     reference = curves.get(reference_variant)
     if reference is not None and len(reference) >= reference_epoch:
         target = float(reference[reference_epoch - 1])
+        per_seed = {name: [] for name in histories}
+        for k, reference_run in enumerate(histories[reference_variant]):
+            seed_target = reference_run[reference_epoch - 1]["loss"]
+            for name, runs in histories.items():
+                if k < len(runs):
+                    per_seed[name].append(first_epoch_at_or_below(
+                        [record["loss"] for record in runs[k]], seed_target))
         result["paper_check"] = {
             "reference_variant": reference_variant, "reference_epoch": reference_epoch,
             "loss": target,
             "first_epoch": {name: first_epoch_at_or_below(curve, target)
-                            for name, curve in curves.items()}}
+                            for name, curve in curves.items()},
+            "per_seed": per_seed}
     return result
