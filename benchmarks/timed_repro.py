@@ -43,16 +43,20 @@ def stage_order(names: list[str], variants: list[str]) -> list[str]:
 
 
 def run_stage(name: str) -> tuple[float, bool]:
+    """`dvc repro --single-item name`, its output passed through; (seconds, whether it ran)."""
     started = time.perf_counter()
-    process = subprocess.run([*DVC, "repro", "--single-item", name], capture_output=True,
-                             text=True, env=ENV)
+    ran = False
+    with subprocess.Popen([*DVC, "repro", "--single-item", name], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=ENV) as process:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            ran = ran or f"Running stage '{name}'" in line
     seconds = time.perf_counter() - started
-    sys.stdout.write(process.stdout)
-    sys.stderr.write(process.stderr)
     if process.returncode != 0:
         sys.exit(f"ERROR: stage {name} failed (exit {process.returncode}); fix it and re-run "
                  "this script: finished stages are not run again")
-    return seconds, f"Running stage '{name}'" in process.stdout
+    return seconds, ran
 
 
 def main() -> None:
