@@ -167,15 +167,18 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
 def compact(summary: dict[str, Any]) -> dict[str, Any]:
     """metrics/summary.json: the numbers `dvc metrics show` and `dvc exp show` compare
     (the full analysis is reports/analysis/analysis.json)."""
+    def r(value: float | None) -> float | None:  # 6 decimals: 0.0001 % of accuracy
+        return None if value is None else round(float(value), 6)
+
     variants = {}
     for variant, entry in summary["variants"].items():
         accuracy = entry["test_accuracy"]
         variants[variant] = {
-            "seeds": accuracy["n"], "test_accuracy_mean": accuracy["mean"],
-            "test_accuracy_std": accuracy["std"],
-            "test_accuracy_ci95_low": accuracy["ci95"][0] if accuracy["ci95"] else None,
-            "test_accuracy_ci95_high": accuracy["ci95"][1] if accuracy["ci95"] else None,
-            "macro_f1_mean": entry["macro_f1"]["mean"],
+            "seeds": accuracy["n"], "test_accuracy_mean": r(accuracy["mean"]),
+            "test_accuracy_std": r(accuracy["std"]),
+            "test_accuracy_ci95_low": r(accuracy["ci95"][0]) if accuracy["ci95"] else None,
+            "test_accuracy_ci95_high": r(accuracy["ci95"][1]) if accuracy["ci95"] else None,
+            "macro_f1_mean": r(entry["macro_f1"]["mean"]),
             "paper_test_accuracy": entry.get("paper_test_accuracy"),
         }
     return {
@@ -183,10 +186,10 @@ def compact(summary: dict[str, Any]) -> dict[str, Any]:
         "variants": variants,
         "baseline": {k: summary["baseline"][k] for k in ("test_accuracy", "macro_f1", "train_size")
                      if k in summary["baseline"]},
-        "comparisons": {name: {"difference": c["difference"],
-                               "ci95_low": c["ci95"][0] if c["ci95"] else None,
-                               "ci95_high": c["ci95"][1] if c["ci95"] else None,
-                               "p_value": c["p_value"], "test": c["test"]}
+        "comparisons": {name: {"difference": r(c["difference"]),
+                               "ci95_low": r(c["ci95"][0]) if c["ci95"] else None,
+                               "ci95_high": r(c["ci95"][1]) if c["ci95"] else None,
+                               "p_value": r(c["p_value"]), "test": c["test"]}
                         for name, c in summary["comparisons"].items()},
     }
 
