@@ -17,11 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from fmnist import paths  # noqa: E402
-from fmnist.config import load_params  # noqa: E402
-from fmnist.files import read_json, write_json  # noqa: E402
+from fmnist import paths
+from fmnist.config import load_params
+from fmnist.files import read_json, write_json
 
 FIRST = ("download", "prepare", "baseline")
 # DVC and the stage commands (`python stages/...`) from this interpreter's environment.
@@ -66,8 +64,7 @@ def main() -> None:
     config = load_params(paths.PARAMS)
     listed = subprocess.run([*DVC, "stage", "list", "--name-only"], capture_output=True,
                             text=True, check=True, env=ENV).stdout.split()
-    previous = read_json(args.out, "a previous timing")["stages"] if args.out.exists() else {}
-    timings = dict(previous)
+    timings = read_json(args.out, "a previous timing")["stages"] if args.out.exists() else {}
     for name in stage_order(listed, list(config.variants)):
         print(f"== {name}", flush=True)
         seconds, ran = run_stage(name)
