@@ -7,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test lint benchmark mlflow-ui
+.PHONY: run test lint benchmark mlflow-ui gpu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
+# On a machine with an NVIDIA GPU, `make gpu run`: JAX with CUDA, then the pipeline trains on the GPU.
+gpu: $(VENV)/.installed-gpu
+
+$(VENV)/.installed-gpu: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[gpu]'
+	touch $@ $(VENV)/.installed
+
 run: $(VENV)/.installed
 	dvc repro
 	dvc metrics show
@@ -32,7 +39,7 @@ lint: $(VENV)/.installed-dev
 	ruff check src stages tests benchmarks
 
 benchmark: $(VENV)/.installed
-	python benchmarks/throughput.py
+	python -m benchmarks.speed
 
 mlflow-ui: $(VENV)/.installed
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

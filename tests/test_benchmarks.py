@@ -1,6 +1,14 @@
-"""The benchmark scripts' pure parts."""
+"""The benchmark scripts: their pure parts, and the GPU check rehearsed on the CPU."""
+
+import json
+import shutil
+import tarfile
+
+import pytest
+import yaml
 
 from benchmarks.timed_repro import stage_order
+from tests.conftest import REPO, run, venv_env
 
 
 def test_timed_repro_runs_seed_major_with_train_before_evaluate():
@@ -12,3 +20,36 @@ def test_timed_repro_runs_seed_major_with_train_before_evaluate():
         "train@cnn2-0", "evaluate@cnn2-0", "train@cnn2_bn-0", "evaluate@cnn2_bn-0",
         "train@cnn2-1", "evaluate@cnn2-1", "train@cnn2_bn-1", "evaluate@cnn2_bn-1",
         "analyse"]
+
+
+@pytest.mark.slow
+def test_the_gpu_check_rehearses_on_the_cpu(dvc_repo, tiny_params, tmp_path):
+    """benchmarks/gpu_check.sh as the GPU machine runs it, on tiny data and the CPU: the real
+    train stage per paper variant under JAX, the references, the rest of the pipeline, gpu.json
+    and the archives that bring the results back."""
+    tiny_params["train"]["backend"] = "jax"  # on a GPU, auto gives jax; here it must be asked for
+    (dvc_repo / "params.yaml").write_text(yaml.safe_dump(tiny_params, sort_keys=False))
+    shutil.copytree(REPO / "benchmarks", dvc_repo / "benchmarks",
+                    ignore=shutil.ignore_patterns("__pycache__", "results"))
+    run(["git", "add", "-A"], dvc_repo)
+    run(["git", "commit", "-qm", "jax, benchmarks"], dvc_repo)
+    run(["dvc", "repro", "download"], dvc_repo)  # what travels: data/raw
+    out = tmp_path / "out"
+    out.mkdir()
+    check = run(["bash", "benchmarks/gpu_check.sh", "--reference-epochs", "1"], dvc_repo,
+                env={**venv_env(), "OUT": str(out)})
+    report = json.loads((out / "gpu.json").read_text())
+    assert report["finished"], check.stdout[-3000:]
+    assert report["gpu"].startswith("none") and report["backend"] == "jax"
+    assert [r["variant"] for r in report["stage_runs"]] == ["cnn2", "cnn2_bn", "cnn2_bn_skip"]
+    for entry in report["stage_runs"]:
+        assert entry["epochs"] == 2 and entry["images_per_second"] > 0
+        assert 0.0 <= entry["final_test_accuracy"] <= 1.0 and entry["precision"] == "float32"
+    assert set(report["reference"]["cnn2"]) == {"scan_loop_float32", "scan_loop_mixed_bfloat16",
+                                                "plain_fit_float32"}
+    assert set(report["stage_vs_best_reference"]) == {"cnn2", "cnn2_bn", "cnn2_bn_skip"}
+    assert {s["stage"] for s in report["pipeline"]["stages"]} >= {"evaluate@cnn2-0", "analyse"}
+    with tarfile.open(out / "results.tar.gz") as archive:
+        names = archive.getnames()
+    assert "dvc.lock" in names and "reports/report.md" in names and "metrics/summary.json" in names
+    assert "train@cnn2_bn_skip-0" in (dvc_repo / "dvc.lock").read_text()

@@ -38,6 +38,8 @@ def _with(path: str, value, raw: dict | None = None) -> dict:
     ("train.seeds", [], "train.seeds"),
     ("train.seeds", [1, 1], "train.seeds"),
     ("train.monitor_test", "yes", "train.monitor_test"),
+    ("train.backend", "numpy", "train.backend"),
+    ("train.precision", "fp8", "train.precision"),
     ("data.source", "ftp-somewhere", "data.source"),
     ("data.validation_size", 60_000, "data.validation_size"),
     ("data.validation_size", -5, "data.validation_size"),

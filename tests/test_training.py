@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fmnist import download, tracking, training
+from fmnist import device, download, tracking, training
 from fmnist.prepare import prepare
 from fmnist.tracking import TrackingError
 from fmnist.training import EpochRecorder, TrainingError, train_variant
@@ -48,7 +48,8 @@ def test_tiny_training_writes_outputs_and_an_mlflow_run(tiny_config, tiny_data, 
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"} <= set(history[0])
     assert "113,386" in (out / "summary.txt").read_text()
     run_info = json.loads((out / "run.json").read_text())
-    assert run_info["mlflow_run_id"] == result.run_id and run_info["device"] == "cpu"
+    assert run_info["mlflow_run_id"] == result.run_id and run_info["device"].startswith("cpu (")
+    assert run_info["precision"] == device.resolve_precision("auto")  # float32 unless the CPU has AMX
     assert not (mlflow_store / ".checkpoints" / "cnn2").exists()
 
     client = MlflowClient(f"sqlite:///{mlflow_store / 'mlflow.db'}")
@@ -56,7 +57,8 @@ def test_tiny_training_writes_outputs_and_an_mlflow_run(tiny_config, tiny_data, 
     assert run.info.status == "FINISHED" and run.info.run_name == "cnn2-seed0"
     assert run.data.params["model.filters"] == "32" and run.data.params["train.epochs"] == "2"
     assert run.data.tags["variant"] == "cnn2" and run.data.tags["canonical_split"] == "False"
-    assert run.data.tags["keras_backend"] == "tensorflow" and run.data.tags["device"] == "cpu"
+    assert run.data.tags["keras_backend"] == "tensorflow" and run.data.tags["device"].startswith("cpu")
+    assert run.data.tags["precision"] == run_info["precision"]
     steps = [m.step for m in client.get_metric_history(result.run_id, "test_accuracy")]
     assert steps == [1, 2]
     assert run.info.artifact_uri.startswith((mlflow_store / "mlartifacts").as_uri())
@@ -88,8 +90,8 @@ def test_interrupted_training_resumes_from_the_last_completed_epoch(
             if epoch == 2:
                 raise KeyboardInterrupt("simulated Ctrl-C")
 
-    monkeypatch.setattr(training, "fit", lambda model, data, train, callbacks, initial_epoch=0:
-                        real_fit(model, data, train, callbacks + [Interrupt()], initial_epoch))
+    monkeypatch.setattr(training, "fit", lambda model, data, train, callbacks, initial_epoch=0, **kw:
+                        real_fit(model, data, train, callbacks + [Interrupt()], initial_epoch, **kw))
     with pytest.raises(KeyboardInterrupt):
         _train(config, tiny_data, mlflow_store)
     state = json.loads((mlflow_store / ".checkpoints" / "cnn2" / "state.json").read_text())
@@ -119,8 +121,8 @@ KILL_SCRIPT = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
 
     real_fit = training.fit
-    training.fit = lambda m, d, t, callbacks, initial_epoch=0: real_fit(
-        m, d, t, callbacks + [Kill()], initial_epoch)
+    training.fit = lambda m, d, t, callbacks, initial_epoch=0, **kw: real_fit(
+        m, d, t, callbacks + [Kill()], initial_epoch, **kw)
     config = parse_params(yaml.safe_load(Path("params.yaml").read_text()))
     result = training.train_variant(config, "cnn2", 0, load_prepared(Path("d.npz")),
                                     data_info(Path("i.json")), Path("out"), Path("ckpt"))

@@ -69,8 +69,9 @@ def feature_maps(model: keras.Model, image: np.ndarray) -> list[np.ndarray]:
     outputs = probe(to_inputs(image[np.newaxis]), training=False)
     if not isinstance(outputs, list | tuple):
         outputs = [outputs]
-    # (1, h, w, channels) -> (channels, h, w)
-    return [np.transpose(keras.ops.convert_to_numpy(output)[0], (2, 0, 1)) for output in outputs]
+    # (1, h, w, channels) -> (channels, h, w); float32 also for a model trained in bfloat16
+    return [np.transpose(keras.ops.convert_to_numpy(output)[0].astype("float32"), (2, 0, 1))
+            for output in outputs]
 
 
 def first_epoch_at_or_below(losses: Sequence[float], level: float) -> int | None:

@@ -20,6 +20,8 @@ DATA_SOURCES = ("auto", "canonical", "npm")
 PADDINGS = ("valid", "same")
 SKIP_PROJECTIONS = ("repeat", "conv1x1")
 SVC_KERNELS = ("rbf", "linear", "poly", "sigmoid")
+BACKENDS = ("auto", "tensorflow", "jax", "torch")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
 FASHION_MNIST_TRAIN_SIZE = 60_000
@@ -126,6 +128,8 @@ class TrainConfig:
     batch_size: int
     learning_rate: float
     monitor_test: bool
+    backend: str
+    precision: str
 
     def validate(self) -> None:
         _check(len(self.seeds) >= 1 and all(s >= 0 for s in self.seeds), "train.seeds",
@@ -135,6 +139,10 @@ class TrainConfig:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "a whole number >= 1")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "a whole number >= 1")
         _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a number > 0")
+        _check(self.backend in BACKENDS, "train.backend", self.backend,
+               f"{', '.join(BACKENDS)} (auto: jax when it sees a GPU, else tensorflow)")
+        _check(self.precision in PRECISIONS, "train.precision", self.precision,
+               f"{', '.join(PRECISIONS)} (auto: what this hardware trains fastest, see README)")
 
 
 @dataclass(frozen=True)

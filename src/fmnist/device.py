@@ -1,15 +1,93 @@
-"""Which Keras backend and which device (GPU or CPU) training runs on.
+"""Which Keras backend, which device (GPU or CPU) and which precision training runs with.
 
-The only backend-specific code of the project: model and training code use ``keras`` and
-``keras.ops`` alone, so the same stage runs under KERAS_BACKEND=tensorflow, jax or torch.
+The only backend-specific code of the project besides the JAX epoch loop (fmnist.jax_loop):
+model and training code use ``keras`` and ``keras.ops`` alone, so the same stage runs under
+the tensorflow, jax and torch backends. ``train.backend`` and ``train.precision`` in
+params.yaml choose; ``auto`` resolves here, and the resolved values are recorded with every
+trained model (run.json, MLflow tags, the report).
+
+Nothing here imports Keras at module level: ``select_backend`` must run before the first
+``import keras`` of the process (Keras reads KERAS_BACKEND once, when it is imported).
 """
 
 from __future__ import annotations
 
-import keras
+import glob
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from fmnist.config import ConfigError
+
+# The extra that installs each backend's GPU build (pyproject.toml); see README "GPU".
+GPU_INSTALL_HINT = "make gpu   (pip install -e '.[gpu]': JAX with CUDA)"
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _nvidia_device_present() -> bool:
+    """A cheap look for an NVIDIA GPU (device files), so that CPU machines never import JAX."""
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def _jax_sees_gpu() -> bool:
+    import jax
+
+    try:
+        return jax.default_backend() in ("gpu", "cuda", "rocm")
+    except RuntimeError:
+        return False
+
+
+def resolve_backend(name: str) -> str:
+    """``train.backend`` -> the backend to use: ``auto`` is jax where JAX sees a GPU (its
+    compiled epoch loop is this project's GPU path), else tensorflow (the fastest on the CPUs
+    measured, see README)."""
+    if name != "auto":
+        if not _installed(name):
+            raise ConfigError(f"params.yaml: train.backend = {name!r}, but the {name} package is not "
+                              f"installed in this environment; install it (`pip install {name}`) "
+                              "or choose another backend (auto, tensorflow, jax, torch)")
+        return name
+    if _installed("jax") and _nvidia_device_present() and _jax_sees_gpu():
+        return "jax"
+    if _installed("tensorflow"):
+        return "tensorflow"
+    for fallback in ("jax", "torch"):
+        if _installed(fallback):
+            return fallback
+    raise ConfigError("params.yaml: train.backend = 'auto', but none of tensorflow, jax, torch is "
+                      "installed; run `make run` (or pip install -e .) first")
+
+
+def select_backend(name: str) -> str:
+    """Set KERAS_BACKEND from ``train.backend`` before Keras is imported; return the backend.
+
+    The param, not the environment, decides (DVC tracks params, not environment variables);
+    a KERAS_BACKEND set in the environment is overridden with a note.
+    """
+    backend_name = resolve_backend(name)
+    if "keras" in sys.modules:
+        import keras
+
+        if keras.backend.backend() != backend_name:
+            raise RuntimeError(f"Keras was imported with backend {keras.backend.backend()} before "
+                               f"select_backend({name!r}) could set {backend_name}")
+        return backend_name
+    previous = os.environ.get("KERAS_BACKEND")
+    if previous and previous != backend_name:
+        print(f"NOTE: KERAS_BACKEND={previous} in the environment is ignored: train.backend "
+              f"({name}) selects {backend_name}.")
+    os.environ["KERAS_BACKEND"] = backend_name
+    return backend_name
 
 
 def backend() -> str:
+    import keras
+
     return keras.backend.backend()
 
 
@@ -21,9 +99,7 @@ def accelerator() -> str:
 
         return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
     if name == "jax":
-        import jax
-
-        return "gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "cpu"
+        return "gpu" if _jax_sees_gpu() else "cpu"
     if name == "torch":
         import torch
 
@@ -31,11 +107,47 @@ def accelerator() -> str:
     return "cpu"
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where that file does not exist."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def resolve_precision(name: str) -> str:
+    """``train.precision`` -> a Keras dtype policy name; call after the backend is chosen.
+
+    ``auto`` chooses bfloat16 only where it was measured faster at equal accuracy: the
+    TensorFlow backend on CPUs with AMX (Intel Sapphire Rapids and later: 1.5x for CNN2,
+    91.06 vs 90.91 % after 15 epochs). Everywhere else float32: on AVX2-only CPUs (AMD EPYC
+    Milan) bfloat16 is emulated and was 4x slower; AVX512-BF16 CPUs and GPUs are not yet
+    measured with this model (benchmarks/precision.py and benchmarks/gpu_check.sh measure them).
+    """
+    if name != "auto":
+        return name
+    if backend() == "tensorflow" and accelerator() == "cpu" and "amx_bf16" in cpu_flags():
+        return "mixed_bfloat16"
+    return "float32"
+
+
+def set_precision(name: str) -> str:
+    """Resolve ``train.precision`` and make it Keras' global dtype policy; return the policy."""
+    import keras
+
+    policy = resolve_precision(name)
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
 def describe() -> str:
-    """e.g. 'gpu (NVIDIA H100 80GB HBM3)' or 'cpu'; recorded with every trained model."""
+    """e.g. 'gpu (NVIDIA H100 80GB HBM3)' or 'cpu (AMD EPYC)'; recorded with every trained model."""
     kind = accelerator()
     if kind != "gpu":
-        return kind
+        return f"cpu ({cpu_model()})"
     name = backend()
     try:
         if name == "jax":
@@ -52,3 +164,24 @@ def describe() -> str:
         return f"gpu ({details.get('device_name', 'unknown')})"
     except Exception:  # the name is a nicety; the kind is what matters
         return kind
+
+
+def pip_requirements() -> list[str]:
+    """What a logged model needs to load: Keras, its backend and numpy, at the versions used.
+
+    Given to MLflow so that it does not infer them by importing the model in a subprocess
+    (measured: 9 s per logged model inferred, 0.1 s given).
+    """
+    from importlib.metadata import version
+
+    packages = ["keras", backend(), "numpy"]
+    return [f"{package}=={version(package)}" for package in packages]
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"

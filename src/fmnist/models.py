@@ -46,7 +46,9 @@ def build_model(spec: ModelSpec, name: str = "model") -> keras.Model:
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(spec.dense_units, activation="relu", name="dense")(x)
     x = layers.Dropout(spec.dropout_rate, name="dropout")(x)
-    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(x)
+    # float32 even under a mixed precision policy: a softmax in bfloat16/float16 rounds the
+    # probabilities that the cross-entropy takes the log of (Keras' mixed precision guide)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=name)
 
 

@@ -62,7 +62,7 @@ def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: Path,
 def error_grid(images: np.ndarray, captions: Sequence[str], path: Path, title: str) -> None:
     """The paper's Fig. 8: the misclassified images with the highest cross-entropy."""
     n = len(images)
-    columns = min(n, 3)
+    columns = max(1, min(n, 3))  # a model with no test error leaves n = 0
     rows = max(1, -(-n // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
     for ax in axes.ravel():

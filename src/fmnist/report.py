@@ -336,11 +336,12 @@ def markdown(config: Config, summary: dict[str, Any], runs: list[TrainedRun]) ->
                    f"{int(ours['support'])} |")
     out += ["", "## Fig. 9: confusion matrix", "",
             f"![Fig. 9](eval/{errors['run']}/confusion_matrix.png)", "",
-            "## Every run", "", "| Run | Test accuracy | Macro F1 | Epochs | Train time (s) | Device |",
+            "## Every run", "",
+            "| Run | Test accuracy | Macro F1 | Epochs | Train time (s) | Device (backend, precision) |",
             "|---|---|---|---|---|---|"]
     for run in runs:
         out.append(f"| {run.name} | {_pct(run.metrics['test_accuracy'])} | "
                    f"{run.metrics['macro_f1']:.4f} | {run.metrics['epochs']} | "
                    f"{run.run_info['train_seconds']:.0f} | {run.run_info['device']} "
-                   f"({run.run_info['keras_backend']}) |")
+                   f"({run.run_info['keras_backend']}, {run.run_info.get('precision', 'float32')}) |")
     return "\n".join(out) + "\n"

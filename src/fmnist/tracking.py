@@ -161,8 +161,9 @@ def log_artifacts(*files: Path, folder: str | None = None) -> None:
             mlflow.log_artifact(str(file), artifact_path=folder)
 
 
-def log_keras_model(model: Any, example: np.ndarray) -> None:
-    """The model through MLflow's Keras flavour, with a signature inferred from ``example``.
+def log_keras_model(model: Any, example: np.ndarray, pip_requirements: list[str]) -> None:
+    """The model through MLflow's Keras flavour, with a signature inferred from ``example``
+    and the given pip requirements (MLflow would otherwise infer them in a subprocess).
 
     MLflow 3.17 fails when given ``input_example`` for Keras models (it writes the example
     before creating the model folder), so the example is logged as an artifact beside it.
@@ -170,7 +171,7 @@ def log_keras_model(model: Any, example: np.ndarray) -> None:
     from mlflow.models import infer_signature
 
     signature = infer_signature(example, np.asarray(model.predict(example, verbose=0)))
-    mlflow.keras.log_model(model, name="model", signature=signature)
+    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=pip_requirements)
     with tempfile.TemporaryDirectory() as tmp:
         example_path = Path(tmp) / "input_example.npy"
         np.save(example_path, example)

@@ -67,15 +67,15 @@ class EpochRecorder(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         record = {"epoch": epoch + 1}
         record.update({key: float(value) for key, value in (logs or {}).items()})
-        record["epoch_seconds"] = time.perf_counter() - self._started
         if not math.isfinite(record.get("loss", 0.0)):
             raise TrainingError(f"training loss became {record['loss']} at epoch {epoch + 1}; "
                                 "lower train.learning_rate or check the data")
-        if self.test is not None:
+        if self.test is not None and "test_accuracy" not in record:  # the JAX loop computes it
             scores = self.model.evaluate(*self.test, batch_size=self.batch_size, verbose=0,
                                          return_dict=True)
             record["test_loss"] = float(scores["loss"])
             record["test_accuracy"] = float(scores["accuracy"])
+        record["epoch_seconds"] = time.perf_counter() - self._started
         self.on_epoch(record)
 
 
@@ -125,6 +125,7 @@ class TrainedModel:
     history: list[dict[str, float]]
     run_id: str
     backend: str
+    precision: str
     device: str
     train_seconds: float
 
@@ -134,8 +135,22 @@ def _fingerprint(*parts: Any) -> str:
 
 
 def fit(model: keras.Model, data: Dataset, train: TrainConfig, callbacks: list,
-        initial_epoch: int = 0) -> None:
-    """The stage's input path: whole arrays in memory, Keras' own batching and shuffling."""
+        initial_epoch: int = 0, seed: int = 0) -> None:
+    """Train ``model`` from ``initial_epoch`` to ``train.epochs``.
+
+    Under JAX: the compiled epoch loop (fmnist.jax_loop: data on the device, one call per
+    epoch, the monitored test set evaluated in the same call). Under TensorFlow and torch:
+    ``model.fit`` on whole arrays in memory (on the CPUs measured each step is compute-bound,
+    so there is no per-step overhead to remove; see README "Speed").
+    """
+    if device.backend() == "jax":
+        from fmnist import jax_loop
+
+        jax_loop.fit(model, data.x_train, data.y_train, batch_size=train.batch_size,
+                     epochs=train.epochs, initial_epoch=initial_epoch, seed=seed,
+                     callbacks=callbacks, validation=(data.x_val, data.y_val),
+                     test=(data.x_test, data.y_test) if train.monitor_test else None)
+        return
     validation = None
     if len(data.y_val):
         validation = (to_inputs(data.x_val), to_targets(data.y_val))
@@ -151,9 +166,10 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
     name = f"{variant}-seed{seed}"
     experiment_id = tracking.connect(config.tracking.experiment)
     keras.utils.set_random_seed(seed)
+    precision = device.set_precision(config.train.precision)
     train_settings = {k: v for k, v in asdict(config.train).items() if k != "seeds"}
     checkpoint = Checkpoint(checkpoint_dir, _fingerprint(
-        asdict(spec), train_settings, seed, data_info, device.backend()))
+        asdict(spec), train_settings, seed, data_info, device.backend(), precision))
     state = checkpoint.load()
     history: list[dict[str, float]] = state["history"] if state else []
     if state and checkpoint.model_file.is_file():
@@ -166,7 +182,7 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
         "variant": variant, "seed": str(seed), "git_commit": tracking.git_commit(),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "dvc_stage": f"train@{variant}-{seed}",
         "data_source": data_info["source"], "canonical_split": str(data_info["canonical_split"]),
-        "keras_backend": device.backend(), "device": device.describe(),
+        "keras_backend": device.backend(), "precision": precision, "device": device.describe(),
     }
     test = (to_inputs(data.x_test), to_targets(data.y_test)) if config.train.monitor_test else None
     started = time.perf_counter()
@@ -186,12 +202,13 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
                                  step=int(record["epoch"]))
 
         recorder = EpochRecorder(on_epoch, test, config.train.batch_size)
-        fit(model, data, config.train, [recorder], initial_epoch=len(history))
+        fit(model, data, config.train, [recorder], initial_epoch=len(history), seed=seed)
         seconds = time.perf_counter() - started
-        result = TrainedModel(model, history, run_id, device.backend(), device.describe(), seconds)
+        result = TrainedModel(model, history, run_id, device.backend(), precision, device.describe(),
+                              seconds)
         write_outputs(result, out_dir, data_info)
         tracking.log_artifacts(out_dir / "history.json", out_dir / "summary.txt")
-        tracking.log_keras_model(model, to_inputs(data.x_test[:5]))
+        tracking.log_keras_model(model, to_inputs(data.x_test[:5]), device.pip_requirements())
     checkpoint.clear()
     return result
 
@@ -210,7 +227,8 @@ def write_outputs(result: TrainedModel, out_dir: Path, data_info: dict[str, Any]
         write_text(tmp / "summary.txt", summary_text(result.model))
         write_json(tmp / "run.json", {
             "mlflow_run_id": result.run_id, "keras_backend": result.backend,
-            "device": result.device, "train_seconds": round(result.train_seconds, 1),
+            "precision": result.precision, "device": result.device,
+            "train_seconds": round(result.train_seconds, 1),
             "epochs": len(result.history), "parameters": result.model.count_params(),
             "canonical_split": data_info["canonical_split"], "data_source": data_info["source"],
         })

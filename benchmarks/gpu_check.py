@@ -1,0 +1,170 @@
+"""The GPU check: the real pipeline on a GPU, timed, beside plain reference loops.
+
+    python benchmarks/gpu_check.py [--out benchmarks/results/gpu.json] [--budget-s 480]
+
+Run by benchmarks/gpu_check.sh on a GPU machine (JAX with CUDA; the wheels for Keras, MLflow
+and DVC travel in .whl/, the data in data/raw/). In one go:
+1. the real train stage (`dvc repro --single-item train@<variant>-<seed0>`; the stage's own
+   MLflow store, checkpoints and outputs) for every variant of params.yaml at the first seed;
+2. the plain references on the same data (benchmarks/reference.py): a jitted ``lax.scan``
+   loop and Keras' ``model.fit``, float32 and mixed_bfloat16;
+3. the rest of the default pipeline, stage by stage, seed after seed (as
+   benchmarks/timed_repro.py), until ``--budget-s`` seconds of the whole check have passed
+   (what is left then is not started; `dvc repro` finishes it later).
+``gpu.json`` is rewritten after every step, so a check cut short still reports what it did.
+Targets (issue 9): the paper's variants x 50 epochs in under 90 s of training in total; the
+default pipeline (SVC aside) in under 5 minutes; the stage at >= 0.8x the best reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.timed_repro import DVC, ENV, stage_order
+from fmnist import paths
+from fmnist.config import load_params
+from fmnist.files import write_json
+
+PAPER_VARIANTS = ("cnn2", "cnn2_bn", "cnn2_bn_skip")
+
+
+def run_stage(name: str) -> dict:
+    """`dvc repro --single-item name`, its output passed through; wall seconds and exit code."""
+    started = time.perf_counter()
+    result = subprocess.run([*DVC, "repro", "--single-item", name], env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    sys.stdout.write(result.stdout)
+    return {"stage": name, "wall_seconds": round(time.perf_counter() - started, 1),
+            "ran": f"Running stage '{name}'" in result.stdout, "exit_code": result.returncode}
+
+
+def trained_run(variant: str, seed: int) -> dict:
+    """What the train stage recorded for one model (run.json, the last epoch of history.json)."""
+    model_dir = paths.model_dir(variant, seed)
+    run_info = json.loads((model_dir / "run.json").read_text())
+    history = json.loads((model_dir / "history.json").read_text())
+    seconds = run_info["train_seconds"]
+    train_images = json.loads(paths.PREPARED_INFO.read_text())["sizes"]["train"]
+    return {"variant": variant, "seed": seed, "epochs": run_info["epochs"], "train_seconds": seconds,
+            "images_per_second": round(run_info["epochs"] * train_images / seconds),
+            "final_test_accuracy": history[-1].get("test_accuracy"),
+            "backend": run_info["keras_backend"], "precision": run_info["precision"],
+            "device": run_info["device"], "parameters": run_info["parameters"]}
+
+
+def references(config, variants: list[str], epochs: int, backend: str) -> dict:
+    """images/s of the plain loops, per variant and precision, in this process (the scan loop
+    under JAX only)."""
+    from benchmarks import reference
+    from fmnist.prepare import load_prepared
+
+    data = load_prepared(paths.PREPARED_ARRAYS)
+    results = {}
+    for variant in variants:
+        spec = config.variant(variant)
+        for precision in ("float32", "mixed_bfloat16"):
+            for name, loop in (("scan_loop", reference.scan_loop), ("plain_fit", reference.plain_fit)):
+                if (name == "plain_fit" and precision != "float32") or (
+                        name == "scan_loop" and backend != "jax"):
+                    continue
+                speed = loop(spec, data.x_train, data.y_train, config.train.batch_size, epochs,
+                             config.train.learning_rate, precision)
+                results.setdefault(variant, {})[f"{name}_{precision}"] = round(speed)
+                print(f"reference {variant} {name} {precision}: {speed:.0f} images/s", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu.json"))
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="start no pipeline stage after this many seconds of the check")
+    parser.add_argument("--reference-epochs", type=int, default=5)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    config = load_params(paths.PARAMS)
+    seed = config.train.seeds[0]
+    variants = [v for v in PAPER_VARIANTS if v in config.variants]
+    report: dict = {"finished": False, "host": platform.node(),
+                    "params": {"backend": config.train.backend, "precision": config.train.precision,
+                               "epochs": config.train.epochs, "batch_size": config.train.batch_size,
+                               "seeds": list(config.train.seeds)}}
+    if shutil.which("nvidia-smi"):
+        query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+        report["gpu"] = subprocess.run(query, capture_output=True, text=True).stdout.strip()
+    else:
+        report["gpu"] = "none (no nvidia-smi): a CPU rehearsal of the check"
+    write_json(args.out, report)
+
+    # 0. The data: data/raw travels with the working tree (no download there); prepare runs.
+    report["data_stages"] = [run_stage(name) for name in ("download", "prepare")]
+    if any(step["exit_code"] for step in report["data_stages"]):
+        write_json(args.out, report)
+        sys.exit("ERROR: download/prepare failed: carry data/raw (run `dvc repro download` first)")
+
+    # 1. The train stage, every paper variant at the first seed.
+    report["stage_runs"] = []
+    for variant in variants:
+        step = run_stage(f"train@{variant}-{seed}")
+        if step["exit_code"] != 0:
+            report["stage_runs"].append(step)
+            write_json(args.out, report)
+            sys.exit(f"ERROR: train@{variant}-{seed} failed; see the output above")
+        report["stage_runs"].append({**trained_run(variant, seed), "stage_wall_seconds": step["wall_seconds"],
+                                     "stage_ran": step["ran"]})
+        write_json(args.out, report)
+    stage_runs = report["stage_runs"]
+    report["device"] = stage_runs[0]["device"]
+    report["backend"], report["precision"] = stage_runs[0]["backend"], stage_runs[0]["precision"]
+    report["paper_variants_train_seconds"] = round(sum(r["train_seconds"] for r in stage_runs), 1)
+    report["paper_variants_stage_wall_seconds"] = round(sum(r["stage_wall_seconds"] for r in stage_runs), 1)
+
+    # 2. The plain references, in this process (the stages have exited: the GPU is free).
+    os.environ["KERAS_BACKEND"] = report["backend"]
+    report["reference"] = references(config, variants, args.reference_epochs, report["backend"])
+    report["stage_vs_best_reference"] = {
+        r["variant"]: round(r["images_per_second"] / max(report["reference"][r["variant"]].values()), 3)
+        for r in stage_runs}
+    write_json(args.out, report)
+
+    # 3. The rest of the default pipeline, as far as the budget allows.
+    listed = subprocess.run([*DVC, "stage", "list", "--name-only"], capture_output=True, text=True,
+                            check=True, env=ENV).stdout.split()
+    pipeline_started = time.perf_counter()
+    report["pipeline"] = {"stages": [], "skipped_for_budget": []}
+    for name in stage_order(listed, list(config.variants)):
+        if name in ("download", "prepare") or (name == "baseline" and paths.BASELINE_METRICS.is_file()):
+            # data: step 0. The SVC is a CPU job (12 min on 2 cores): its committed result stands
+            continue
+        if time.perf_counter() - started > args.budget_s:
+            report["pipeline"]["skipped_for_budget"].append(name)
+            continue
+        step = run_stage(name)
+        report["pipeline"]["stages"].append(step)
+        report["pipeline"]["seconds_so_far"] = round(time.perf_counter() - pipeline_started, 1)
+        write_json(args.out, report)
+        if step["exit_code"] != 0:
+            break
+    ran = report["pipeline"]["stages"]
+    # The first seed's trainings ran in step 1; their time counts towards the pipeline's.
+    report["pipeline"]["total_seconds_with_step1"] = round(
+        sum(s["wall_seconds"] for s in ran) + report["paper_variants_stage_wall_seconds"]
+        + sum(s["wall_seconds"] for s in report["data_stages"]), 1)
+    report["finished"] = (not report["pipeline"]["skipped_for_budget"]
+                          and all(s["exit_code"] == 0 for s in ran))
+    report["check_seconds"] = round(time.perf_counter() - started, 1)
+    write_json(args.out, report)
+    print(json.dumps({k: report[k] for k in ("gpu", "paper_variants_train_seconds",
+                                             "stage_vs_best_reference", "finished")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Training speed on this machine: the train stage's loop beside plain references, for each
+backend and precision, same model, data, batch size; one process per backend.
+
+    python benchmarks/speed.py [--backends tensorflow jax] [--precisions float32 mixed_bfloat16]
+                               [--variants cnn2 cnn2_bn_skip] [--images 10000] [--epochs 1]
+
+Per (backend, precision, variant), after one untimed epoch (compilation, warm-up):
+- stage: ``fmnist.training.fit`` with the stage's epoch recorder and the monitored test set
+  (10,000 images evaluated after every epoch, as the default params do): images/s of training,
+  the test evaluation included;
+- plain: Keras' ``model.fit`` on ready float arrays, nothing else (benchmarks/reference.py).
+The 50-epoch estimate is 50 x 60,000 images at the stage's rate. Writes
+benchmarks/results/speed-<cpu>.json and prints a table; name the CPU with every number quoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FULL_EPOCH_IMAGES = 60_000
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One backend, in this process: every precision x variant; prints one JSON line each."""
+    os.environ["KERAS_BACKEND"] = args.worker
+    import keras
+
+    from benchmarks import reference
+    from fmnist import device, paths, training
+    from fmnist.config import load_params
+    from fmnist.models import build_model
+    from fmnist.prepare import Dataset, load_prepared
+
+    config = load_params(paths.PARAMS)
+    data = load_prepared(paths.PREPARED_ARRAYS)
+    x, y = data.x_train[:args.images], data.y_train[:args.images]
+    empty = data.x_train[:0]
+    subset = Dataset(x, y, empty, data.y_train[:0], data.x_test, data.y_test)
+    test = (training.to_inputs(data.x_test), training.to_targets(data.y_test))
+    for precision in args.precisions:
+        for variant in args.variants:
+            keras.mixed_precision.set_global_policy(precision)
+            keras.utils.set_random_seed(0)
+            spec = config.variant(variant)
+            model = training.compile_model(build_model(spec, variant), config.train)
+            recorder = training.EpochRecorder(lambda record: None, test, config.train.batch_size)
+            warm = dataclasses.replace(config.train, epochs=1)
+            training.fit(model, subset, warm, [recorder])  # compiles; not timed
+            timed = dataclasses.replace(config.train, epochs=1 + args.epochs)
+            started = time.perf_counter()
+            training.fit(model, subset, timed, [recorder], initial_epoch=1)
+            stage = args.epochs * len(y) / (time.perf_counter() - started)
+            plain = reference.plain_fit(spec, x, y, config.train.batch_size, args.epochs,
+                                        config.train.learning_rate, precision)
+            print(json.dumps({"backend": device.backend(), "precision": precision, "variant": variant,
+                              "stage_images_per_second": round(stage),
+                              "plain_fit_images_per_second": round(plain)}), flush=True)
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax"])
+    parser.add_argument("--precisions", nargs="+", default=["float32", "mixed_bfloat16"])
+    parser.add_argument("--variants", nargs="+", default=["cnn2", "cnn2_bn_skip"])
+    parser.add_argument("--images", type=int, default=10_000, help="training images per timed epoch")
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    rows = []
+    for backend in args.backends:
+        command = [sys.executable, "-m", "benchmarks.speed", "--worker", backend, "--images",
+                   str(args.images), "--epochs", str(args.epochs), "--precisions", *args.precisions,
+                   "--variants", *args.variants]
+        result = subprocess.run(command, capture_output=True, text=True,
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        if result.returncode != 0:
+            print(f"{backend}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
+        rows += [json.loads(line) for line in lines]
+    cpu = cpu_name()
+    print(f"CPU: {cpu}, {os.cpu_count()} cores; {args.images} training images x {args.epochs} timed "
+          "epoch(s) after one untimed; batch from params.yaml")
+    print(f"{'backend':<11}{'precision':<16}{'variant':<14}{'stage img/s':>12}{'plain fit img/s':>16}"
+          f"{'stage/plain':>12}{'50 epochs (min)':>16}")
+    for row in rows:
+        minutes = 50 * FULL_EPOCH_IMAGES / row["stage_images_per_second"] / 60
+        row["estimated_50_epoch_minutes"] = round(minutes, 1)
+        print(f"{row['backend']:<11}{row['precision']:<16}{row['variant']:<14}"
+              f"{row['stage_images_per_second']:>12}{row['plain_fit_images_per_second']:>16}"
+              f"{row['stage_images_per_second'] / row['plain_fit_images_per_second']:>12.2f}{minutes:>16.1f}")
+    slug = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")
+    out = args.out or Path("benchmarks/results") / f"speed-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"cpu": cpu, "cores": os.cpu_count(), "images": args.images,
+                               "timed_epochs": args.epochs, "finished": time.strftime("%FT%T"),
+                               "rows": rows}, indent=1) + "\n")
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()

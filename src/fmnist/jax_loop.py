@@ -1,0 +1,198 @@
+"""The train stage's epoch loop under the JAX backend: one compiled call per epoch.
+
+``model.fit`` runs one compiled step per batch and hands every batch from the host; for a
+CNN this small on a GPU, that per-step host work, not the arithmetic, sets the speed
+(keras issue 18648). Here the images go to the device once, as uint8, and each epoch is one
+compiled function: the shuffle, a ``lax.scan`` over the full batches, the last partial batch
+(as ``model.fit`` has it), and the monitored evaluation of the validation and test sets,
+with one small transfer of the epoch's numbers back to the host.
+
+The step is Keras' own stateless API (``model.stateless_call``, ``optimizer.stateless_apply``,
+``optimizer.scale_loss`` for float16 loss scaling), so the model, the optimizer and its state
+are the Keras objects ``model.fit`` would train, save and resume; the loss and accuracy are
+the compiled ones (categorical cross-entropy on probabilities, categorical accuracy), each
+epoch's value the mean over its images, as in ``model.fit``'s logs. Callbacks get the
+epoch-level calls only (train begin/end, epoch begin/end); batch-level hooks are not called.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from fmnist.config import NUM_CLASSES
+
+EVAL_CHUNK = 1000  # images per evaluation step (on a GPU all steps run in one call)
+
+
+def _inputs(images: jax.Array) -> jax.Array:
+    """(n, 28, 28) uint8 -> (n, 28, 28, 1) float32 in [0, 1], as fmnist.training.to_inputs."""
+    return (images.astype(jnp.float32) / 255.0)[..., None]
+
+
+def _state(model: keras.Model) -> tuple[list, list, list]:
+    return ([v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            [v.value for v in model.optimizer.variables])
+
+
+def _assign(model: keras.Model, state: tuple[list, list, list]) -> None:
+    """Write the loop's state back into the Keras variables (for callbacks, saving, resuming)."""
+    groups = (model.trainable_variables, model.non_trainable_variables, model.optimizer.variables)
+    for variables, values in zip(groups, state, strict=True):
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)
+
+
+def _padded_chunks(images: np.ndarray, labels: np.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A set as (chunks, EVAL_CHUNK, ...) device arrays plus a mask of the real images."""
+    n = len(labels)
+    size = min(EVAL_CHUNK, n)
+    chunks = math.ceil(n / size)
+    pad = chunks * size - n
+    x = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+    y = np.concatenate([labels.astype(np.int32), np.zeros(pad, np.int32)])
+    mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    return (jnp.asarray(x.reshape(chunks, size, *images.shape[1:])),
+            jnp.asarray(y.reshape(chunks, size)), jnp.asarray(mask.reshape(chunks, size)))
+
+
+def make_epoch_functions(model: keras.Model, n_train: int, batch_size: int, compiled_epochs: bool):
+    """(train_epoch, evaluate) for the model's state and device arrays.
+
+    ``compiled_epochs``: each epoch (each evaluation) is one compiled call with a
+    ``lax.scan`` over the batches: what a GPU needs. Otherwise a Python loop calls the same
+    compiled step per batch: on XLA's CPU backend, convolutions inside a scan ran 4x slower
+    than the same step called from Python (measured here; see README "Speed").
+    """
+    optimizer = model.optimizer
+    full_steps, remainder = divmod(n_train, batch_size)
+
+    def loss_and_updates(trainable, non_trainable, optimizer_vars, xb, yb):
+        probabilities, non_trainable, losses = model.stateless_call(
+            trainable, non_trainable, _inputs(xb), training=True, return_losses=True)
+        targets = jax.nn.one_hot(yb, NUM_CLASSES, dtype=probabilities.dtype)
+        loss = jnp.mean(keras.losses.categorical_crossentropy(targets, probabilities))
+        if losses:
+            loss = loss + sum(losses)
+        # float16 loss scaling reads the scale from the optimizer's (stateless) variables
+        with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, optimizer_vars,
+                                                         strict=True))):
+            scaled = optimizer.scale_loss(loss)
+        correct = jnp.sum(jnp.argmax(probabilities, axis=-1) == yb)
+        return scaled, (loss, correct, non_trainable)
+
+    gradient = jax.value_and_grad(loss_and_updates, has_aux=True)
+
+    def step(state, x_all, y_all, indices):
+        """One optimizer step on the images at ``indices``; returns (loss sum, correct)."""
+        trainable, non_trainable, optimizer_vars = state
+        xb, yb = x_all[indices], y_all[indices]  # (batch, 28, 28) uint8, (batch,) int32
+        (_, (loss, correct, non_trainable)), grads = gradient(
+            trainable, non_trainable, optimizer_vars, xb, yb)
+        trainable, optimizer_vars = optimizer.stateless_apply(optimizer_vars, grads, trainable)
+        return (trainable, non_trainable, optimizer_vars), (loss * indices.shape[0], correct)
+
+    def chunk_scores(trainable, non_trainable, xb, yb, keep):
+        """(loss sum, correct count) over one evaluation chunk's real images."""
+        probabilities, _ = model.stateless_call(trainable, non_trainable, _inputs(xb), training=False)
+        targets = jax.nn.one_hot(yb, NUM_CLASSES, dtype=probabilities.dtype)
+        losses = keras.losses.categorical_crossentropy(targets, probabilities)
+        correct = (jnp.argmax(probabilities, axis=-1) == yb).astype(jnp.float32)
+        return jnp.sum(losses * keep), jnp.sum(correct * keep)
+
+    def epoch_logs(loss_sum, correct):
+        return {"loss": loss_sum / n_train, "accuracy": correct / n_train}
+
+    def scores_logs(loss_sum, correct, mask):
+        return {"loss": loss_sum / mask.sum(), "accuracy": correct / mask.sum()}
+
+    if compiled_epochs:
+        @jax.jit
+        def train_epoch(state, x_all, y_all, key):
+            order = jax.random.permutation(key, n_train)
+            loss_sum, correct = jnp.float32(0.0), jnp.int32(0)
+            if full_steps:
+                batches = order[:full_steps * batch_size].reshape(full_steps, batch_size)
+                state, (losses, corrects) = jax.lax.scan(
+                    lambda s, idx: step(s, x_all, y_all, idx), state, batches)
+                loss_sum, correct = losses.sum(), corrects.sum()
+            if remainder:  # the last, smaller batch, as model.fit trains it
+                state, (loss, last) = step(state, x_all, y_all, order[full_steps * batch_size:])
+                loss_sum, correct = loss_sum + loss, correct + last
+            return state, epoch_logs(loss_sum, correct)
+
+        @jax.jit
+        def evaluate(trainable, non_trainable, x_chunks, y_chunks, mask):
+            _, (losses, corrects) = jax.lax.scan(
+                lambda carry, arrays: (carry, chunk_scores(trainable, non_trainable, *arrays)),
+                None, (x_chunks, y_chunks, mask))
+            return scores_logs(losses.sum(), corrects.sum(), mask)
+
+        return train_epoch, evaluate
+
+    step_once, scores_once = jax.jit(step), jax.jit(chunk_scores)
+
+    def train_epoch_stepwise(state, x_all, y_all, key):
+        order = jax.random.permutation(key, n_train)
+        loss_sum, correct = 0.0, 0
+        for begin in range(0, n_train, batch_size):
+            state, (loss, batch_correct) = step_once(state, x_all, y_all, order[begin:begin + batch_size])
+            loss_sum, correct = loss_sum + loss, correct + batch_correct
+        return state, epoch_logs(loss_sum, correct)
+
+    def evaluate_stepwise(trainable, non_trainable, x_chunks, y_chunks, mask):
+        totals = [scores_once(trainable, non_trainable, *arrays)
+                  for arrays in zip(x_chunks, y_chunks, mask, strict=True)]
+        return scores_logs(sum(t[0] for t in totals), sum(t[1] for t in totals), mask)
+
+    return train_epoch_stepwise, evaluate_stepwise
+
+
+def fit(model: keras.Model, images: np.ndarray, labels: np.ndarray, *, batch_size: int, epochs: int,
+        initial_epoch: int = 0, seed: int = 0, callbacks: Sequence[keras.callbacks.Callback] = (),
+        validation: tuple[np.ndarray, np.ndarray] | None = None,
+        test: tuple[np.ndarray, np.ndarray] | None = None, compiled_epochs: bool | None = None,
+        verbose: bool = True) -> None:
+    """Train a compiled model on uint8 ``images`` (n, 28, 28) and int ``labels`` (n,) from
+    ``initial_epoch`` to ``epochs``; logs carry val_* and test_* metrics for the sets given.
+
+    The shuffle of epoch e is a function of (seed, e) alone, so a resumed run shuffles its
+    remaining epochs as the uninterrupted run would have. ``compiled_epochs`` (default: on a
+    GPU or other accelerator, not on the CPU): see ``make_epoch_functions``.
+    """
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    if compiled_epochs is None:
+        compiled_epochs = jax.default_backend() != "cpu"
+    train_epoch, evaluate = make_epoch_functions(model, len(labels), batch_size, compiled_epochs)
+    x_all, y_all = jnp.asarray(images), jnp.asarray(labels.astype(np.int32))
+    monitored = {prefix: _padded_chunks(*arrays)
+                 for prefix, arrays in (("val_", validation), ("test_", test))
+                 if arrays is not None and len(arrays[1])}
+    base_key = jax.random.PRNGKey(seed)
+    callback_list = keras.callbacks.CallbackList(list(callbacks), model=model)
+    model.stop_training = False
+    callback_list.on_train_begin()
+    for epoch in range(initial_epoch, epochs):
+        callback_list.on_epoch_begin(epoch)
+        started = time.perf_counter()
+        state, results = train_epoch(_state(model), x_all, y_all, jax.random.fold_in(base_key, epoch))
+        for prefix, chunks in monitored.items():
+            scores = evaluate(state[0], state[1], *chunks)
+            results.update({prefix + key: value for key, value in scores.items()})
+        logs = {key: float(value) for key, value in jax.device_get(results).items()}
+        _assign(model, state)
+        if verbose:
+            print(f"Epoch {epoch + 1}/{epochs} - {time.perf_counter() - started:.1f}s - "
+                  + " - ".join(f"{key}: {value:.4f}" for key, value in logs.items()), flush=True)
+        callback_list.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    callback_list.on_train_end()
