@@ -6,8 +6,8 @@ backend and precision, same model, data, batch size; one process per backend.
 
 Per (backend, precision, variant), after one untimed epoch (compilation, warm-up):
 - stage: ``fmnist.training.fit`` with the stage's epoch recorder and the monitored test set
-  (10,000 images evaluated after every epoch, as the default params do): images/s of training,
-  the test evaluation included;
+  evaluated after every epoch (as the default params do; 1 test image per 6 training images,
+  the proportion of a real epoch): images/s of training, the test evaluation included;
 - plain: Keras' ``model.fit`` on ready float arrays, nothing else (benchmarks/reference.py).
 The 50-epoch estimate is 50 x 60,000 images at the stage's rate. Writes
 benchmarks/results/speed-<cpu>.json and prints a table; name the CPU with every number quoted.
@@ -42,9 +42,11 @@ def worker(args: argparse.Namespace) -> None:
     config = load_params(paths.PARAMS)
     data = load_prepared(paths.PREPARED_ARRAYS)
     x, y = data.x_train[:args.images], data.y_train[:args.images]
+    # the test set in the proportion of a real epoch (10,000 test : 60,000 training images)
+    n_test = len(y) * len(data.y_test) // len(data.y_train)
     empty = data.x_train[:0]
-    subset = Dataset(x, y, empty, data.y_train[:0], data.x_test, data.y_test)
-    test = (training.to_inputs(data.x_test), training.to_targets(data.y_test))
+    subset = Dataset(x, y, empty, data.y_train[:0], data.x_test[:n_test], data.y_test[:n_test])
+    test = (training.to_inputs(subset.x_test), training.to_targets(subset.y_test))
     for precision in args.precisions:
         for variant in args.variants:
             keras.mixed_precision.set_global_policy(precision)

@@ -61,6 +61,19 @@ def shrink(raw: dict, source: Path) -> dict:
     return raw
 
 
+def only_variants(raw: dict, names: list[str]) -> dict:
+    """``raw`` params with only the variants ``names``, and only the analyse settings that
+    name them (params.yaml's comparisons name every shipped variant)."""
+    raw = copy.deepcopy(raw)
+    raw["variants"] = {name: raw["variants"][name] for name in names}
+    analyse = raw["analyse"]
+    analyse["paper_models"] = {v: m for v, m in analyse["paper_models"].items() if v in names}
+    analyse["comparisons"] = [c for c in analyse["comparisons"] if c["a"] in names and c["b"] in names]
+    if analyse["error_variant"] not in names:
+        analyse["error_variant"] = names[-1]
+    return raw
+
+
 @pytest.fixture
 def tiny_idx_dir(tmp_path: Path) -> Path:
     return write_tiny_idx(tmp_path / "tiny_idx")

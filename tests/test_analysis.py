@@ -10,10 +10,10 @@ import pytest
 from scipy import stats
 
 from fmnist import analysis, plots, report
-from fmnist.config import load_params
+from fmnist.config import load_params, parse_params
 from fmnist.evaluation import score, summary_metrics
 from fmnist.models import build_model
-from tests.conftest import REPO
+from tests.conftest import REPO, real_params
 
 CLASSES = tuple(f"c{i}" for i in range(10))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -178,15 +178,35 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
                     "Figs. 5-7", "Fig. 8 and Table III", "Table IV", "Fig. 9", "Every run"]:
         assert heading in text, heading
     # mean ± sample std, t-interval 91.20 ± 4.303 * 0.20 / sqrt(3)
-    assert "| cnn2 (1,000 parameters) | 91.17 | 91.20 ± 0.20 | [90.70, 91.70] |" in text
+    assert "| cnn2 (CNN2; 1,000 parameters) | 91.17 | 91.20 ± 0.20 | [90.70, 91.70] |" in text
+    assert "| authors_cnn2_bn (CNN2+BN; 1,000 parameters) | 92.22 |" in text
+    assert "| ablation_cnn2_same (1,000 parameters) | - |" in text  # no paper model
     assert "![training_loss.png](analysis/training_loss.png)" in text
     assert "SVC (C=10, rbf) [1] | 89.70 | 85.00" in text
     assert "**Caveat:** NOT the canonical split" in text
     # Welch: +0.50 points, se 0.163, 4 dof: 95% CI [+0.05, +0.95], the paper's +1.05 outside
-    assert ("Batch normalization improves CNN2 (paper: +1.05 points): supported (difference "
-            "+0.50 points, 95% CI [+0.05, +0.95]") in text
+    assert ("Batch normalization improves CNN2 (ours) (cnn2_bn - cnn2; paper: +1.05 points): supported "
+            "(difference +0.50 points, 95% CI [+0.05, +0.95]") in text
+    # the ablation (+0.5 points per variant in params order): each factor helps at one level of
+    # the other and hurts at the other level, so neither carries the gain
+    assert ("Which factor carries the gain (the ablation): batch norm: supported, contradicted; "
+            "'same' padding: supported, contradicted. No factor is supported") in text
     assert "the paper's +1.05 is outside this interval" in text
     assert "cnn2_bn at epoch" in text and "(per seed: " in text
     assert "| Sneaker | Ankle boot |" not in text and "| Ankle boot | Sneaker |" in text
     compact = report.compact(summary)
     assert compact["variants"]["cnn2"]["paper_test_accuracy"] == 0.9117
+
+
+def test_only_the_comparisons_in_params_are_claims(tmp_path):
+    """A variant a user adds is not compared with whatever precedes it in params.yaml."""
+    raw = real_params()
+    raw["variants"]["wide3"] = {"blocks": 3, "filters": 16, "padding": "same"}
+    config = parse_params(raw)
+    runs = [report.TrainedRun(v, 0, [{"epoch": 1, "loss": 1.0}], {"test_accuracy": 0.9, "macro_f1": 0.9},
+                              {"parameters": 1, "train_seconds": 1.0}) for v in config.variants]
+    summary = report.summarise(config, runs, {}, {"source": "npm", "canonical_split": False, "note": ""})
+    assert "wide3" in summary["variants"]
+    assert not any("wide3" in key for key in summary["comparisons"])
+    assert len(summary["comparisons"]) == len(config.analyse.comparisons)
+    assert "wide3" not in "\n".join(report._claims(summary))

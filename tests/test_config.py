@@ -13,7 +13,8 @@ from tests.conftest import REPO, real_params
 
 def test_real_params_load_with_the_three_paper_variants():
     config = load_params(REPO / "params.yaml")
-    assert list(config.variants) == ["cnn2", "cnn2_bn", "cnn2_bn_skip"]
+    assert list(config.variants)[:3] == ["cnn2", "cnn2_bn", "cnn2_bn_skip"]
+    assert {"authors_cnn2", "authors_cnn2_bn", "authors_cnn2_bn_skip"} <= set(config.variants)
     assert config.variants["cnn2_bn_skip"].skip and config.variants["cnn2_bn_skip"].batch_norm
     assert not config.variants["cnn2"].batch_norm
     # a variant inherits the shared defaults it does not override
@@ -53,6 +54,13 @@ def _with(path: str, value, raw: dict | None = None) -> dict:
     ("variants.cnn2.skip_projection", "magic", "variants.cnn2.skip_projection"),
     ("variants.cnn2.colour", "red", "variants.cnn2.colour"),
     ("analyse.error_variant", "cnn9", "analyse.error_variant"),
+    ("analyse.paper_models", {"cnn2": "CNN3"}, "analyse.paper_models.cnn2"),
+    ("analyse.paper_models", {"cnn9": "CNN2"}, "analyse.paper_models"),
+    ("analyse.comparisons", [{"claim": "x", "a": "cnn2", "b": "cnn9"}], r"analyse.comparisons\[0\].b"),
+    ("analyse.comparisons", [{"claim": "x", "a": "cnn2"}], r"analyse.comparisons\[0\].b"),
+    ("model_defaults.padding", ["same"], "variants.cnn2.padding"),
+    ("model_defaults.kernel_initializer", "magic", "variants.cnn2.kernel_initializer"),
+    ("model_defaults.skip_activation", "never", "variants.cnn2.skip_activation"),
     ("analyse.feature_map_classes", ["Hat"], "analyse.feature_map_classes"),
     ("evaluate.class_names", ["a", "b"], "evaluate.class_names"),
     ("baseline.kernel", "rbff", "baseline.kernel"),

@@ -13,7 +13,7 @@ import yaml
 
 from fmnist import device
 from fmnist.config import ConfigError
-from tests.conftest import run, venv_env
+from tests.conftest import only_variants, run, venv_env
 
 
 def test_auto_precision_is_bfloat16_only_on_amx_cpus_under_tensorflow(monkeypatch):
@@ -122,9 +122,7 @@ def _ran(output: str) -> set[str]:
 
 @pytest.mark.slow
 def test_backend_and_precision_params_retrain_only_what_depends_on_them(dvc_repo, tiny_params):
-    params = tiny_params
-    params["variants"] = {"cnn2": params["variants"]["cnn2"]}
-    params["analyse"]["error_variant"] = "cnn2"
+    params = only_variants(tiny_params, ["cnn2"])
     (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "commit", "-qam", "one tiny variant"], dvc_repo)
     run(["dvc", "repro"], dvc_repo)

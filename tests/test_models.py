@@ -14,6 +14,21 @@ from tests.conftest import REPO
 # CNN2 matches the authors' public code (113,386); BN adds 2 x (4 + 64) BN weights;
 # the skip variant needs padding 'same', so its dense layer sees 7x7x32 instead of 5x5x32.
 PAPER_PARAMETERS = {"cnn2": 113_386, "cnn2_bn": 113_518, "cnn2_bn_skip": 211_822}
+# The authors' public code (convolutional_models.py), counted by Keras 2; and the ablation.
+AUTHORS_PARAMETERS = {"authors_cnn2": 113_386, "authors_cnn2_bn": 158_574, "authors_cnn2_bn_skip": 211_950,
+                      "ablation_cnn2_same": 158_442, "ablation_cnn2_bn_valid": 113_518}
+# Their layers with weights, in order, as (type, parameters, output shape) from the authors' code.
+AUTHORS_LAYERS = {
+    "authors_cnn2": [("Conv2D", 320, (26, 26, 32)), ("Conv2D", 9_248, (11, 11, 32)),
+                     ("Dense", 102_528, (128,)), ("Dense", 1_290, (10,))],
+    "authors_cnn2_bn": [("BatchNormalization", 4, (28, 28, 1)), ("Conv2D", 320, (28, 28, 32)),
+                        ("BatchNormalization", 128, (14, 14, 32)), ("Conv2D", 9_248, (12, 12, 32)),
+                        ("Dense", 147_584, (128,)), ("Dense", 1_290, (10,))],
+    "authors_cnn2_bn_skip": [("BatchNormalization", 4, (28, 28, 1)), ("Conv2D", 320, (28, 28, 32)),
+                             ("BatchNormalization", 128, (14, 14, 32)), ("Conv2D", 9_248, (14, 14, 32)),
+                             ("BatchNormalization", 128, (7, 7, 32)), ("Dense", 200_832, (128,)),
+                             ("Dense", 1_290, (10,))],
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +68,40 @@ def test_bad_specs_fail_naming_the_key(config):
         build_model(replace(config.variant("cnn2"), blocks=5), "bad")
     with pytest.raises(ValueError, match="multiple of the input channels"):
         build_model(replace(config.variant("cnn2_bn_skip"), filters=(32, 48)), "bad")
+
+
+@pytest.mark.parametrize("variant", list(AUTHORS_PARAMETERS))
+def test_the_authors_variants_and_the_ablation_have_their_parameter_counts(config, variant):
+    assert build_model(config.variant(variant), variant).count_params() == AUTHORS_PARAMETERS[variant]
+
+
+@pytest.mark.parametrize("variant", list(AUTHORS_LAYERS))
+def test_the_authors_variants_have_their_layers_in_order(config, variant):
+    model = build_model(config.variant(variant), variant)
+    weighted = [(type(layer).__name__, layer.count_params(), tuple(layer.output.shape[1:]))
+                for layer in model.layers if layer.count_params()]
+    assert weighted == AUTHORS_LAYERS[variant]
+
+
+def test_the_authors_initialisers_and_skip_block(config):
+    model = build_model(config.variant("authors_cnn2_bn_skip"), "skip")
+    conv = model.get_layer("block1_conv")
+    assert type(conv.kernel_initializer).__name__ == "RandomUniform"
+    assert type(conv.bias_initializer).__name__ == "RandomNormal"
+    first = build_model(config.variant("authors_cnn2"), "cnn2")
+    assert type(first.get_layer("block2_conv").kernel_initializer).__name__ == "GlorotUniform"
+    # ReLU(conv(BN(x))) + BN(x): the sum takes the activated conv and the normalized input
+    add_inputs = {t._keras_history.operation.name for t in model.get_layer("block2_skip").input}
+    assert add_inputs == {"block2_relu", "block2_bn"}
+    assert feature_layer_names(model) == ["block1_skip", "block2_skip"]  # what each block pools
+    probabilities = np.asarray(model.predict(np.zeros((2, 28, 28, 1), "float32"), verbose=0))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_per_block_values_must_match_the_blocks(config):
+    with pytest.raises(ConfigError, match=r"variants\.bad\.padding"):
+        build_model(replace(config.variant("cnn2"), padding=("same",)), "bad")
+    with pytest.raises(ConfigError, match=r"variants\.bad\.kernel_initializer"):
+        build_model(replace(config.variant("cnn2"), kernel_initializer="uniformish"), "bad")
+    with pytest.raises(ConfigError, match=r"variants\.bad\.padding"):  # skip needs 'same' everywhere
+        build_model(replace(config.variant("cnn2_bn_skip"), padding=("same", "valid")), "bad")

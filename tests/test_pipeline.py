@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from fmnist.files import file_digest
-from tests.conftest import run, venv_env
+from tests.conftest import only_variants, run, venv_env
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +27,7 @@ def _runs_in_store(repo) -> list[tuple[str, str]]:
 
 
 def test_dvc_repro_runs_the_tiny_pipeline_incrementally(dvc_repo, tiny_params):
-    params = tiny_params
-    params["variants"] = {"cnn2": {}, "cnn2_bn_skip": params["variants"]["cnn2_bn_skip"]}
+    params = only_variants(tiny_params, ["cnn2", "cnn2_bn_skip"])
     (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "commit", "-qam", "two tiny variants"], dvc_repo)
 

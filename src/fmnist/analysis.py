@@ -19,7 +19,7 @@ from fmnist.training import to_inputs
 
 # The paper's Tables I and II (test accuracy, %) and Table IV (its best model).
 PAPER_BASELINES = {"SVC (C=10, rbf) [1]": 89.70, "EDEN [21]": 90.60}
-PAPER_VARIANTS = {"cnn2": 91.17, "cnn2_bn": 92.22, "cnn2_bn_skip": 92.54}
+PAPER_MODELS = {"CNN2": 91.17, "CNN2+BN": 92.22, "CNN2+BN+Skip": 92.54}  # analyse.paper_models maps
 PAPER_TABLE_IV = {  # class label -> (precision, recall, F1)
     0: (0.88, 0.86, 0.87), 1: (0.99, 0.98, 0.99), 2: (0.90, 0.85, 0.88), 3: (0.92, 0.93, 0.92),
     4: (0.87, 0.88, 0.88), 5: (0.99, 0.99, 0.99), 6: (0.75, 0.80, 0.77), 7: (0.96, 0.97, 0.97),
@@ -129,20 +129,26 @@ def compare(a: Spread, b: Spread) -> dict[str, Any]:
     return result
 
 
+def verdict_word(comparison: dict[str, Any]) -> str:
+    """supported (the 95% interval of b - a is above 0), contradicted (below), not supported
+    (it holds 0), or cannot tell (fewer than two seeds)."""
+    if comparison["ci95"] is None:
+        return "cannot tell"
+    low, high = comparison["ci95"]
+    return "supported" if low > 0 else "contradicted" if high < 0 else "not supported"
+
+
 def verdict(comparison: dict[str, Any], claim: str, paper_difference: float | None = None) -> str:
     """Plain words on whether a difference supports a claim that b beats a; with the paper's
     difference (points), whether our interval contains it."""
     difference = comparison["difference"] * 100
+    word = verdict_word(comparison)
     if comparison["ci95"] is None:
-        return (f"{claim}: cannot tell (difference {difference:+.2f} points from fewer than two "
+        return (f"{claim}: {word} (difference {difference:+.2f} points from fewer than two "
                 "seeds per variant; add seeds in train.seeds)")
     low, high = (100 * v for v in comparison["ci95"])
-    if low > 0:
-        word = "supported"
-    elif high < 0:
-        word = "contradicted (the other way round)"
-    else:
-        word = "not supported: the difference is within seed noise"
+    word = {"not supported": "not supported: the difference is within seed noise",
+            "contradicted": "contradicted (the other way round)"}.get(word, word)
     text = (f"{claim}: {word} (difference {difference:+.2f} points, 95% CI [{low:+.2f}, {high:+.2f}], "
             f"p = {comparison['p_value']:.3f}")
     if paper_difference is not None:

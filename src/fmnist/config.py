@@ -19,6 +19,11 @@ import yaml
 DATA_SOURCES = ("auto", "canonical", "npm")
 PADDINGS = ("valid", "same")
 SKIP_PROJECTIONS = ("repeat", "conv1x1")
+SKIP_ACTIVATIONS = ("after_sum", "before_sum")
+SKIP_SOURCES = ("input", "batch_norm")
+# Keras initializer names a conv layer may take (kernel and bias)
+INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform",
+                "lecun_normal", "random_uniform", "random_normal", "truncated_normal", "zeros", "ones")
 SVC_KERNELS = ("rbf", "linear", "poly", "sigmoid")
 BACKENDS = ("auto", "tensorflow", "jax", "torch")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -74,47 +79,84 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model variant: every architectural choice, as data (see models.build_model)."""
+    """One model variant: every architectural choice, as data (see models.build_model).
+
+    ``filters``, ``padding``, ``kernel_initializer`` and ``bias_initializer`` take one value
+    for every block or a list with one per block.
+    """
 
     blocks: int
     filters: int | tuple[int, ...]
     kernel_size: int
     pool_size: int
-    padding: str
+    padding: str | tuple[str, ...]
+    pool_padding: str
+    kernel_initializer: str | tuple[str, ...]
+    bias_initializer: str | tuple[str, ...]
     batch_norm: bool
+    final_batch_norm: bool
     skip: bool
     skip_projection: str
+    skip_activation: str
+    skip_from: str
     dense_units: int
     dropout_rate: float
 
+    def _per_block(self, value: Any) -> tuple:
+        return value if isinstance(value, tuple) else (value,) * self.blocks
+
     @property
     def block_filters(self) -> tuple[int, ...]:
-        if isinstance(self.filters, int):
-            return (self.filters,) * self.blocks
-        return self.filters
+        return self._per_block(self.filters)
+
+    @property
+    def block_paddings(self) -> tuple[str, ...]:
+        return self._per_block(self.padding)
+
+    @property
+    def block_kernel_initializers(self) -> tuple[str, ...]:
+        return self._per_block(self.kernel_initializer)
+
+    @property
+    def block_bias_initializers(self) -> tuple[str, ...]:
+        return self._per_block(self.bias_initializer)
 
     def validate(self, where: str) -> None:
         _check(self.blocks >= 1, f"{where}.blocks", self.blocks, "a whole number >= 1")
-        if isinstance(self.filters, tuple):
-            _check(len(self.filters) == self.blocks, f"{where}.filters", list(self.filters),
-                   f"one int, or a list of {self.blocks} ints (one per block)")
+        for key, kind in (("filters", "ints"), ("padding", "names"), ("kernel_initializer", "names"),
+                          ("bias_initializer", "names")):
+            value = getattr(self, key)
+            if isinstance(value, tuple):
+                _check(len(value) == self.blocks, f"{where}.{key}", list(value),
+                       f"one value, or a list of {self.blocks} {kind} (one per block)")
         _check(all(f >= 1 for f in self.block_filters), f"{where}.filters", self.filters,
                "whole numbers >= 1")
         _check(self.kernel_size >= 1, f"{where}.kernel_size", self.kernel_size, "a whole number >= 1")
         _check(self.pool_size >= 1, f"{where}.pool_size", self.pool_size, "a whole number >= 1")
-        _check(self.padding in PADDINGS, f"{where}.padding", self.padding, " or ".join(PADDINGS))
+        _check(all(p in PADDINGS for p in self.block_paddings), f"{where}.padding", self.padding,
+               " or ".join(PADDINGS) + " (one, or one per block)")
+        _check(self.pool_padding in PADDINGS, f"{where}.pool_padding", self.pool_padding,
+               " or ".join(PADDINGS))
+        for key in ("kernel_initializer", "bias_initializer"):
+            values = getattr(self, f"block_{key}s")
+            _check(all(v in INITIALIZERS for v in values), f"{where}.{key}", getattr(self, key),
+                   ", ".join(INITIALIZERS) + " (one, or one per block)")
         _check(self.skip_projection in SKIP_PROJECTIONS, f"{where}.skip_projection",
                self.skip_projection, " or ".join(SKIP_PROJECTIONS))
-        _check(not self.skip or self.padding == "same", f"{where}.padding", self.padding,
-               "same when skip is true (y = conv(x) + x needs conv(x) the size of x)")
+        _check(self.skip_activation in SKIP_ACTIVATIONS, f"{where}.skip_activation",
+               self.skip_activation, " or ".join(SKIP_ACTIVATIONS))
+        _check(self.skip_from in SKIP_SOURCES, f"{where}.skip_from", self.skip_from,
+               " or ".join(SKIP_SOURCES))
+        _check(not self.skip or set(self.block_paddings) == {"same"}, f"{where}.padding", self.padding,
+               "same (every block) when skip is true (y = conv(x) + x needs conv(x) the size of x)")
         _check(self.dense_units >= 1, f"{where}.dense_units", self.dense_units, "a whole number >= 1")
         _check(0.0 <= self.dropout_rate < 1.0, f"{where}.dropout_rate", self.dropout_rate,
                "a number in [0, 1)")
         size = IMAGE_SIZE
-        for _ in range(self.blocks):
-            if self.padding == "valid":
+        for padding in self.block_paddings:
+            if padding == "valid":
                 size -= self.kernel_size - 1
-            size //= self.pool_size
+            size = -(-size // self.pool_size) if self.pool_padding == "same" else size // self.pool_size
             _check(size >= 1, f"{where}.blocks", self.blocks,
                    f"few enough blocks that the {IMAGE_SIZE}x{IMAGE_SIZE} image does not shrink "
                    f"to nothing (kernel_size {self.kernel_size}, pool_size {self.pool_size}, "
@@ -154,14 +196,35 @@ class EvaluateConfig:
                "evaluate.class_names", list(self.class_names), f"{NUM_CLASSES} distinct names")
 
 
+PAPER_MODELS = ("CNN2", "CNN2+BN", "CNN2+BN+Skip")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A claim checked over seeds: variant ``b`` beats variant ``a`` (b - a, Welch's t-test);
+    ``paper``: the paper's difference in points, where the paper makes the claim; comparisons
+    of one ``group`` (e.g. an ablation's factor) are summed up together in the report."""
+
+    claim: str
+    a: str
+    b: str
+    paper: float | None = None
+    group: str = ""
+
+
 @dataclass(frozen=True)
 class AnalyseConfig:
     error_variant: str
     top_errors: int
     feature_map_classes: tuple[str, ...]
     loss_levels: tuple[float, ...]
+    paper_models: dict[str, str]
+    comparisons: tuple[Comparison, ...]
 
     def validate(self) -> None:
+        for variant, model in self.paper_models.items():
+            _check(model in PAPER_MODELS, f"analyse.paper_models.{variant}", model,
+                   ", ".join(PAPER_MODELS))
         _check(self.top_errors >= 1, "analyse.top_errors", self.top_errors, "a whole number >= 1")
         _check(all(level > 0 for level in self.loss_levels), "analyse.loss_levels",
                list(self.loss_levels), "numbers > 0")
@@ -231,6 +294,16 @@ def _coerce(value: Any, type_: Any, key: str) -> Any:
         if not isinstance(value, list):
             _fail(key, value, f"a list of {_type_name(item_type)}")
         return tuple(_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value))
+    if dataclasses.is_dataclass(type_):
+        return _build(type_, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            _fail(key, value, "a mapping")
+        (key_type, value_type) = typing.get_args(type_)
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if type_ is type(None):
+        _check(value is None, key, value, "nothing (null)")
+        return None
     if type_ is bool:
         _check(isinstance(value, bool), key, value, "true or false")
     elif type_ is int:
@@ -252,10 +325,13 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     for key in raw:
         if key not in names:
             raise ConfigError(f"params.yaml: unknown key {where}.{key}; allowed keys: {', '.join(names)}")
-    for name in names:
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for name in required:
         if name not in raw:
             raise ConfigError(f"params.yaml: missing key {where}.{name}")
-    return cls(**{name: _coerce(raw[name], hints[name], f"{where}.{name}") for name in names})
+    return cls(**{name: _coerce(raw[name], hints[name], f"{where}.{name}") for name in names
+                  if name in raw})
 
 
 def _section(raw: dict, name: str, cls: type) -> Any:
@@ -308,6 +384,13 @@ def parse_params(raw: Any) -> Config:
     )
     _check(config.analyse.error_variant in config.variants, "analyse.error_variant",
            config.analyse.error_variant, ", ".join(config.variants))
+    for variant in config.analyse.paper_models:
+        _check(variant in config.variants, "analyse.paper_models", variant,
+               f"variants of params.yaml: {', '.join(config.variants)}")
+    for i, comparison in enumerate(config.analyse.comparisons):
+        for side in ("a", "b"):
+            _check(getattr(comparison, side) in config.variants, f"analyse.comparisons[{i}].{side}",
+                   getattr(comparison, side), ", ".join(config.variants))
     for class_name in config.analyse.feature_map_classes:
         _check(class_name in config.evaluate.class_names, "analyse.feature_map_classes", class_name,
                ", ".join(config.evaluate.class_names))

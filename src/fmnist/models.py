@@ -1,10 +1,13 @@
 """One builder turns any valid ModelSpec (params.yaml `variants`) into a Keras model.
 
-A conv block is: [batch norm] -> conv -> [+ shortcut(x)] -> ReLU -> max-pool. With
-``skip`` the block computes y = ReLU(conv(x) + x), the paper's eq. (6) followed by the
-activation as in ResNet; where conv(x) has more channels than x (1 -> 32 in the first
-block), ``skip_projection: repeat`` copies x's channels (no parameters, still exactly
-conv(x) + x per channel) and ``conv1x1`` learns a 1x1 projection instead.
+A conv block is: [batch norm] -> conv -> [+ shortcut] -> ReLU -> max-pool, then after the
+last block [batch norm] -> flatten -> dense -> dropout -> softmax. With ``skip`` the block
+computes y = ReLU(conv(h) + x) (``skip_activation: after_sum``, as in ResNet; our default) or
+y = ReLU(conv(h)) + x (``before_sum``, the authors' public code), where h is the block's
+input x after the optional batch norm and the shortcut adds x itself (``skip_from: input``)
+or h (``batch_norm``, the authors'). Where conv(h) has more channels than x (1 -> 32 in the
+first block), ``skip_projection: repeat`` copies x's channels (no parameters; the same sum as
+Keras 2's broadcasting add in the authors' code) and ``conv1x1`` learns a 1x1 projection.
 Only built-in layers are used, so a saved .keras file loads without this package.
 """
 
@@ -33,16 +36,28 @@ def build_model(spec: ModelSpec, name: str = "model") -> keras.Model:
     spec.validate(f"variants.{name}")
     inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="image")
     x = inputs
-    for block, filters in enumerate(spec.block_filters, start=1):
-        h = layers.BatchNormalization(name=f"block{block}_bn")(x) if spec.batch_norm else x
-        # (batch, h, w, filters); the conv's own activation is deferred past the skip sum
-        h = layers.Conv2D(filters, spec.kernel_size, padding=spec.padding,
-                          name=f"block{block}_conv")(h)
+    blocks = zip(spec.block_filters, spec.block_paddings, spec.block_kernel_initializers,
+                 spec.block_bias_initializers, strict=True)
+    for block, (filters, padding, kernel_init, bias_init) in enumerate(blocks, start=1):
+        normalized = layers.BatchNormalization(name=f"block{block}_bn")(x) if spec.batch_norm else x
+        # (batch, h, w, filters); the activation is a layer of its own (no parameters), so that
+        # it can sit before or after the skip sum
+        h = layers.Conv2D(filters, spec.kernel_size, padding=padding, kernel_initializer=kernel_init,
+                          bias_initializer=bias_init, name=f"block{block}_conv")(normalized)
         if spec.skip:
-            h = layers.Add(name=f"block{block}_skip")(
-                [h, _shortcut(x, filters, spec, f"block{block}")])
-        h = layers.Activation("relu", name=f"block{block}_relu")(h)
-        x = layers.MaxPooling2D(spec.pool_size, name=f"block{block}_pool")(h)
+            source = normalized if spec.skip_from == "batch_norm" else x
+            shortcut = _shortcut(source, filters, spec, f"block{block}")
+            if spec.skip_activation == "before_sum":
+                h = layers.Activation("relu", name=f"block{block}_relu")(h)
+                h = layers.Add(name=f"block{block}_skip")([h, shortcut])
+            else:
+                h = layers.Add(name=f"block{block}_skip")([h, shortcut])
+                h = layers.Activation("relu", name=f"block{block}_relu")(h)
+        else:
+            h = layers.Activation("relu", name=f"block{block}_relu")(h)
+        x = layers.MaxPooling2D(spec.pool_size, padding=spec.pool_padding, name=f"block{block}_pool")(h)
+    if spec.final_batch_norm:
+        x = layers.BatchNormalization(name="final_bn")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(spec.dense_units, activation="relu", name="dense")(x)
     x = layers.Dropout(spec.dropout_rate, name="dropout")(x)
@@ -53,9 +68,10 @@ def build_model(spec: ModelSpec, name: str = "model") -> keras.Model:
 
 
 def feature_layer_names(model: keras.Model) -> list[str]:
-    """The layers whose outputs the paper shows as feature maps (Figs. 6-7): each block's
-    activated conv output (after the skip sum, before pooling)."""
-    return [layer.name for layer in model.layers if layer.name.endswith("_relu")]
+    """The layers whose outputs the paper shows as feature maps (Figs. 6-7): what each block
+    pools, i.e. its activated conv output (after the skip sum where the block has one)."""
+    return [layer.input._keras_history.operation.name for layer in model.layers
+            if layer.name.endswith("_pool")]
 
 
 def _inputs_of(layer: keras.Layer) -> str:

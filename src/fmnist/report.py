@@ -66,12 +66,17 @@ def summarise(config: Config, runs: list[TrainedRun], baseline: dict[str, Any],
         entry["parameters"] = variant_runs[0].run_info["parameters"]
         entry["batch_norm"] = config.variants[variant].batch_norm
         entry["train_seconds_mean"] = float(np.mean([r.run_info["train_seconds"] for r in variant_runs]))
-        if variant in analysis.PAPER_VARIANTS:
-            entry["paper_test_accuracy"] = round(analysis.PAPER_VARIANTS[variant] / 100, 4)
+        paper_model = config.analyse.paper_models.get(variant)
+        if paper_model:
+            entry["paper_model"] = paper_model
+            entry["paper_test_accuracy"] = round(analysis.PAPER_MODELS[paper_model] / 100, 4)
         variants[variant] = entry
     names = list(config.variants)
-    comparisons = {f"{b} - {a}": analysis.compare(spreads[a], spreads[b])
-                   for a, b in zip(names, names[1:], strict=False)}
+    # the claims of analyse.comparisons, not every pair: a variant a user adds is compared only
+    # when they list it there
+    comparisons = {f"{c.b} - {c.a}": {"claim": c.claim, "a": c.a, "b": c.b, "paper": c.paper,
+                                      "group": c.group, **analysis.compare(spreads[c.a], spreads[c.b])}
+                   for c in config.analyse.comparisons}
     histories = {v: [r.history for r in rs] for v, rs in by_variant.items()}
     return {
         "data": {"source": data_info["source"], "canonical_split": data_info["canonical_split"],
@@ -189,7 +194,7 @@ def compact(summary: dict[str, Any]) -> dict[str, Any]:
         "comparisons": {name: {"difference": r(c["difference"]),
                                "ci95_low": r(c["ci95"][0]) if c["ci95"] else None,
                                "ci95_high": r(c["ci95"][1]) if c["ci95"] else None,
-                               "p_value": r(c["p_value"]), "test": c["test"]}
+                               "p_value": r(c["p_value"]), "test": c["test"], "claim": c["claim"]}
                         for name, c in summary["comparisons"].items()},
     }
 
@@ -224,15 +229,19 @@ def _ci(entry: dict[str, Any]) -> str:
 
 def _claims(summary: dict[str, Any]) -> list[str]:
     lines = []
-    named = {"cnn2_bn - cnn2": "Batch normalization improves CNN2",
-             "cnn2_bn_skip - cnn2_bn": "The skip connection improves CNN2+BN"}
+    groups: dict[str, list[str]] = {}
     for key, comparison in summary["comparisons"].items():
-        b, a = key.split(" - ")
-        paper = None
-        if a in analysis.PAPER_VARIANTS and b in analysis.PAPER_VARIANTS:
-            paper = round(analysis.PAPER_VARIANTS[b] - analysis.PAPER_VARIANTS[a], 2)
-        claim = named.get(key, key) + (f" (paper: {paper:+.2f} points)" if paper is not None else "")
-        lines.append("- " + analysis.verdict(comparison, claim, paper))
+        paper = comparison["paper"]
+        claim = (f"{comparison['claim']} ({key}"
+                 + (f"; paper: {paper:+.2f} points)" if paper is not None else ")"))
+        text = analysis.verdict(comparison, claim, paper)
+        lines.append("- " + text)
+        if comparison["group"]:
+            groups.setdefault(comparison["group"], []).append(analysis.verdict_word(comparison))
+    if groups:
+        lines.append("- Which factor carries the gain (the ablation): " + "; ".join(
+            f"{group}: {', '.join(words)}" for group, words in groups.items()) + ". "
+            + _ablation_reading(groups))
     check = summary["convergence"].get("paper_check")
     if not check:
         return lines + ["- Batch normalization converges ~4x faster (paper): cannot tell; the "
@@ -266,6 +275,16 @@ def _claims(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _ablation_reading(groups: dict[str, list[str]]) -> str:
+    """One sentence on the ablation: the factor whose every comparison is supported, if one."""
+    carried = [g for g, words in groups.items() if all(w == "supported" for w in words)]
+    if len(carried) == 1:
+        return f"The gain is carried by {carried[0]}."
+    if not carried:
+        return "No factor is supported at every level: these seeds cannot attribute the gain."
+    return "Each of " + ", ".join(carried) + " is supported on its own."
+
+
 def markdown(config: Config, summary: dict[str, Any], runs: list[TrainedRun]) -> str:
     """reports/report.md, top to bottom: data, Tables I-II, claims, Figs. 1-9, Tables III-IV."""
     data = summary["data"]
@@ -293,7 +312,8 @@ def markdown(config: Config, summary: dict[str, Any], runs: list[TrainedRun]) ->
     for variant, entry in summary["variants"].items():
         paper = entry.get("paper_test_accuracy")
         best = entry.get("best_epoch_test_accuracy_selected_on_test")
-        out.append(f"| {variant} ({entry['parameters']:,} parameters) | {_pct(paper)} | "
+        model = f"{entry['paper_model']}; " if "paper_model" in entry else ""
+        out.append(f"| {variant} ({model}{entry['parameters']:,} parameters) | {_pct(paper)} | "
                    f"{_spread(entry['test_accuracy'])} | {_ci(entry['test_accuracy'])} | "
                    f"{_spread(best) if best else '-'} |")
     out += ["", "## The paper's claims, checked", ""] + _claims(summary) + [""]
