@@ -109,7 +109,8 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None,
 
 def make_dvc_repo(dest: Path, params: dict, local_data: Path | None = None) -> Path:
     """A temporary git + DVC repository holding this project's pipeline and ``params``;
-    the files of ``local_data`` go to its data/local/ (git ignores them, as in the project)."""
+    the files of ``local_data`` go to its data/local/, force-added to git (the project's
+    .gitignore ignores them) as the README advises for queued experiments."""
     dest.mkdir(parents=True, exist_ok=True)
     for item in ("dvc.yaml", "stages", "src", "plot_templates", "data/local/README.md"):
         source = REPO / item
@@ -129,6 +130,8 @@ def make_dvc_repo(dest: Path, params: dict, local_data: Path | None = None) -> P
     run(["dvc", "init", "-q"], dest)
     run(["dvc", "config", "core.analytics", "false"], dest)
     run(["git", "add", "-A"], dest)
+    if local_data is not None:  # tiny: committed, so that `dvc exp run --queue` copies have them
+        run(["git", "add", "-f", "data/local"], dest)
     run(["git", "commit", "-qm", "pipeline"], dest)
     return dest
 
