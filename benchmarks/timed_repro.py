@@ -21,14 +21,15 @@ from fmnist import paths
 from fmnist.config import load_params
 from fmnist.files import read_json, write_json
 
-FIRST = ("download", "prepare", "baseline")
+FIRST = ("check_params", "download", "prepare", "baseline")
 # DVC and the stage commands (`python stages/...`) from this interpreter's environment.
 DVC = [sys.executable, "-m", "dvc"]
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
 def stage_order(names: list[str], variants: list[str]) -> list[str]:
-    """download, prepare, baseline, then per seed each variant's train and evaluate, then the rest."""
+    """check_params, download, prepare, baseline, then per seed each variant's train and
+    evaluate, then the rest."""
     def key(name: str) -> tuple:
         base, _, item = name.partition("@")
         if name in FIRST:

@@ -51,10 +51,11 @@ def real_params() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def shrink(raw: dict, source: Path) -> dict:
-    """The real params, made tiny: local tiny data, 2 epochs, small batches, one seed."""
+def shrink(raw: dict) -> dict:
+    """The real params, made tiny: local data (the tiny files, see ``tiny_idx_dir`` and
+    ``make_dvc_repo``), 2 epochs, small batches, one seed."""
     raw = copy.deepcopy(raw)
-    raw["data"]["source"] = str(source)
+    raw["data"]["source"] = "local"
     raw["data"]["mirrors"] = ["http://127.0.0.1:9/unreachable"]
     raw["train"].update(epochs=2, batch_size=32, seeds=[0])
     raw["baseline"]["train_size"] = 100
@@ -80,8 +81,8 @@ def tiny_idx_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def tiny_params(tiny_idx_dir: Path) -> dict:
-    return shrink(real_params(), tiny_idx_dir)
+def tiny_params() -> dict:
+    return shrink(real_params())
 
 
 @pytest.fixture
@@ -119,15 +120,21 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None,
     return result
 
 
-def make_dvc_repo(dest: Path, params: dict) -> Path:
-    """A temporary git + DVC repository holding this project's pipeline and ``params``."""
+def make_dvc_repo(dest: Path, params: dict, local_data: Path | None = None) -> Path:
+    """A temporary git + DVC repository holding this project's pipeline and ``params``;
+    the files of ``local_data`` go to its data/local/, force-added to git (the project's
+    .gitignore ignores them) as the README advises for queued experiments."""
     dest.mkdir(parents=True, exist_ok=True)
-    for item in ("dvc.yaml", "stages", "src", "plot_templates"):
+    for item in ("dvc.yaml", "stages", "src", "plot_templates", "data/local/README.md"):
         source = REPO / item
         if source.is_dir():
             shutil.copytree(source, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
         elif source.exists():
+            (dest / item).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(source, dest / item)
+    if local_data is not None:
+        for file in local_data.iterdir():
+            shutil.copy(file, dest / "data" / "local" / file.name)
     shutil.copy(REPO / ".gitignore", dest / ".gitignore")
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], dest)
@@ -136,10 +143,12 @@ def make_dvc_repo(dest: Path, params: dict) -> Path:
     run(["dvc", "init", "-q"], dest)
     run(["dvc", "config", "core.analytics", "false"], dest)
     run(["git", "add", "-A"], dest)
+    if local_data is not None:  # tiny: committed, so that `dvc exp run --queue` copies have them
+        run(["git", "add", "-f", "data/local"], dest)
     run(["git", "commit", "-qm", "pipeline"], dest)
     return dest
 
 
 @pytest.fixture
-def dvc_repo(tmp_path: Path, tiny_params: dict) -> Path:
-    return make_dvc_repo(tmp_path / "repo", tiny_params)
+def dvc_repo(tmp_path: Path, tiny_params: dict, tiny_idx_dir: Path) -> Path:
+    return make_dvc_repo(tmp_path / "repo", tiny_params, local_data=tiny_idx_dir)

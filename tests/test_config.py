@@ -84,8 +84,13 @@ def test_unknown_keys_and_sections_are_rejected_with_the_allowed_ones():
         parse_params(raw)
 
 
-def test_a_local_directory_is_a_valid_source(tmp_path):
-    assert parse_params(_with("data.source", str(tmp_path))).data.source == str(tmp_path)
+def test_local_source_is_not_checked_by_validation_and_a_directory_is_no_source(tmp_path):
+    # Issue 12, item 3: a stage that does not read data/local/ must not fail without it
+    # (the download stage checks the folder); an arbitrary directory is not a DVC
+    # dependency, so it is no longer a source.
+    assert parse_params(_with("data.source", "local")).data.source == "local"
+    with pytest.raises(ConfigError, match=r"data\.source.*data/local/"):
+        parse_params(_with("data.source", str(tmp_path)))
 
 
 def test_a_new_variant_is_only_an_edit_of_params():

@@ -142,9 +142,9 @@ def test_stratified_split_is_reproducible_and_stratified():
     assert set(other_held) != set(held)
 
 
-def test_prepare_validates_and_holds_out_a_stratified_validation_set(tmp_path, tiny_config):
+def test_prepare_validates_and_holds_out_a_stratified_validation_set(tmp_path, tiny_config, tiny_idx_dir):
     raw = tmp_path / "raw"
-    download.download(tiny_config.data, raw)
+    download.download(tiny_config.data, raw, local_dir=tiny_idx_dir)
     data, info = prepare(raw, tmp_path / "p" / "d.npz", tmp_path / "p" / "info.json",
                          validation_size=20, validation_seed=0)
     assert info["sizes"] == {"train": 10 * TINY_TRAIN_PER_CLASS - 20, "validation": 20,
@@ -155,16 +155,16 @@ def test_prepare_validates_and_holds_out_a_stratified_validation_set(tmp_path, t
     assert info["canonical_split"] is False  # tiny files are not the canonical ones
 
 
-def test_prepare_refuses_a_validation_set_as_large_as_train(tmp_path, tiny_config):
+def test_prepare_refuses_a_validation_set_as_large_as_train(tmp_path, tiny_config, tiny_idx_dir):
     raw = tmp_path / "raw"
-    download.download(tiny_config.data, raw)
+    download.download(tiny_config.data, raw, local_dir=tiny_idx_dir)
     with pytest.raises(DataError, match="validation_size"):
         prepare(raw, tmp_path / "d.npz", tmp_path / "i.json", validation_size=240, validation_seed=0)
 
 
-def test_prepare_on_a_corrupted_file_gives_a_checksum_error(tmp_path, tiny_config):
+def test_prepare_on_a_corrupted_file_gives_a_checksum_error(tmp_path, tiny_config, tiny_idx_dir):
     raw = tmp_path / "raw"
-    download.download(tiny_config.data, raw)
+    download.download(tiny_config.data, raw, local_dir=tiny_idx_dir)
     target = raw / download.TRAIN_IMAGES
     target.write_bytes(target.read_bytes()[:-100])
     with pytest.raises(DataError, match="checksum mismatch.*dvc repro"):

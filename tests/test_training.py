@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def tiny_data(tmp_path, tiny_config):
-    download.download(tiny_config.data, tmp_path / "raw")
+def tiny_data(tmp_path, tiny_config, tiny_idx_dir):
+    download.download(tiny_config.data, tmp_path / "raw", local_dir=tiny_idx_dir)
     return prepare(tmp_path / "raw", tmp_path / "prepared" / "d.npz", tmp_path / "prepared" / "i.json",
                    validation_size=20, validation_seed=0)
 
@@ -130,10 +130,10 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_killed_run_is_resumed_not_left_running(tmp_path, tiny_params, tiny_config):
+def test_a_killed_run_is_resumed_not_left_running(tmp_path, tiny_params, tiny_config, tiny_idx_dir):
     import yaml
 
-    download.download(tiny_config.data, tmp_path / "raw")
+    download.download(tiny_config.data, tmp_path / "raw", local_dir=tiny_idx_dir)
     prepare(tmp_path / "raw", tmp_path / "d.npz", tmp_path / "i.json", 0, 0)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
     (tmp_path / "kill.py").write_text(KILL_SCRIPT)
@@ -153,10 +153,10 @@ def test_a_killed_run_is_resumed_not_left_running(tmp_path, tiny_params, tiny_co
     assert client.get_run(state["run_id"]).info.status == "FINISHED"
 
 
-def test_training_under_the_jax_backend(tmp_path, tiny_params, tiny_config):
+def test_training_under_the_jax_backend(tmp_path, tiny_params, tiny_config, tiny_idx_dir):
     import yaml
 
-    download.download(tiny_config.data, tmp_path / "raw")
+    download.download(tiny_config.data, tmp_path / "raw", local_dir=tiny_idx_dir)
     prepare(tmp_path / "raw", tmp_path / "d.npz", tmp_path / "i.json", 0, 0)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
     (tmp_path / "train.py").write_text(KILL_SCRIPT)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-DATA_SOURCES = ("auto", "canonical", "npm")
+DATA_SOURCES = ("auto", "canonical", "npm", "local")
 PADDINGS = ("valid", "same")
 SKIP_PROJECTIONS = ("repeat", "conv1x1")
 SKIP_ACTIVATIONS = ("after_sum", "before_sum")
@@ -58,10 +58,11 @@ class DataConfig:
     validation_seed: int
 
     def validate(self) -> None:
-        is_dir = self.source not in DATA_SOURCES and Path(self.source).expanduser().is_dir()
-        _check(self.source in DATA_SOURCES or is_dir, "data.source", self.source,
-               f"one of {', '.join(DATA_SOURCES)}, or an existing directory holding the four "
-               "canonical IDX .gz files")
+        # Whether data/local/ holds the files is the download stage's check, not this one:
+        # the other stages never read that folder and must not fail when it is gone.
+        _check(self.source in DATA_SOURCES, "data.source", self.source,
+               f"one of {', '.join(DATA_SOURCES)} (local: the four canonical IDX .gz files "
+               "placed in data/local/, see data/local/README.md)")
         for mirror in self.mirrors:
             _check(mirror.startswith(("http://", "https://", "file://")), "data.mirrors", mirror,
                    "http://, https:// or file:// URLs")
@@ -397,16 +398,37 @@ def parse_params(raw: Any) -> Config:
     return config
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: ``1e-4`` and ``1E5`` are numbers, as
+    DVC (ruamel.yaml, YAML 1.2) reads them; YAML 1.1 makes them strings."""
+
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver(_FLOAT_TAG, re.compile(r"""^(?:
+     [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML text as params.yaml is parsed (YAML 1.2 numbers)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_params(path: str | Path = "params.yaml") -> Config:
     """Read and validate params.yaml (the one place the pipeline reads its knobs)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found: run from the repository root, where params.yaml lives")
-    with path.open() as f:
-        try:
-            raw = yaml.safe_load(f)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    try:
+        raw = read_yaml(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
     return parse_params(raw)
 
 

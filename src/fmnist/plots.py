@@ -60,9 +60,17 @@ def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: Path,
 
 
 def error_grid(images: np.ndarray, captions: Sequence[str], path: Path, title: str) -> None:
-    """The paper's Fig. 8: the misclassified images with the highest cross-entropy."""
+    """The paper's Fig. 8: the misclassified images with the highest cross-entropy (a
+    model that makes no test error gets a figure that says so)."""
     n = len(images)
-    columns = max(1, min(n, 3))  # a model with no test error leaves n = 0
+    if n == 0:
+        fig, ax = plt.subplots(figsize=(4, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no misclassified test image", ha="center", va="center")
+        fig.suptitle(title)
+        _save(fig, path)
+        return
+    columns = min(n, 3)
     rows = max(1, -(-n // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
     for ax in axes.ravel():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,11 +115,30 @@ def prepare(raw_dir: Path, out_file: Path, info_file: Path, validation_size: int
 
 
 def load_prepared(path: Path) -> Dataset:
+    """data/prepared/'s arrays; a file that is not what prepare wrote is a DataError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run `dvc repro prepare` first")
-    with np.load(path) as arrays:
-        return Dataset(**{key: arrays[key] for key in Dataset.__dataclass_fields__})
+    remedy = ("it is damaged or was replaced; run `dvc repro` (DVC restores it from its cache "
+              "or re-runs prepare)")
+    try:
+        with np.load(path) as arrays:
+            data = Dataset(**{key: arrays[key] for key in Dataset.__dataclass_fields__})
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError, AttributeError,
+            pickle.UnpicklingError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if "pickled" in reason:  # numpy's guess for any file that is not .npy/.npz
+            reason = "not a NumPy .npz archive"
+        raise DataError(f"{path} cannot be read as the prepare stage's arrays ({reason}): "
+                        + remedy) from error
+    for split in ("train", "val", "test"):
+        images, labels = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        if (images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE)
+                or labels.ndim != 1 or len(labels) != len(images)):
+            raise DataError(f"{path}: x_{split} {images.shape} {images.dtype} / y_{split} "
+                            f"{labels.shape} are not 28x28 uint8 images with one label each: "
+                            + remedy)
+    return data
 
 
 def data_info(info_file: Path) -> dict[str, Any]:

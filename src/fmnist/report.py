@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 
 from fmnist import analysis, paths, plots, tracking
 from fmnist.config import Config
-from fmnist.evaluation import score
+from fmnist.evaluation import MODEL_REMEDY, score
 from fmnist.files import atomic_path, read_json, write_json, write_text
 from fmnist.prepare import Dataset
+from fmnist.training import load_model_file
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
         # Feature maps (Figs. 5-7): both conv layers, every channel, for each variant.
         feature_figures = {}
         for variant in config.variants:
-            model = keras.models.load_model(paths.model_dir(variant, first_seed) / "model.keras")
+            model = load_model_file(paths.model_dir(variant, first_seed) / "model.keras", MODEL_REMEDY)
             for class_name in config.analyse.feature_map_classes:
                 index = analysis.first_of_class(data.y_test, config.class_index(class_name))
                 maps = analysis.feature_maps(model, data.x_test[index])
@@ -343,6 +343,8 @@ def markdown(config: Config, summary: dict[str, Any], runs: list[TrainedRun]) ->
         out.append(f"| ({chr(97 + n)}) test #{error['index']} | {error['predicted']} | {error['actual']} | "
                    f"{error['probability_predicted']:.3f} | {error['probability_actual']:.1e} | "
                    f"{paper[0]} / {paper[1]} |")
+    if not errors["top_errors"]:
+        out.append("| - | no misclassified test image | | | | |")
     out += ["", "Most confused pairs (actual → predicted):", ""]
     out += [f"- {p['actual']} → {p['predicted']}: {p['count']}" for p in errors["confused_pairs"]]
     out += ["", f"## Table IV: per-class precision, recall and F1 ({errors['run']})", "",

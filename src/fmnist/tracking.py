@@ -4,15 +4,23 @@ The store is ``MLFLOW_TRACKING_URI`` when set, else the SQLite file mlflow.db at
 project root (``DVC_ROOT`` under ``dvc exp run --queue``), with artifacts in mlartifacts/
 beside it. One run per trained model (variant x seed); the evaluate stage resumes that
 run by its id to add its metrics and figures.
+
+Faults: every failure of the store (an HTTP error or timeout, a full disk) becomes a
+one-line TrackingError naming the store. MLflow's HTTP client is bounded by project
+defaults (below) unless the user set MLflow's own variables. A run that could not be
+ended (the store failed) is marked FAILED by the next start of the same stage in the same
+workspace, so no run stays RUNNING.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,15 +29,60 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import requests
+import sqlalchemy.exc
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from fmnist import paths
 
 _MAX_PARAM_LENGTH = 6000
+# MLflow's HTTP client retries 7 times with 2^n s backoff and waits 120 s per request by
+# default: minutes before a dead or hung server is reported. The project's defaults bound a
+# request to 20 s and 3 tries (about a minute in the worst case); a value the user set wins.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+for _name, _value in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
+RUN_KEY_TAG = "fmnist.run_key"  # workspace + run name: finds runs an earlier attempt left RUNNING
 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used."""
+
+
+_STORE_ERRORS = (mlflow.exceptions.MlflowException, requests.exceptions.RequestException,
+                 sqlalchemy.exc.SQLAlchemyError, OSError)
+
+
+def _reason(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 400 else text[:400] + " ..."
+
+
+def _store_error(error: BaseException, doing: str) -> TrackingError:
+    uri = mlflow.get_tracking_uri()
+    return TrackingError(f"MLflow tracking store {uri} failed while {doing}: {_reason(error)}")
+
+
+def _guarded(doing: str):
+    """Turn the store's failures (HTTP errors, timeouts, SQLite errors, a full disk) into a
+    TrackingError that names the store."""
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except TrackingError:
+                raise
+            except _STORE_ERRORS as error:
+                raise _store_error(error, doing) from error
+        return wrapper
+    return decorate
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -63,6 +116,7 @@ def use_store(root: Path | None = None) -> str:
     return uri
 
 
+@_guarded("opening the experiment")
 def connect(experiment: str, root: Path | None = None) -> str:
     """Point MLflow at the project's store and return the experiment's id (created if new)."""
     root = root or paths.project_root()
@@ -86,15 +140,52 @@ def git_commit(root: Path | None = None) -> str:
 def run_is_usable(run_id: str) -> bool:
     try:
         MlflowClient().get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        return False
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return False
+        raise _store_error(error, f"looking up run {run_id}") from error
+    except _STORE_ERRORS as error:
+        raise _store_error(error, f"looking up run {run_id}") from error
     return True
 
 
+@_guarded("marking a run FAILED")
 def mark_failed(run_id: str) -> None:
     """A run that can no longer be resumed must not stay RUNNING in the UI."""
     if run_is_usable(run_id):
         MlflowClient().set_terminated(run_id, status="FAILED")
+
+
+def run_key(name: str) -> str:
+    """The same stage's run in the same workspace (a `dvc exp run --queue` copy is another)."""
+    return f"{Path.cwd().resolve()}#{name}"
+
+
+def _fail_left_running(experiment_id: str, key: str, current_run_id: str) -> None:
+    """Mark FAILED the runs of ``key`` that an earlier attempt left RUNNING (killed, or its
+    store failed before it could end them) and that are not being resumed now."""
+    if "'" in key:  # cannot be quoted in a filter string; nothing to find then
+        return
+    client = MlflowClient()
+    for found in client.search_runs([experiment_id], max_results=100, filter_string=(
+            f"attributes.status = 'RUNNING' and tags.`{RUN_KEY_TAG}` = '{key}'")):
+        if found.info.run_id != current_run_id:
+            client.set_terminated(found.info.run_id, status="FAILED")
+            print(f"Marked MLflow run {found.info.run_id} ({found.info.run_name}) FAILED: an "
+                  "earlier attempt left it RUNNING.")
+
+
+def _end(status: str) -> None:
+    """End the active run; when the store fails, say so and leave the run for the next start."""
+    run_id = mlflow.active_run().info.run_id
+    try:
+        mlflow.end_run(status=status)  # pops the active run before it calls the store
+    except _STORE_ERRORS as error:
+        print(f"WARNING: could not mark MLflow run {run_id} {status} in "
+              f"{mlflow.get_tracking_uri()} ({_reason(error)}); the next run of this stage "
+              "will.")
+        if status == "FINISHED":
+            raise _store_error(error, f"ending run {run_id}") from error
 
 
 @contextlib.contextmanager
@@ -103,24 +194,38 @@ def run(experiment_id: str, name: str, tags: dict[str, str], run_id: str | None 
     """Start (or, given ``run_id``, resume) a run; end it FINISHED, KILLED or FAILED.
 
     ``on_start(run_id)`` is called as soon as the run exists, so the caller can record the
-    id before any work (a killed process is then resumed, not orphaned).
+    id before any work (a killed process is then resumed, not orphaned). A new or resumed
+    named run marks FAILED what earlier attempts of it left RUNNING.
     """
-    if run_id is not None and run_is_usable(run_id):
-        active = mlflow.start_run(run_id=run_id)
-    else:
-        active = mlflow.start_run(experiment_id=experiment_id, run_name=name)
-    mlflow.set_tags(tags)
-    if on_start is not None:
-        on_start(active.info.run_id)
+    try:
+        if run_id is not None and run_is_usable(run_id):
+            active = mlflow.start_run(run_id=run_id)
+        else:
+            active = mlflow.start_run(experiment_id=experiment_id, run_name=name)
+    except _STORE_ERRORS as error:
+        raise _store_error(error, f"starting run {name or run_id}") from error
+    try:
+        if name:
+            tags = {**tags, RUN_KEY_TAG: run_key(name)}
+            _fail_left_running(active.info.experiment_id, run_key(name), active.info.run_id)
+        mlflow.set_tags(tags)
+        if on_start is not None:
+            on_start(active.info.run_id)
+    except _STORE_ERRORS as error:
+        _end("FAILED")
+        raise _store_error(error, f"starting run {active.info.run_id}") from error
+    except BaseException:
+        _end("FAILED")
+        raise
     try:
         yield active.info.run_id
     except KeyboardInterrupt:
-        mlflow.end_run(status="KILLED")
+        _end("KILLED")
         raise
     except BaseException:
-        mlflow.end_run(status="FAILED")
+        _end("FAILED")
         raise
-    mlflow.end_run(status="FINISHED")
+    _end("FINISHED")
 
 
 @contextlib.contextmanager
@@ -137,6 +242,7 @@ def resume(run_id: str) -> Iterator[bool]:
         yield True
 
 
+@_guarded("logging params")
 def log_params(params: dict[str, Any]) -> None:
     existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     fresh = {}
@@ -149,10 +255,30 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params(fresh)
 
 
+@_guarded("logging metrics")
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step)
 
 
+@_guarded("re-logging the checkpoint's epochs")
+def log_missing_steps(records: list[dict[str, float]], step_key: str = "epoch") -> int:
+    """Log every (metric, step) of ``records`` that the active run lacks (a resumed run whose
+    store failed while an epoch was logged); returns how many values were logged."""
+    client = MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    keys = dict.fromkeys(key for record in records for key in record if key != step_key)
+    timestamp = int(time.time() * 1000)
+    missing = []
+    for key in keys:
+        logged = {metric.step for metric in client.get_metric_history(run_id, key)}
+        missing += [Metric(key, float(record[key]), timestamp, int(record[step_key]))
+                    for record in records if key in record and int(record[step_key]) not in logged]
+    for start in range(0, len(missing), 1000):  # MLflow's log_batch limit
+        client.log_batch(run_id, metrics=missing[start:start + 1000])
+    return len(missing)
+
+
+@_guarded("logging artifacts")
 def log_artifacts(*files: Path, folder: str | None = None) -> None:
     for file in files:
         if Path(file).is_dir():
@@ -161,6 +287,7 @@ def log_artifacts(*files: Path, folder: str | None = None) -> None:
             mlflow.log_artifact(str(file), artifact_path=folder)
 
 
+@_guarded("logging the model")
 def log_keras_model(model: Any, example: np.ndarray, pip_requirements: list[str]) -> None:
     """The model through MLflow's Keras flavour, with a signature inferred from ``example``
     and the given pip requirements (MLflow would otherwise infer them in a subprocess).

