@@ -34,6 +34,7 @@ from fmnist.config import load_params
 from fmnist.files import write_json
 
 PAPER_VARIANTS = ("cnn2", "cnn2_bn", "cnn2_bn_skip")
+DATA_STAGES = ("check_params", "download", "prepare")
 
 
 def run_stage(name: str) -> dict:
@@ -104,8 +105,9 @@ def main() -> None:
         report["gpu"] = "none (no nvidia-smi): a CPU rehearsal of the check"
     write_json(args.out, report)
 
-    # 0. The data: data/raw travels with the working tree (no download there); prepare runs.
-    report["data_stages"] = [run_stage(name) for name in ("download", "prepare")]
+    # 0. The params check, the data: data/raw travels with the working tree (no download
+    # there: DVC finds it up to date); prepare runs.
+    report["data_stages"] = [run_stage(name) for name in DATA_STAGES]
     if any(step["exit_code"] for step in report["data_stages"]):
         write_json(args.out, report)
         sys.exit("ERROR: download/prepare failed: carry data/raw (run `dvc repro download` first)")
@@ -141,7 +143,7 @@ def main() -> None:
     pipeline_started = time.perf_counter()
     report["pipeline"] = {"stages": [], "skipped_for_budget": []}
     for name in stage_order(listed, list(config.variants)):
-        if name in ("download", "prepare") or (name == "baseline" and paths.BASELINE_METRICS.is_file()):
+        if name in DATA_STAGES or (name == "baseline" and paths.BASELINE_METRICS.is_file()):
             # data: step 0. The SVC is a CPU job (12 min on 2 cores): its committed result stands
             continue
         if time.perf_counter() - started > args.budget_s:
