@@ -31,7 +31,7 @@ from fmnist.idx import write_idx
 from fmnist.prepare import prepare
 from fmnist.tracking import TrackingError
 from fmnist.training import TrainingError, train_variant
-from tests.conftest import REPO, make_dvc_repo, run, tiny_images, venv_env
+from tests.conftest import REPO, make_dvc_repo, only_variants, run, tiny_images, venv_env
 
 STAGE_ENV_DROP = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "FMNIST_DEBUG")
@@ -54,9 +54,7 @@ def _digest(path: Path) -> str:
 
 
 def _one_variant(params: dict) -> dict:
-    params["variants"] = {"cnn2": {}}
-    params["analyse"]["error_variant"] = "cnn2"
-    return params
+    return only_variants(params, ["cnn2"])
 
 
 # --- 1. params mistakes stop `dvc repro` before any stage runs; outputs survive ---------
@@ -300,8 +298,9 @@ def _train(config, data_and_info, root: Path, epochs: int = 2):
 
 def _patch_fit(monkeypatch, *extra_callbacks) -> None:
     real_fit = training.fit
-    monkeypatch.setattr(training, "fit", lambda model, data, train, callbacks, initial_epoch=0:
-                        real_fit(model, data, train, list(extra_callbacks) + callbacks, initial_epoch))
+    monkeypatch.setattr(training, "fit", lambda model, data, train, callbacks, initial_epoch=0, **kw:
+                        real_fit(model, data, train, list(extra_callbacks) + callbacks, initial_epoch,
+                                 **kw))
 
 
 class _InterruptAt(training.keras.callbacks.Callback):
