@@ -29,8 +29,12 @@ export PYTHONPATH=$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 # the train stage chooses its backend from params.yaml (train.backend: auto -> jax on a GPU)
 export KERAS_BACKEND=${KERAS_BACKEND:-jax}
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 DVC_NO_ANALYTICS=1
-if [ ! -d .git ]; then  # DVC needs a git repository; the device gets a copy without one
-    git init -q && git add -A && git -c user.name=gpu-check -c user.email=gpu-check@localhost commit -qm "GPU check"
+if [ ! -d .git ]; then  # DVC wants a git repository; the device may get a copy without one
+    if command -v git >/dev/null; then
+        git init -q && git add -A && git -c user.name=gpu-check -c user.email=gpu-check@localhost commit -qm "GPU check"
+    else  # `dvc repro` also works without git (experiments do not)
+        python3 -m dvc config --local core.no_scm true
+    fi
 fi
 nvidia-smi || true
 status=0
