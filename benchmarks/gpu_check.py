@@ -34,6 +34,9 @@ from fmnist.config import load_params
 from fmnist.files import write_json
 
 PAPER_VARIANTS = ("cnn2", "cnn2_bn", "cnn2_bn_skip")
+# dvc.lock as this check last left it, in an ignored folder: a second call on the same (warm)
+# machine gets the tree's dvc.lock sent anew, and gpu_check.sh puts this one back first
+SAVED_LOCK = Path(".gpu-state/dvc.lock")
 DATA_STAGES = ("check_params", "download", "prepare")
 
 
@@ -43,6 +46,9 @@ def run_stage(name: str) -> dict:
     result = subprocess.run([*DVC, "repro", "--single-item", name], env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     sys.stdout.write(result.stdout)
+    if Path("dvc.lock").is_file():
+        SAVED_LOCK.parent.mkdir(exist_ok=True)
+        shutil.copyfile("dvc.lock", SAVED_LOCK)
     return {"stage": name, "wall_seconds": round(time.perf_counter() - started, 1),
             "ran": f"Running stage '{name}'" in result.stdout, "exit_code": result.returncode}
 

@@ -36,6 +36,8 @@ if [ ! -d .git ]; then  # DVC wants a git repository; the device may get a copy 
         python3 -m dvc config --local core.no_scm true
     fi
 fi
+# a second call on the same machine: the lock of what the first call finished (gpu_check.py)
+[ -f .gpu-state/dvc.lock ] && cp .gpu-state/dvc.lock dvc.lock
 nvidia-smi || true
 status=0
 python3 -m benchmarks.gpu_check "$@" || status=$?
