@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from fmnist.device import cpu_model  # imports no Keras: each worker chooses its backend first
+
 FULL_EPOCH_IMAGES = 60_000
 
 
@@ -67,13 +69,6 @@ def worker(args: argparse.Namespace) -> None:
                               "plain_fit_images_per_second": round(plain)}), flush=True)
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,7 +94,7 @@ def main() -> None:
         if result.returncode != 0:
             print(f"{backend}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
         rows += [json.loads(line) for line in lines]
-    cpu = cpu_name()
+    cpu = cpu_model()
     print(f"CPU: {cpu}, {os.cpu_count()} cores; {args.images} training images x {args.epochs} timed "
           "epoch(s) after one untimed; batch from params.yaml")
     print(f"{'backend':<11}{'precision':<16}{'variant':<14}{'stage img/s':>12}{'plain fit img/s':>16}"

@@ -41,8 +41,9 @@ def stage_order(names: list[str], variants: list[str]) -> list[str]:
     return sorted(names, key=key)
 
 
-def run_stage(name: str) -> tuple[float, bool]:
-    """`dvc repro --single-item name`, its output passed through; (seconds, whether it ran)."""
+def run_stage(name: str) -> tuple[float, bool, int]:
+    """`dvc repro --single-item name`, its output passed through; (seconds, whether it ran,
+    DVC's exit code)."""
     started = time.perf_counter()
     ran = False
     with subprocess.Popen([*DVC, "repro", "--single-item", name], stdout=subprocess.PIPE,
@@ -51,11 +52,7 @@ def run_stage(name: str) -> tuple[float, bool]:
             sys.stdout.write(line)
             sys.stdout.flush()
             ran = ran or f"Running stage '{name}'" in line
-    seconds = time.perf_counter() - started
-    if process.returncode != 0:
-        sys.exit(f"ERROR: stage {name} failed (exit {process.returncode}); fix it and re-run "
-                 "this script: finished stages are not run again")
-    return seconds, ran
+    return time.perf_counter() - started, ran, process.returncode
 
 
 def main() -> None:
@@ -68,7 +65,10 @@ def main() -> None:
     timings = read_json(args.out, "a previous timing")["stages"] if args.out.exists() else {}
     for name in stage_order(listed, list(config.variants)):
         print(f"== {name}", flush=True)
-        seconds, ran = run_stage(name)
+        seconds, ran, code = run_stage(name)
+        if code != 0:
+            sys.exit(f"ERROR: stage {name} failed (exit {code}); fix it and re-run this script: "
+                     "finished stages are not run again")
         if ran:
             timings[name] = {"seconds": round(seconds, 1), "finished": time.strftime("%FT%T")}
         else:
