@@ -6,7 +6,7 @@
 #   .whl-dvc/  dvc 3.67.1 on top of .whl/ (~11 MB, 53 wheels; optional, send it only if it fits)
 # (--one-dir puts both sets in .whl/, 82 wheels, ~30 MB, as benchmarks/gpu_check.sh expects;
 #  --no-dvc fetches .whl/ alone and leaves .whl-dvc/ as it is.)
-# Both folders are ignored (.git/info/exclude), so a device call names them in `carry`
+# Both folders are ignored (.gitignore), so a device call names them in `carry`
 # ([".whl"] or [".whl", ".whl-dvc"]) and starts with:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl [.whl-dvc/*.whl] && export PYTHONPATH=/tmp/site:$PWD/src \
