@@ -58,6 +58,8 @@ def _with(path: str, value, raw: dict | None = None) -> dict:
     ("analyse.paper_models", {"cnn9": "CNN2"}, "analyse.paper_models"),
     ("analyse.comparisons", [{"claim": "x", "a": "cnn2", "b": "cnn9"}], r"analyse.comparisons\[0\].b"),
     ("analyse.comparisons", [{"claim": "x", "a": "cnn2"}], r"analyse.comparisons\[0\].b"),
+    ("analyse.comparisons", [{"claim": "x", "a": "cnn2", "b": "cnn2_bn"},
+                             {"claim": "y", "a": "cnn2", "b": "cnn2_bn"}], r"analyse.comparisons\[1\]"),
     ("model_defaults.padding", ["same"], "variants.cnn2.padding"),
     ("model_defaults.kernel_initializer", "magic", "variants.cnn2.kernel_initializer"),
     ("model_defaults.skip_activation", "never", "variants.cnn2.skip_activation"),

@@ -388,10 +388,15 @@ def parse_params(raw: Any) -> Config:
     for variant in config.analyse.paper_models:
         _check(variant in config.variants, "analyse.paper_models", variant,
                f"variants of params.yaml: {', '.join(config.variants)}")
+    pairs = []
     for i, comparison in enumerate(config.analyse.comparisons):
         for side in ("a", "b"):
             _check(getattr(comparison, side) in config.variants, f"analyse.comparisons[{i}].{side}",
                    getattr(comparison, side), ", ".join(config.variants))
+        # the report keys each comparison by "b - a": a second one of a pair would replace the first
+        _check((comparison.a, comparison.b) not in pairs, f"analyse.comparisons[{i}]",
+               f"{comparison.b} - {comparison.a}", "a pair of variants not compared before")
+        pairs.append((comparison.a, comparison.b))
     for class_name in config.analyse.feature_map_classes:
         _check(class_name in config.evaluate.class_names, "analyse.feature_map_classes", class_name,
                ", ".join(config.evaluate.class_names))
