@@ -68,7 +68,7 @@ def references(config, variants: list[str], epochs: int, backend: str) -> dict:
     """images/s of the plain loops, per variant and precision, in this process (the scan loop
     under JAX only)."""
     from benchmarks import reference
-    from fmnist.prepare import load_prepared
+    from fmnist.data import load_prepared
 
     data = load_prepared(paths.PREPARED_ARRAYS)
     results = {}

@@ -16,7 +16,8 @@ import time
 import keras
 import numpy as np
 
-from fmnist.config import NUM_CLASSES, ModelSpec
+from fmnist.config import ModelSpec
+from fmnist.data import NUM_CLASSES
 from fmnist.models import build_model
 
 

@@ -38,8 +38,8 @@ def worker(args: argparse.Namespace) -> None:
     from benchmarks import reference
     from fmnist import device, paths, training
     from fmnist.config import load_params
+    from fmnist.data import Dataset, load_prepared, to_inputs
     from fmnist.models import build_model
-    from fmnist.prepare import Dataset, load_prepared
 
     config = load_params(paths.PARAMS)
     data = load_prepared(paths.PREPARED_ARRAYS)
@@ -48,7 +48,7 @@ def worker(args: argparse.Namespace) -> None:
     n_test = len(y) * len(data.y_test) // len(data.y_train)
     empty = data.x_train[:0]
     subset = Dataset(x, y, empty, data.y_train[:0], data.x_test[:n_test], data.y_test[:n_test])
-    test = (training.to_inputs(subset.x_test), training.to_targets(subset.y_test))
+    test = (to_inputs(subset.x_test), training.to_targets(subset.y_test))
     for precision in args.precisions:
         for variant in args.variants:
             keras.mixed_precision.set_global_policy(precision)

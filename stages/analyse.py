@@ -3,8 +3,8 @@
 from fmnist import paths
 from fmnist.cli import stage_main
 from fmnist.config import load_params
+from fmnist.data import data_info, load_prepared
 from fmnist.files import read_json
-from fmnist.prepare import data_info, load_prepared
 from fmnist.report import analyse
 
 

@@ -4,8 +4,8 @@ from fmnist import paths
 from fmnist.baseline import run_baseline
 from fmnist.cli import stage_main
 from fmnist.config import load_params
+from fmnist.data import data_info, load_prepared
 from fmnist.files import write_json
-from fmnist.prepare import data_info, load_prepared
 
 
 def main() -> None:

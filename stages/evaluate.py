@@ -3,8 +3,8 @@
 from fmnist import paths
 from fmnist.cli import parse_run_args, stage_main
 from fmnist.config import load_params
+from fmnist.data import load_prepared
 from fmnist.evaluation import evaluate_model
-from fmnist.prepare import load_prepared
 
 
 def main() -> None:

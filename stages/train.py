@@ -3,7 +3,7 @@
 from fmnist import device, paths
 from fmnist.cli import parse_run_args, stage_main
 from fmnist.config import load_params
-from fmnist.prepare import data_info, load_prepared
+from fmnist.data import data_info, load_prepared
 
 
 def main() -> None:

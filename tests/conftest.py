@@ -16,7 +16,7 @@ import yaml
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from fmnist import download  # noqa: E402
+from fmnist import data  # noqa: E402
 from fmnist.config import parse_params  # noqa: E402
 from fmnist.idx import write_idx  # noqa: E402
 
@@ -40,10 +40,10 @@ def write_tiny_idx(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     x_train, y_train = tiny_images(TINY_TRAIN_PER_CLASS, seed=1)
     x_test, y_test = tiny_images(TINY_TEST_PER_CLASS, seed=2)
-    write_idx(folder / download.TRAIN_IMAGES, x_train)
-    write_idx(folder / download.TRAIN_LABELS, y_train)
-    write_idx(folder / download.TEST_IMAGES, x_test)
-    write_idx(folder / download.TEST_LABELS, y_test)
+    write_idx(folder / data.TRAIN_IMAGES, x_train)
+    write_idx(folder / data.TRAIN_LABELS, y_train)
+    write_idx(folder / data.TEST_IMAGES, x_test)
+    write_idx(folder / data.TEST_LABELS, y_test)
     return folder
 
 

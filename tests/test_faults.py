@@ -24,7 +24,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from fmnist import analysis, cli, download, plots, tracking, training
+from fmnist import analysis, cli, data, download, plots, tracking, training
 from fmnist.config import ConfigError, load_params
 from fmnist.download import DownloadError
 from fmnist.idx import write_idx
@@ -144,8 +144,8 @@ def test_2_exponent_numbers_are_numbers(tmp_path):
 def _write_other_tiny_labels(folder: Path) -> None:
     """Valid tiny test files of other content (another seed)."""
     x_test, y_test = tiny_images(6, seed=7)
-    write_idx(folder / download.TEST_IMAGES, x_test)
-    write_idx(folder / download.TEST_LABELS, y_test)
+    write_idx(folder / data.TEST_IMAGES, x_test)
+    write_idx(folder / data.TEST_LABELS, y_test)
 
 
 @pytest.mark.slow
@@ -160,12 +160,12 @@ def test_3_the_local_folder_decides_whether_download_reruns_and_garbage_fails_th
     assert "download" in run(["dvc", "status", "download"], repo).stdout
     rerun = run(["dvc", "repro", "prepare"], repo)
     assert {"download", "prepare"} <= _ran(rerun.stdout)
-    assert _digest(repo / "data/raw" / download.TEST_LABELS) == _digest(local / download.TEST_LABELS)
+    assert _digest(repo / "data/raw" / data.TEST_LABELS) == _digest(local / data.TEST_LABELS)
 
-    (local / download.TRAIN_LABELS).write_bytes(b"garbage, not gzip")  # a broken file
+    (local / data.TRAIN_LABELS).write_bytes(b"garbage, not gzip")  # a broken file
     broken = run(["dvc", "repro", "prepare"], repo, check=False)
     assert broken.returncode != 0 and "prepare" not in _ran(broken.stdout)
-    assert f"ERROR: data/local/{download.TRAIN_LABELS}: cannot be read as IDX" in broken.stderr
+    assert f"ERROR: data/local/{data.TRAIN_LABELS}: cannot be read as IDX" in broken.stderr
     assert "Traceback" not in broken.stderr
 
     # A stage that does not read the folder does not check it: with the files gone, the
@@ -180,13 +180,13 @@ def test_3_the_local_folder_decides_whether_download_reruns_and_garbage_fails_th
 
 
 def test_3_garbage_local_files_fail_at_download_naming_the_file(tmp_path, tiny_config, tiny_idx_dir):
-    images = tiny_idx_dir / download.TEST_IMAGES
+    images = tiny_idx_dir / data.TEST_IMAGES
     write_idx(images, np.zeros((60, 28, 27), np.uint8))
     with pytest.raises(DownloadError, match=re.escape(f"{images}: holds an array of shape")):
         download.download(tiny_config.data, tmp_path / "raw", local_dir=tiny_idx_dir)
     write_idx(images, np.zeros((60, 28, 28), np.uint8))
-    write_idx(tiny_idx_dir / download.TEST_LABELS, np.full(60, 12, np.uint8))
-    with pytest.raises(DownloadError, match=f"{download.TEST_LABELS}: label 12 is not a class"):
+    write_idx(tiny_idx_dir / data.TEST_LABELS, np.full(60, 12, np.uint8))
+    with pytest.raises(DownloadError, match=f"{data.TEST_LABELS}: label 12 is not a class"):
         download.download(tiny_config.data, tmp_path / "raw", local_dir=tiny_idx_dir)
     assert not (tmp_path / "raw").exists()
 

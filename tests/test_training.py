@@ -17,6 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fmnist import device, download, tracking, training
+from fmnist.data import to_inputs
 from fmnist.prepare import prepare
 from fmnist.tracking import TrackingError
 from fmnist.training import EpochRecorder, TrainingError, train_variant
@@ -64,7 +65,7 @@ def test_tiny_training_writes_outputs_and_an_mlflow_run(tiny_config, tiny_data, 
     assert run.info.artifact_uri.startswith((mlflow_store / "mlartifacts").as_uri())
     mlflow.set_tracking_uri(f"sqlite:///{mlflow_store / 'mlflow.db'}")
     logged = tracking.load_logged_model(result.run_id)
-    x = training.to_inputs(tiny_data[0].x_test[:4])
+    x = to_inputs(tiny_data[0].x_test[:4])
     np.testing.assert_allclose(logged.predict(x, verbose=0), result.model.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-6)
 
@@ -112,7 +113,7 @@ KILL_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from fmnist import training
     from fmnist.config import parse_params
-    from fmnist.prepare import load_prepared, data_info
+    from fmnist.data import data_info, load_prepared
     import yaml
 
     class Kill(training.keras.callbacks.Callback):

@@ -13,9 +13,9 @@ import keras
 import numpy as np
 from scipy import stats
 
+from fmnist.data import to_inputs
 from fmnist.evaluation import cross_entropy
 from fmnist.models import feature_layer_names
-from fmnist.training import to_inputs
 
 # The paper's Tables I and II (test accuracy, %) and Table IV (its best model).
 PAPER_BASELINES = {"SVC (C=10, rbf) [1]": 89.70, "EDEN [21]": 90.60}

@@ -13,9 +13,8 @@ from sklearn.svm import SVC
 
 from fmnist import tracking
 from fmnist.config import BaselineConfig
-from fmnist.download import split_stratified
+from fmnist.data import Dataset, split_stratified
 from fmnist.evaluation import score
-from fmnist.prepare import Dataset
 
 
 def train_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:

@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 DEBUG_VARIABLE = "FMNIST_DEBUG"
 _USER_ERRORS = {  # module -> its error classes; only modules already imported can have raised
     "fmnist.download": ("DownloadError",),
-    "fmnist.prepare": ("DataError",),
+    "fmnist.data": ("DataError",),
     "fmnist.tracking": ("TrackingError",),
     "fmnist.training": ("TrainingError",),
 }

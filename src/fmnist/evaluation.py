@@ -16,8 +16,9 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
 from fmnist import plots, tracking
+from fmnist.data import to_inputs
 from fmnist.files import atomic_path, read_json, write_json
-from fmnist.training import load_model_file, to_inputs
+from fmnist.models import load_model_file
 
 # models/ is a cached DVC output: DVC puts back what the train stage wrote, or trains again.
 MODEL_REMEDY = "run `dvc repro` (DVC restores it from its cache or re-runs the train stage)"

@@ -64,3 +64,9 @@ def read_json(path: Path, what: str) -> Any:
 
 class CorruptFileError(ValueError):
     """A file that an earlier stage wrote cannot be read (damaged or replaced)."""
+
+
+def error_reason(error: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

@@ -26,13 +26,13 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from fmnist.config import NUM_CLASSES
+from fmnist.data import NUM_CLASSES
 
 EVAL_CHUNK = 1000  # images per evaluation step (on a GPU all steps run in one call)
 
 
 def _inputs(images: jax.Array) -> jax.Array:
-    """(n, 28, 28) uint8 -> (n, 28, 28, 1) float32 in [0, 1], as fmnist.training.to_inputs."""
+    """(n, 28, 28) uint8 -> (n, 28, 28, 1) float32 in [0, 1], as fmnist.data.to_inputs."""
     return (images.astype(jnp.float32) / 255.0)[..., None]
 
 

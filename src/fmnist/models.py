@@ -13,10 +13,14 @@ Only built-in layers are used, so a saved .keras file loads without this package
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 from keras import layers
 
-from fmnist.config import IMAGE_SIZE, NUM_CLASSES, ModelSpec
+from fmnist.config import ModelSpec
+from fmnist.data import IMAGE_SIZE, NUM_CLASSES
+from fmnist.files import CorruptFileError, error_reason
 
 
 def _shortcut(x: keras.KerasTensor, filters: int, spec: ModelSpec, name: str) -> keras.KerasTensor:
@@ -100,3 +104,15 @@ def summary_text(model: keras.Model) -> str:
     total = model.count_params()
     lines.append(f"Total params: {total:,} (trainable {trainable:,}, non-trainable {total - trainable:,})")
     return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def load_model_file(path: Path, remedy: str) -> keras.Model:
+    """A model another stage saved; a missing or damaged file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; {remedy}")
+    try:
+        return keras.models.load_model(path)
+    except Exception as error:  # noqa: BLE001 (Keras raises many kinds for a damaged file)
+        raise CorruptFileError(f"{path} cannot be read as a Keras model ({error_reason(error)}): it is "
+                               f"damaged or was replaced; {remedy}") from error

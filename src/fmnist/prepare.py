@@ -2,37 +2,26 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
-from fmnist.config import IMAGE_SIZE, NUM_CLASSES
-from fmnist.download import CANONICAL_MD5, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
+from fmnist.data import (
+    CANONICAL_MD5,
+    FULL_COUNTS,
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    DataError,
+    Dataset,
+    hold_out_validation,
+)
 from fmnist.files import atomic_path, file_digest, read_json, write_json
 from fmnist.idx import IdxError, read_idx
-
-FULL_COUNTS = {"train": 60_000, "test": 10_000}
-
-
-class DataError(ValueError):
-    """data/raw/ or data/prepared/ is not what the pipeline expects."""
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Images (n, 28, 28) uint8 and labels (n,) uint8; the validation set may be empty."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
 
 
 def verify_raw(raw_dir: Path) -> dict[str, Any]:
@@ -91,9 +80,8 @@ def prepare(raw_dir: Path, out_file: Path, info_file: Path, validation_size: int
         raise DataError(f"data.validation_size = {validation_size} is not smaller than the "
                         f"training set ({len(y_train)} images)")
     if validation_size > 0:
-        x_train, x_val, y_train, y_val = train_test_split(
-            x_train, y_train, test_size=validation_size, stratify=y_train,
-            random_state=validation_seed)
+        x_train, y_train, x_val, y_val = hold_out_validation(x_train, y_train, validation_size,
+                                                             validation_seed)
     else:
         x_val = np.empty((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
         y_val = np.empty((0,), np.uint8)
@@ -112,34 +100,3 @@ def prepare(raw_dir: Path, out_file: Path, info_file: Path, validation_size: int
     }
     write_json(info_file, info)
     return data, info
-
-
-def load_prepared(path: Path) -> Dataset:
-    """data/prepared/'s arrays; a file that is not what prepare wrote is a DataError."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run `dvc repro prepare` first")
-    remedy = ("it is damaged or was replaced; run `dvc repro` (DVC restores it from its cache "
-              "or re-runs prepare)")
-    try:
-        with np.load(path) as arrays:
-            data = Dataset(**{key: arrays[key] for key in Dataset.__dataclass_fields__})
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError, AttributeError,
-            pickle.UnpicklingError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        if "pickled" in reason:  # numpy's guess for any file that is not .npy/.npz
-            reason = "not a NumPy .npz archive"
-        raise DataError(f"{path} cannot be read as the prepare stage's arrays ({reason}): "
-                        + remedy) from error
-    for split in ("train", "val", "test"):
-        images, labels = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
-        if (images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE)
-                or labels.ndim != 1 or len(labels) != len(images)):
-            raise DataError(f"{path}: x_{split} {images.shape} {images.dtype} / y_{split} "
-                            f"{labels.shape} are not 28x28 uint8 images with one label each: "
-                            + remedy)
-    return data
-
-
-def data_info(info_file: Path) -> dict[str, Any]:
-    return read_json(info_file, "written by the prepare stage")

@@ -13,10 +13,10 @@ import numpy as np
 
 from fmnist import analysis, paths, plots, tracking
 from fmnist.config import Config
+from fmnist.data import Dataset
 from fmnist.evaluation import MODEL_REMEDY, score
 from fmnist.files import atomic_path, read_json, write_json, write_text
-from fmnist.prepare import Dataset
-from fmnist.training import load_model_file
+from fmnist.models import load_model_file
 
 
 @dataclass(frozen=True)

@@ -24,19 +24,14 @@ import numpy as np
 
 from fmnist import device, tracking
 from fmnist.cli import Interrupted
-from fmnist.config import NUM_CLASSES, Config, ModelSpec, TrainConfig, flatten
-from fmnist.files import CorruptFileError, atomic_path, write_json, write_text
+from fmnist.config import Config, ModelSpec, TrainConfig, flatten
+from fmnist.data import NUM_CLASSES, Dataset, to_inputs
+from fmnist.files import atomic_path, error_reason, write_json, write_text
 from fmnist.models import build_model, summary_text
-from fmnist.prepare import Dataset
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN or infinite)."""
-
-
-def to_inputs(images: np.ndarray) -> np.ndarray:
-    """(n, 28, 28) uint8 -> (n, 28, 28, 1) float32 in [0, 1]."""
-    return (images.astype("float32") / 255.0)[..., np.newaxis]
 
 
 def to_targets(labels: np.ndarray) -> np.ndarray:
@@ -106,7 +101,7 @@ class Checkpoint:
             if not isinstance(state, dict) or not isinstance(state.get("history", []), list):
                 raise ValueError("not a checkpoint state")
         except (OSError, ValueError) as error:
-            self._discard(None, f"{self.state_file.name} cannot be read ({_reason(error)})")
+            self._discard(None, f"{self.state_file.name} cannot be read ({error_reason(error)})")
             return None
         if state.get("fingerprint") != self.fingerprint:
             print(f"Discarding checkpoint {self.folder}: it was made with other settings.")
@@ -118,7 +113,7 @@ class Checkpoint:
             model = keras.models.load_model(self.model_file)
         except Exception as error:  # noqa: BLE001 (Keras raises many kinds for a damaged file)
             self._discard(state.get("run_id"), f"{self.model_file.name} cannot be read "
-                                               f"({_reason(error)})")
+                                               f"({error_reason(error)})")
             return None
         return state, model
 
@@ -142,23 +137,6 @@ class Checkpoint:
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _reason(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-def load_model_file(path: Path, remedy: str) -> keras.Model:
-    """A model another stage saved; a missing or damaged file is a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; {remedy}")
-    try:
-        return keras.models.load_model(path)
-    except Exception as error:  # noqa: BLE001 (Keras raises many kinds for a damaged file)
-        raise CorruptFileError(f"{path} cannot be read as a Keras model ({_reason(error)}): it is "
-                               f"damaged or was replaced; {remedy}") from error
 
 
 @dataclass(frozen=True)
