@@ -52,9 +52,9 @@ def run_stage(name: str) -> dict:
 
 def trained_run(variant: str, seed: int) -> dict:
     """What the train stage recorded for one model (run.json, the last epoch of history.json)."""
-    model_dir = paths.model_dir(variant, seed)
-    run_info = json.loads((model_dir / "run.json").read_text())
-    history = json.loads((model_dir / "history.json").read_text())
+    files = paths.run_files(variant, seed)
+    run_info = json.loads(files.run_info.read_text())
+    history = json.loads(files.history.read_text())
     seconds = run_info["train_seconds"]
     train_images = json.loads(paths.PREPARED_INFO.read_text())["sizes"]["train"]
     return {"variant": variant, "seed": seed, "epochs": run_info["epochs"], "train_seconds": seconds,

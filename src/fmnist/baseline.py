@@ -49,8 +49,8 @@ def run_baseline(config: BaselineConfig, data: Dataset, class_names: tuple[str, 
         "predict_seconds": round(predict_seconds, 1),
     }
     experiment_id = tracking.connect(experiment)
-    tags = {"kind": "baseline", "variant": "svc", "git_commit": tracking.git_commit(),
-            "data_source": data_info["source"], "canonical_split": str(data_info["canonical_split"])}
+    tags = {"kind": "baseline", "variant": "svc", "data_source": data_info["source"],
+            "canonical_split": str(data_info["canonical_split"])}
     with tracking.run(experiment_id, "svc-baseline", tags):
         tracking.log_params({"svc.kernel": config.kernel, "svc.C": config.C, "svc.gamma": config.gamma,
                              "svc.train_size": len(subset), "svc.seed": config.seed,

@@ -19,6 +19,7 @@ from fmnist import plots, tracking
 from fmnist.data import to_inputs
 from fmnist.files import atomic_path, read_json, write_json
 from fmnist.models import load_model_file
+from fmnist.paths import RunFiles
 
 # models/ is a cached DVC output: DVC puts back what the train stage wrote, or trains again.
 MODEL_REMEDY = "run `dvc repro` (DVC restores it from its cache or re-runs the train stage)"
@@ -106,9 +107,10 @@ def evaluate_model(model_dir: Path, x_test: np.ndarray, y_test: np.ndarray,
                    class_names: tuple[str, ...], metrics_file: Path, report_dir: Path,
                    confusion_csv: Path, predictions_file: Path, title: str) -> dict[str, Any]:
     """Evaluate models/<variant>/seed<k>/ and write every output; log them to its MLflow run."""
-    model = load_model_file(Path(model_dir) / "model.keras", MODEL_REMEDY)
-    history = read_json(Path(model_dir) / "history.json", "written by the train stage")
-    run_info = read_json(Path(model_dir) / "run.json", "written by the train stage")
+    files = RunFiles(Path(model_dir))
+    model = load_model_file(files.model, MODEL_REMEDY)
+    history = read_json(files.history, "written by the train stage")
+    run_info = read_json(files.run_info, "written by the train stage")
     probabilities = np.asarray(model.predict(to_inputs(x_test), batch_size=1024, verbose=0))
     evaluation = score(probabilities, y_test, class_names)
     metrics = summary_metrics(evaluation, history)

@@ -7,6 +7,7 @@ as their working directory (DVC runs them there).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
@@ -44,8 +45,64 @@ def run_name(variant: str, seed: int) -> str:
     return f"{variant}-seed{seed}"
 
 
+def stage_name(stage: str, variant: str, seed: int) -> str:
+    """A per-run stage as dvc.yaml's matrix names it: ``train@cnn2-0``."""
+    return f"{stage}@{variant}-{seed}"
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files the train stage leaves for one trained model, in ``folder``
+    (models/<variant>/seed<k>/, a DVC output); every stage reads them through here."""
+
+    folder: Path
+
+    @property
+    def model(self) -> Path:
+        return self.folder / "model.keras"
+
+    @property
+    def history(self) -> Path:
+        """One record per epoch: training loss/accuracy, monitored test metrics, timing."""
+        return self.folder / "history.json"
+
+    @property
+    def history_csv(self) -> Path:
+        return self.folder / "history.csv"
+
+    @property
+    def architecture(self) -> Path:
+        """The model's layer table (the paper's Fig. 4), as models.summary_text writes it."""
+        return self.folder / "summary.txt"
+
+    @property
+    def run_info(self) -> Path:
+        """MLflow run id, backend, precision, device, training time, parameter count."""
+        return self.folder / "run.json"
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """Resumable training state of one run, in ``folder`` (.checkpoints/<run name>/)."""
+
+    folder: Path
+
+    @property
+    def model(self) -> Path:
+        """The model after the last completed epoch, with its optimizer state."""
+        return self.folder / RunFiles(self.folder).model.name
+
+    @property
+    def state(self) -> Path:
+        return self.folder / "state.json"
+
+
 def model_dir(variant: str, seed: int) -> Path:
     return MODELS / variant / f"seed{seed}"
+
+
+def run_files(variant: str, seed: int) -> RunFiles:
+    return RunFiles(model_dir(variant, seed))
 
 
 def checkpoint_dir(variant: str, seed: int) -> Path:

@@ -38,12 +38,12 @@ def load_runs(config: Config) -> list[TrainedRun]:
     runs = []
     for variant in config.variants:
         for seed in config.train.seeds:
-            model_dir = paths.model_dir(variant, seed)
+            files = paths.run_files(variant, seed)
             runs.append(TrainedRun(
                 variant, seed,
-                history=read_json(model_dir / "history.json", "written by the train stage"),
+                history=read_json(files.history, "written by the train stage"),
                 metrics=read_json(paths.metrics_file(variant, seed), "written by the evaluate stage"),
-                run_info=read_json(model_dir / "run.json", "written by the train stage")))
+                run_info=read_json(files.run_info, "written by the train stage")))
     return runs
 
 
@@ -145,7 +145,7 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
         # Feature maps (Figs. 5-7): both conv layers, every channel, for each variant.
         feature_figures = {}
         for variant in config.variants:
-            model = load_model_file(paths.model_dir(variant, first_seed) / "model.keras", MODEL_REMEDY)
+            model = load_model_file(paths.run_files(variant, first_seed).model, MODEL_REMEDY)
             for class_name in config.analyse.feature_map_classes:
                 index = analysis.first_of_class(data.y_test, config.class_index(class_name))
                 maps = analysis.feature_maps(model, data.x_test[index])
@@ -161,8 +161,7 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
     metrics = compact(summary)
     write_json(summary_file, metrics)
     experiment_id = tracking.connect(config.tracking.experiment)
-    with tracking.run(experiment_id, "analysis", {"kind": "analysis",
-                                                  "git_commit": tracking.git_commit()}):
+    with tracking.run(experiment_id, "analysis", {"kind": "analysis"}):
         tracking.log_metrics(_numeric_summary(metrics))
         tracking.log_artifacts(report_file, summary_file)
         tracking.log_artifacts(out_dir, folder="analysis")
@@ -326,7 +325,7 @@ def markdown(config: Config, summary: dict[str, Any], runs: list[TrainedRun]) ->
         out.append(f"| {variant} | " + " | ".join(str(e or "never") for e in levels.values()) + " |")
     out += ["", "## Fig. 4: model architectures", ""]
     for variant in config.variants:
-        text = (paths.model_dir(variant, first) / "summary.txt").read_text()
+        text = paths.run_files(variant, first).architecture.read_text()
         out += [f"<details><summary>{variant}</summary>", "", "```", text.rstrip(), "```", "",
                 "</details>", ""]
     out += ["## Figs. 5-7: feature maps of both conv layers", ""]

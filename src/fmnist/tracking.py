@@ -205,8 +205,8 @@ def run(experiment_id: str, name: str, tags: dict[str, str], run_id: str | None 
     except _STORE_ERRORS as error:
         raise _store_error(error, f"starting run {name or run_id}") from error
     try:
-        if name:
-            tags = {**tags, RUN_KEY_TAG: run_key(name)}
+        if name:  # a stage's own run (not evaluate adding to train's): which commit made it
+            tags = {**tags, "git_commit": git_commit(), RUN_KEY_TAG: run_key(name)}
             _fail_left_running(active.info.experiment_id, run_key(name), active.info.run_id)
         mlflow.set_tags(tags)
         if on_start is not None:

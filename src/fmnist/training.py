@@ -22,7 +22,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from fmnist import device, tracking
+from fmnist import device, paths, tracking
 from fmnist.cli import Interrupted
 from fmnist.config import Config, ModelSpec, TrainConfig, flatten
 from fmnist.data import NUM_CLASSES, Dataset, to_inputs
@@ -87,8 +87,9 @@ class Checkpoint:
     def __init__(self, folder: Path, fingerprint: str):
         self.folder = Path(folder)
         self.fingerprint = fingerprint
-        self.state_file = self.folder / "state.json"
-        self.model_file = self.folder / "model.keras"
+        files = paths.CheckpointFiles(self.folder)
+        self.state_file = files.state
+        self.model_file = files.model
 
     def load(self) -> tuple[dict[str, Any], keras.Model | None] | None:
         """(state, model after its last epoch) to resume from, or None to start afresh. A
@@ -188,7 +189,7 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
     time summed over the attempts.
     """
     spec: ModelSpec = config.variant(variant)
-    name = f"{variant}-seed{seed}"
+    name = paths.run_name(variant, seed)
     experiment_id = tracking.connect(config.tracking.experiment)
     keras.utils.set_random_seed(seed)
     precision = device.set_precision(config.train.precision)
@@ -206,8 +207,9 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
         history = []
         model = compile_model(build_model(spec, variant), config.train)
     tags = {
-        "variant": variant, "seed": str(seed), "git_commit": tracking.git_commit(),
-        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "dvc_stage": f"train@{variant}-{seed}",
+        "variant": variant, "seed": str(seed),
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc_stage": paths.stage_name("train", variant, seed),
         "data_source": data_info["source"], "canonical_split": str(data_info["canonical_split"]),
         "keras_backend": device.backend(), "precision": precision, "device": device.describe(),
     }
@@ -240,7 +242,7 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
             result = TrainedModel(model, history, run_id, device.backend(), precision,
                                   device.describe(), elapsed())
             write_outputs(result, out_dir, data_info)
-            tracking.log_artifacts(out_dir / "history.json", out_dir / "summary.txt")
+            tracking.log_artifacts(paths.RunFiles(out_dir).history, paths.RunFiles(out_dir).architecture)
             tracking.log_keras_model(model, to_inputs(data.x_test[:5]), device.pip_requirements())
     except TrainingError:
         checkpoint.clear()  # resuming would only repeat the failure
@@ -257,18 +259,19 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
 
 
 def write_outputs(result: TrainedModel, out_dir: Path, data_info: dict[str, Any]) -> None:
-    """models/<variant>/seed<k>/: model.keras, history.json/.csv, summary.txt, run.json."""
+    """models/<variant>/seed<k>/: every file of paths.RunFiles."""
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        result.model.save(tmp / "model.keras")
-        (tmp / "history.json").write_text(json.dumps(result.history, indent=1) + "\n")
+        files = paths.RunFiles(tmp)
+        result.model.save(files.model)
+        files.history.write_text(json.dumps(result.history, indent=1) + "\n")
         columns = list(dict.fromkeys(key for record in result.history for key in record))
-        with (tmp / "history.csv").open("w", newline="") as f:
+        with files.history_csv.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(result.history)
-        write_text(tmp / "summary.txt", summary_text(result.model))
-        write_json(tmp / "run.json", {
+        write_text(files.architecture, summary_text(result.model))
+        write_json(files.run_info, {
             "mlflow_run_id": result.run_id, "keras_backend": result.backend,
             "precision": result.precision, "device": result.device,
             "train_seconds": round(result.train_seconds, 1),
