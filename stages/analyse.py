@@ -1,11 +1,11 @@
-"""DVC stage `analyse`: every table and figure of the paper, summary and report (see fmnist.report)."""
+"""DVC stage `analyse`: every table and figure of the paper, summary and report (see fmnist.analyse)."""
 
 from fmnist import paths
+from fmnist.analyse import analyse
 from fmnist.cli import stage_main
 from fmnist.config import load_params
 from fmnist.data import data_info, load_prepared
 from fmnist.files import read_json
-from fmnist.report import analyse
 
 
 def main() -> None:

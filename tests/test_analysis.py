@@ -100,14 +100,14 @@ def test_spread_and_welch_comparison_agree_with_scipy():
     expected = stats.ttest_ind(b.values, a.values, equal_var=False)
     assert comparison["p_value"] == pytest.approx(expected.pvalue)
     assert comparison["difference"] == pytest.approx(b.mean - a.mean)
-    assert analysis.verdict(comparison, "b beats a").startswith("b beats a: supported")
+    assert report.verdict(comparison, "b beats a").startswith("b beats a: supported")
     low, high = (100 * v for v in comparison["ci95"])
-    assert "1.00 is inside" in analysis.verdict(comparison, "b", paper_difference=1.0)
-    assert f"{high + 1:+.2f} is outside" in analysis.verdict(comparison, "b", high + 1)
+    assert "1.00 is inside" in report.verdict(comparison, "b", paper_difference=1.0)
+    assert f"{high + 1:+.2f} is outside" in report.verdict(comparison, "b", high + 1)
     noisy = analysis.compare(a, analysis.Spread((0.905, 0.925, 0.913)))
-    assert "within seed noise" in analysis.verdict(noisy, "b beats a")
+    assert "within seed noise" in report.verdict(noisy, "b beats a")
     single = analysis.compare(analysis.Spread((0.9,)), analysis.Spread((0.91,)))
-    assert single["p_value"] is None and "cannot tell" in analysis.verdict(single, "x")
+    assert single["p_value"] is None and "cannot tell" in report.verdict(single, "x")
 
 
 def test_convergence_finds_the_paper_check_epoch():
@@ -157,13 +157,10 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
             metrics = {"test_accuracy": 0.91 + 0.005 * n + 0.002 * seed, "macro_f1": 0.9,
                        "test_loss": 0.3, "epochs": 45,
                        "best_epoch_test_accuracy_selected_on_test": 0.93}
-            runs.append(report.TrainedRun(variant, seed, history, metrics, {
+            runs.append(analysis.TrainedRun(variant, seed, history, metrics, {
                 "parameters": 1000, "train_seconds": 10.0, "device": "cpu", "keras_backend": "tensorflow"}))
-            summary_file = tmp_path / "models" / variant / f"seed{seed}" / "summary.txt"
-            summary_file.parent.mkdir(parents=True)
-            summary_file.write_text(f'Model: "{variant}"\n')
     info = {"source": "npm", "canonical_split": False, "note": "NOT the canonical split"}
-    summary = report.summarise(config, runs, {"test_accuracy": 0.85, "macro_f1": 0.85, "train_size": 500},
+    summary = analysis.summarise(config, runs, {"test_accuracy": 0.85, "macro_f1": 0.85, "train_size": 500},
                                info)
     evaluation = score(_probabilities([(0, 0.9), (1, 0.8)]), np.array([0, 1]), CLASSES)
     summary["error_analysis"] = {"run": "cnn2_bn_skip-seed0", "confused_pairs": [
@@ -173,7 +170,7 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
         name: evaluation.report[c] for name, c in zip(config.evaluate.class_names, CLASSES, strict=True)}}
     summary["feature_maps"] = {"cnn2": {"Bag": "feature_maps_cnn2_bag.png"}}
     summary["curve_figures"] = ["training_loss.png"]
-    text = report.markdown(config, summary, runs)
+    text = report.markdown(config, summary, runs, {v: f'Model: "{v}"\n' for v in config.variants})
     for heading in ["Tables I and II", "The paper's claims, checked", "Figs. 2-3", "Fig. 4",
                     "Figs. 5-7", "Fig. 8 and Table III", "Table IV", "Fig. 9", "Every run"]:
         assert heading in text, heading
@@ -193,20 +190,26 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
             "'same' padding: supported, contradicted. No factor is supported") in text
     assert "the paper's +1.05 is outside this interval" in text
     assert "cnn2_bn at epoch" in text and "(per seed: " in text
+    assert '<details><summary>cnn2_bn</summary>\n\n```\nModel: "cnn2_bn"\n```' in text
     assert "| Sneaker | Ankle boot |" not in text and "| Ankle boot | Sneaker |" in text
-    compact = report.compact(summary)
+    compact = analysis.compact(summary)
     assert compact["variants"]["cnn2"]["paper_test_accuracy"] == 0.9117
 
 
-def test_only_the_comparisons_in_params_are_claims(tmp_path):
-    """A variant a user adds is not compared with whatever precedes it in params.yaml."""
+def test_a_variant_added_to_params_is_not_under_the_papers_claims():
+    """A variant a user adds, even first in params.yaml, is neither compared with its
+    neighbour nor set against CNN2 in the convergence claim, nor made its reference."""
     raw = real_params()
-    raw["variants"]["wide3"] = {"blocks": 3, "filters": 16, "padding": "same"}
+    raw["variants"] = {"wide3": {"blocks": 3, "filters": 16, "padding": "same"}, **raw["variants"]}
     config = parse_params(raw)
-    runs = [report.TrainedRun(v, 0, [{"epoch": 1, "loss": 1.0}], {"test_accuracy": 0.9, "macro_f1": 0.9},
-                              {"parameters": 1, "train_seconds": 1.0}) for v in config.variants]
-    summary = report.summarise(config, runs, {}, {"source": "npm", "canonical_split": False, "note": ""})
+    history = [{"epoch": e + 1, "loss": 1.0 / (e + 1)} for e in range(45)]  # the check needs 40
+    runs = [analysis.TrainedRun(v, 0, history, {"test_accuracy": 0.9, "macro_f1": 0.9},
+                                {"parameters": 1, "train_seconds": 1.0}) for v in config.variants]
+    summary = analysis.summarise(config, runs, {}, {"source": "npm", "canonical_split": False, "note": ""})
     assert "wide3" in summary["variants"]
     assert not any("wide3" in key for key in summary["comparisons"])
     assert len(summary["comparisons"]) == len(config.analyse.comparisons)
-    assert "wide3" not in "\n".join(report._claims(summary))
+    assert summary["convergence"]["paper_check"]["reference_variant"] == "cnn2"
+    claims = "\n".join(report._claims(summary))
+    assert "cnn2_bn at epoch" in claims  # the convergence claim is there, with the paper's models
+    assert "wide3" not in claims

@@ -1,6 +1,6 @@
 """The analyse stage's computations: errors, confusions, feature maps, convergence, and
-statistics over seeds set beside the paper's numbers. Drawing lives in plots, the
-Markdown in report."""
+statistics over seeds set beside the paper's numbers; the summary they make up. Reading
+and writing files lives in analyse, drawing in plots, the Markdown in report."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import keras
 import numpy as np
 from scipy import stats
 
+from fmnist import paths
+from fmnist.config import Config
 from fmnist.data import to_inputs
-from fmnist.evaluation import cross_entropy
+from fmnist.evaluation import Evaluation, cross_entropy
 from fmnist.models import feature_layer_names
 
 # The paper's Tables I and II (test accuracy, %) and Table IV (its best model).
@@ -30,6 +32,21 @@ PAPER_TOP_ERRORS = [("Ankle boot", "Sneaker"), ("Sandal", "Ankle boot"), ("T-shi
 # "With Batch Normalization we were able to achieve the same loss function value after
 # 10 epochs which was achieved after 40 epochs without" (section III-B).
 PAPER_CONVERGENCE = {"reference_epoch": 40, "batch_norm_epoch": 10}
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """What the train and evaluate stages left for one variant under one seed."""
+
+    variant: str
+    seed: int
+    history: list[dict[str, float]]
+    metrics: dict[str, Any]
+    run_info: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return paths.run_name(self.variant, self.seed)
 
 
 def top_errors(probabilities: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -138,25 +155,6 @@ def verdict_word(comparison: dict[str, Any]) -> str:
     return "supported" if low > 0 else "contradicted" if high < 0 else "not supported"
 
 
-def verdict(comparison: dict[str, Any], claim: str, paper_difference: float | None = None) -> str:
-    """Plain words on whether a difference supports a claim that b beats a; with the paper's
-    difference (points), whether our interval contains it."""
-    difference = comparison["difference"] * 100
-    word = verdict_word(comparison)
-    if comparison["ci95"] is None:
-        return (f"{claim}: {word} (difference {difference:+.2f} points from fewer than two "
-                "seeds per variant; add seeds in train.seeds)")
-    low, high = (100 * v for v in comparison["ci95"])
-    word = {"not supported": "not supported: the difference is within seed noise",
-            "contradicted": "contradicted (the other way round)"}.get(word, word)
-    text = (f"{claim}: {word} (difference {difference:+.2f} points, 95% CI [{low:+.2f}, {high:+.2f}], "
-            f"p = {comparison['p_value']:.3f}")
-    if paper_difference is not None:
-        where = "inside" if low <= paper_difference <= high else "outside"
-        text += f"; the paper's {paper_difference:+.2f} is {where} this interval"
-    return text + ")"
-
-
 def mean_curve(histories: Sequence[Sequence[dict[str, float]]], key: str
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(epochs, mean over runs, (min, max)) of one history key, over the shortest history."""
@@ -198,3 +196,134 @@ def convergence(histories: dict[str, list[list[dict[str, float]]]], reference_va
                             for name, curve in curves.items()},
             "per_seed": per_seed}
     return result
+
+
+def summarise(config: Config, runs: list[TrainedRun], baseline: dict[str, Any],
+              data_info: dict[str, Any]) -> dict[str, Any]:
+    """metrics/summary.json: per-variant spread over seeds, comparisons, the paper's numbers."""
+    by_variant = {v: [r for r in runs if r.variant == v] for v in config.variants}
+    variants = {}
+    spreads = {}
+    for variant, variant_runs in by_variant.items():
+        spreads[variant] = Spread(tuple(r.metrics["test_accuracy"] for r in variant_runs))
+        entry = {"test_accuracy": spreads[variant].as_json()}
+        for key in ("macro_f1", "test_loss", "best_epoch_test_accuracy_selected_on_test"):
+            if all(key in r.metrics for r in variant_runs):
+                entry[key] = Spread(tuple(r.metrics[key] for r in variant_runs)).as_json()
+        entry["parameters"] = variant_runs[0].run_info["parameters"]
+        entry["batch_norm"] = config.variants[variant].batch_norm
+        entry["train_seconds_mean"] = float(np.mean([r.run_info["train_seconds"] for r in variant_runs]))
+        paper_model = config.analyse.paper_models.get(variant)
+        if paper_model:
+            entry["paper_model"] = paper_model
+            entry["paper_test_accuracy"] = round(PAPER_MODELS[paper_model] / 100, 4)
+        variants[variant] = entry
+    # the paper's CNN2 (the first variant that reproduces it) is what batch norm is set against
+    reference = next((v for v, model in config.analyse.paper_models.items() if model == "CNN2"),
+                     next(iter(config.variants)))
+    # the claims of analyse.comparisons, not every pair: a variant a user adds is compared only
+    # when they list it there
+    comparisons = {f"{c.b} - {c.a}": {"claim": c.claim, "a": c.a, "b": c.b, "paper": c.paper,
+                                      "group": c.group, **compare(spreads[c.a], spreads[c.b])}
+                   for c in config.analyse.comparisons}
+    histories = {v: [r.history for r in rs] for v, rs in by_variant.items()}
+    return {
+        "data": {"source": data_info["source"], "canonical_split": data_info["canonical_split"],
+                 "note": data_info["note"]},
+        "seeds": list(config.train.seeds),
+        "epochs": config.train.epochs,
+        "variants": variants,
+        "baseline": baseline,
+        "comparisons": comparisons,
+        "convergence": convergence(histories, reference, config.analyse.loss_levels),
+    }
+
+
+def error_analysis(evaluation: Evaluation, class_names: tuple[str, ...], k: int, run: str
+                   ) -> tuple[np.ndarray, dict[str, Any]]:
+    """The k highest cross-entropy errors (their test indices, highest first), the most confused
+    pairs and the per-class scores of one run (Fig. 8, Tables III and IV)."""
+    worst = top_errors(evaluation.probabilities, evaluation.labels, k)
+    errors = [{"index": int(i), "actual": class_names[evaluation.labels[i]],
+               "predicted": class_names[evaluation.predictions[i]],
+               "probability_predicted": float(evaluation.probabilities[i].max()),
+               "probability_actual": float(evaluation.probabilities[i, evaluation.labels[i]]),
+               "cross_entropy": float(cross_entropy(
+                   evaluation.probabilities[i:i + 1], evaluation.labels[i:i + 1])[0])}
+              for i in worst]
+    return worst, {"run": run, "top_errors": errors,
+                   "confused_pairs": confused_pairs(evaluation.confusion, class_names),
+                   "per_class": {name: evaluation.report[name] for name in class_names}}
+
+
+def convergence_claim(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The paper's "batch norm converges ~4x faster" against our runs (None with fewer epochs
+    than the check needs): the variants that reproduce a paper model, each one's first epoch
+    at the reference's loss, and how many times faster the batch-norm ones are (mean curves
+    and every seed); ``verdict``: supported (3x or more), partly (faster), not supported, or
+    cannot tell (no batch-norm variant)."""
+    check = summary["convergence"].get("paper_check")
+    if not check:
+        return None
+    reference = check["reference_epoch"]
+    variants, factors = [], []
+    for variant, epoch in check["first_epoch"].items():
+        # a variant a user adds reproduces no paper model: it is not part of the paper's claim
+        if variant == check["reference_variant"] or "paper_model" not in summary["variants"][variant]:
+            continue
+        seeds = check.get("per_seed", {}).get(variant, [])
+        variants.append({"variant": variant, "epoch": epoch, "per_seed": seeds})
+        if summary["variants"][variant]["batch_norm"]:
+            factors.append(reference / epoch if epoch else 0.0)
+            factors += [reference / e if e else 0.0 for e in seeds]
+    if not factors:
+        verdict = "cannot tell"
+    elif min(factors) >= 3:
+        verdict = "supported"
+    elif min(factors) > 1:
+        verdict = "partly"
+    else:
+        verdict = "not supported"
+    return {"verdict": verdict, "factors": (min(factors), max(factors)) if factors else None,
+            "variants": variants}
+
+
+def compact(summary: dict[str, Any]) -> dict[str, Any]:
+    """metrics/summary.json: the numbers `dvc metrics show` and `dvc exp show` compare
+    (the full analysis is reports/analysis/analysis.json)."""
+    def r(value: float | None) -> float | None:  # 6 decimals: 0.0001 % of accuracy
+        return None if value is None else round(float(value), 6)
+
+    variants = {}
+    for variant, entry in summary["variants"].items():
+        accuracy = entry["test_accuracy"]
+        variants[variant] = {
+            "seeds": accuracy["n"], "test_accuracy_mean": r(accuracy["mean"]),
+            "test_accuracy_std": r(accuracy["std"]),
+            "test_accuracy_ci95_low": r(accuracy["ci95"][0]) if accuracy["ci95"] else None,
+            "test_accuracy_ci95_high": r(accuracy["ci95"][1]) if accuracy["ci95"] else None,
+            "macro_f1_mean": r(entry["macro_f1"]["mean"]),
+            "paper_test_accuracy": entry.get("paper_test_accuracy"),
+        }
+    return {
+        "canonical_split": summary["data"]["canonical_split"],
+        "variants": variants,
+        "baseline": {k: summary["baseline"][k] for k in ("test_accuracy", "macro_f1", "train_size")
+                     if k in summary["baseline"]},
+        "comparisons": {name: {"difference": r(c["difference"]),
+                               "ci95_low": r(c["ci95"][0]) if c["ci95"] else None,
+                               "ci95_high": r(c["ci95"][1]) if c["ci95"] else None,
+                               "p_value": r(c["p_value"]), "test": c["test"], "claim": c["claim"]}
+                        for name, c in summary["comparisons"].items()},
+    }
+
+
+def numeric_summary(metrics: dict[str, Any]) -> dict[str, float]:
+    """The compact summary's numbers, flattened for MLflow."""
+    flat = {}
+    for variant, entry in metrics["variants"].items():
+        flat.update({f"{variant}.{key}": value for key, value in entry.items()
+                     if isinstance(value, int | float) and not isinstance(value, bool)})
+    if "test_accuracy" in metrics["baseline"]:
+        flat["baseline.test_accuracy"] = metrics["baseline"]["test_accuracy"]
+    return flat

@@ -4,7 +4,7 @@ The only backend-specific code of the project besides the JAX epoch loop (fmnist
 model and training code use ``keras`` and ``keras.ops`` alone, so the same stage runs under
 the tensorflow, jax and torch backends. ``train.backend`` and ``train.precision`` in
 params.yaml choose; ``auto`` resolves here, and the resolved values are recorded with every
-trained model (run.json, MLflow tags, the report).
+trained model (its run info, MLflow tags, the report).
 
 Nothing here imports Keras at module level: ``select_backend`` must run before the first
 ``import keras`` of the process (Keras reads KERAS_BACKEND once, when it is imported).

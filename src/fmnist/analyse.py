@@ -1,0 +1,106 @@
+"""The analyse stage: read what train and evaluate left, have analysis compute, plots draw
+and report write every table and figure of the paper; metrics/summary.json; one MLflow run."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fmnist import analysis, paths, plots, report, tracking
+from fmnist.config import Config
+from fmnist.data import Dataset
+from fmnist.evaluation import MODEL_REMEDY, score
+from fmnist.files import atomic_path, read_json, write_json, write_text
+from fmnist.models import load_model_file
+
+
+def load_runs(config: Config) -> list[analysis.TrainedRun]:
+    runs = []
+    for variant in config.variants:
+        for seed in config.train.seeds:
+            files = paths.run_files(variant, seed)
+            runs.append(analysis.TrainedRun(
+                variant, seed,
+                history=read_json(files.history, "written by the train stage"),
+                metrics=read_json(paths.metrics_file(variant, seed), "written by the evaluate stage"),
+                run_info=read_json(files.run_info, "written by the train stage")))
+    return runs
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+
+
+def write_curves_csv(runs: list[analysis.TrainedRun], path: Path) -> None:
+    """Long format, one row per run and epoch: DVC's by-run template draws Figs. 2-3."""
+    keys = ["loss", "accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"]
+    present = [k for k in keys if any(k in record for r in runs for record in r.history)]
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "variant", "seed", "epoch", *present])
+        for run in runs:
+            for record in run.history:
+                writer.writerow([run.name, run.variant, run.seed, int(record["epoch"]),
+                                 *(record.get(k, "") for k in present)])
+
+
+def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: dict[str, Any],
+            out_dir: Path, report_file: Path, summary_file: Path) -> dict[str, Any]:
+    """Compute and draw everything of the analyse stage; log it as an MLflow run."""
+    runs = load_runs(config)
+    class_names = config.evaluate.class_names
+    summary = analysis.summarise(config, runs, baseline, data_info)
+    first_seed = config.train.seeds[0]
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        write_curves_csv(runs, tmp / paths.CURVES.name)
+        for key, label, file in (("loss", "Training loss", "training_loss.png"),
+                                 ("test_accuracy", "Test accuracy (monitored only)", "test_accuracy.png")):
+            if all(key in r.history[0] for r in runs):
+                curves = {v: analysis.mean_curve([r.history for r in runs if r.variant == v], key)
+                          for v in config.variants}
+                plots.training_curves(curves, tmp / file, label,
+                                      f"{label} per epoch (mean over seeds {list(config.train.seeds)})")
+                summary.setdefault("curve_figures", []).append(file)
+        # Error analysis (Fig. 8, Table III, Fig. 9) of the variant the paper analyses.
+        error_run = paths.run_name(config.analyse.error_variant, first_seed)
+        predictions = np.load(paths.predictions_file(config.analyse.error_variant, first_seed))
+        evaluation = score(predictions["probabilities"], predictions["labels"], class_names)
+        worst, errors = analysis.error_analysis(evaluation, class_names, config.analyse.top_errors,
+                                                error_run)
+        plots.error_grid(data.x_test[worst], [
+            f"({chr(97 + n)}) predicted {e['predicted']} ({e['probability_predicted']:.2f})\n"
+            f"actual {e['actual']} ({e['probability_actual']:.1e})"
+            for n, e in enumerate(errors["top_errors"])],
+            tmp / "top_errors.png", f"Highest cross-entropy errors: {error_run}")
+        summary["error_analysis"] = errors
+        # Feature maps (Figs. 5-7): both conv layers, every channel, for each variant.
+        feature_figures = {}
+        for variant in config.variants:
+            model = load_model_file(paths.run_files(variant, first_seed).model, MODEL_REMEDY)
+            for class_name in config.analyse.feature_map_classes:
+                index = analysis.first_of_class(data.y_test, config.class_index(class_name))
+                maps = analysis.feature_maps(model, data.x_test[index])
+                file = f"feature_maps_{_slug(variant)}_{_slug(class_name)}.png"
+                plots.feature_maps(data.x_test[index], maps,
+                                   [f"conv{i + 1}" for i in range(len(maps))], tmp / file,
+                                   f"{variant}: conv outputs for the first test {class_name} "
+                                   f"(test image {index})")
+                feature_figures.setdefault(variant, {})[class_name] = file
+        summary["feature_maps"] = feature_figures
+        write_json(tmp / "analysis.json", summary)
+    architectures = {variant: paths.run_files(variant, first_seed).architecture.read_text()
+                     for variant in config.variants}
+    write_text(report_file, report.markdown(config, summary, runs, architectures))
+    metrics = analysis.compact(summary)
+    write_json(summary_file, metrics)
+    experiment_id = tracking.connect(config.tracking.experiment)
+    with tracking.run(experiment_id, "analysis", {"kind": "analysis"}):
+        tracking.log_metrics(analysis.numeric_summary(metrics))
+        tracking.log_artifacts(report_file, summary_file)
+        tracking.log_artifacts(out_dir, folder="analysis")
+    return summary
