@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -21,7 +22,7 @@ from fmnist.data import to_inputs
 from fmnist.prepare import prepare
 from fmnist.tracking import TrackingError
 from fmnist.training import EpochRecorder, TrainingError, train_variant
-from tests.conftest import REPO, venv_env
+from tests.conftest import REPO, TINY_TRAIN_PER_CLASS, venv_env
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +80,30 @@ def test_same_seed_gives_the_same_history(tiny_config, tiny_data, mlflow_store):
     assert [r["loss"] for r in other.history] != losses[0]
 
 
+def model_state(model) -> dict[str, Any]:
+    """A model's weights and its optimizer's state (step count, Adam's moments) as arrays."""
+    optimizer = {v.path: np.array(v) for v in model.optimizer.variables}
+    return {"weights": [np.array(w) for w in model.get_weights()], "optimizer": optimizer,
+            "iterations": int(model.optimizer.iterations)}
+
+
+def assert_same_state(actual: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert len(actual["weights"]) == len(expected["weights"])
+    for got, want in zip(actual["weights"], expected["weights"], strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert actual["optimizer"].keys() == expected["optimizer"].keys()
+    assert any("momentum" in key or "velocit" in key for key in expected["optimizer"])
+    for key, want in expected["optimizer"].items():
+        np.testing.assert_array_equal(actual["optimizer"][key], want, err_msg=key)
+
+
+class StartingState(training.keras.callbacks.Callback):
+    """Records the model's state when fit starts (the weights and optimizer it resumes from)."""
+
+    def on_train_begin(self, logs=None):
+        self.state = model_state(self.model)
+
+
 def test_interrupted_training_resumes_from_the_last_completed_epoch(
         tiny_config, tiny_data, mlflow_store, monkeypatch):
     from dataclasses import replace
@@ -100,8 +125,15 @@ def test_interrupted_training_resumes_from_the_last_completed_epoch(
     client = MlflowClient(f"sqlite:///{mlflow_store / 'mlflow.db'}")
     assert client.get_run(state["run_id"]).info.status == "KILLED"
 
-    monkeypatch.setattr(training, "fit", real_fit)
+    # what the resumed fit starts from must be the checkpoint: its weights and Adam's state
+    checkpoint = training.keras.models.load_model(mlflow_store / ".checkpoints" / "cnn2" / "model.keras")
+    started_from = StartingState()
+    monkeypatch.setattr(training, "fit", lambda model, data, train, callbacks, initial_epoch=0, **kw:
+                        real_fit(model, data, train, [started_from, *callbacks], initial_epoch, **kw))
     resumed = _train(config, tiny_data, mlflow_store)
+    assert_same_state(started_from.state, model_state(checkpoint))
+    steps_per_epoch = math.ceil(len(tiny_data[0].y_train) / config.train.batch_size)
+    assert started_from.state["iterations"] == 2 * steps_per_epoch  # Adam's step count, not 0
     assert resumed.run_id == state["run_id"]
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     assert resumed.history[:2] == state["history"]
@@ -116,7 +148,26 @@ KILL_SCRIPT = textwrap.dedent("""
     from fmnist.data import data_info, load_prepared
     import yaml
 
+    import numpy as np
+
+    def state(model):
+        return ([np.array(w) for w in model.get_weights()],
+                {v.path: np.array(v) for v in model.optimizer.variables})
+
+    # resuming: the state fit starts from, set against the checkpoint the kill left
+    resuming = sys.argv[1] == "resume"
+    expected = state(training.keras.models.load_model("ckpt/model.keras")) if resuming else None
+
     class Kill(training.keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            if expected is not None:
+                weights, optimizer = state(self.model)
+                same = (len(weights) == len(expected[0])
+                        and all(np.array_equal(a, b) for a, b in zip(weights, expected[0]))
+                        and optimizer.keys() == expected[1].keys()
+                        and all(np.array_equal(optimizer[k], expected[1][k]) for k in optimizer))
+                print("RESTORED", "same" if same else "different", int(self.model.optimizer.iterations))
+
         def on_epoch_begin(self, epoch, logs=None):
             if epoch == 1 and sys.argv[1] == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -150,6 +201,9 @@ def test_a_killed_run_is_resumed_not_left_running(tmp_path, tiny_params, tiny_co
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"EPOCHS 2 {state['run_id']}" in resumed.stdout
+    # the weights and Adam's state (its moments, and one epoch's steps) are the checkpoint's
+    steps_per_epoch = math.ceil(10 * TINY_TRAIN_PER_CLASS / tiny_params["train"]["batch_size"])
+    assert f"RESTORED same {steps_per_epoch}" in resumed.stdout
     assert "Resuming cnn2-seed0 after epoch 1" in resumed.stdout
     assert client.get_run(state["run_id"]).info.status == "FINISHED"
 
