@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from scipy import stats
@@ -16,7 +17,6 @@ from fmnist.models import build_model
 from tests.conftest import REPO, real_params
 
 CLASSES = tuple(f"c{i}" for i in range(10))
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _probabilities(rows: list[tuple[int, float]]) -> np.ndarray:
@@ -130,19 +130,33 @@ def test_convergence_per_seed_pairs_runs_of_the_same_seed():
     assert result["paper_check"]["per_seed"] == {"cnn2": [40, 40], "cnn2_bn": [10, 20]}
 
 
-def test_figures_are_written_as_png(tmp_path):
+def _pixels(path) -> np.ndarray:
+    return plt.imread(path)  # (height, width, RGBA) floats in [0, 1]
+
+
+def test_figures_draw_their_data(tmp_path):
     images = np.random.default_rng(0).integers(0, 255, (20, 28, 28)).astype(np.uint8)
     labels = np.repeat(np.arange(10), 2)
     plots.dataset_grid(images, labels, CLASSES, tmp_path / "a.png", per_class=2)
+    plots.dataset_grid(255 - images, labels, CLASSES, tmp_path / "a2.png", per_class=2)
     plots.confusion_matrix(np.eye(10, dtype=int) * 7, CLASSES, tmp_path / "b.png", "t")
+    plots.confusion_matrix(np.ones((10, 10), dtype=int) * 7, CLASSES, tmp_path / "b2.png", "t")
     plots.error_grid(images[:6], ["x"] * 6, tmp_path / "c.png", "t")
     plots.feature_maps(images[0], [np.ones((32, 26, 26)), np.ones((32, 11, 11))], ["c1", "c2"],
                        tmp_path / "d.png", "t")
     curve = (np.arange(1, 4), np.array([1.0, 0.5, 0.3]), np.array([[0.9, 0.4, 0.2], [1.1, 0.6, 0.4]]))
     plots.training_curves({"v": curve}, tmp_path / "e.png", "loss", "t")
-    for name in "abcde":
-        data = (tmp_path / f"{name}.png").read_bytes()
-        assert data.startswith(PNG_MAGIC) and len(data) > 2000, name
+    plots.training_curves({"v": curve, "w": (curve[0], curve[1] / 2, curve[2] / 2)}, tmp_path / "e2.png",
+                          "loss", "t")
+    for name in ["a", "b", "c", "d", "e"]:
+        assert _pixels(tmp_path / f"{name}.png")[..., :3].std() > 0.01, name  # something is drawn
+    # other data, same size: another picture
+    for name in ["a", "b", "e"]:
+        first, second = _pixels(tmp_path / f"{name}.png"), _pixels(tmp_path / f"{name}2.png")
+        assert first.shape == second.shape and not np.array_equal(first, second), name
+    plots.feature_maps(images[0], [np.ones((32, 26, 26)), np.indices((32, 11, 11)).sum(0) * 1.0],
+                       ["c1", "c2"], tmp_path / "d2.png", "t")
+    assert not np.array_equal(_pixels(tmp_path / "d.png"), _pixels(tmp_path / "d2.png"))
 
 
 def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypatch):
