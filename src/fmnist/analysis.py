@@ -258,7 +258,7 @@ def error_analysis(evaluation: Evaluation, class_names: tuple[str, ...], k: int,
 
 def convergence_claim(summary: dict[str, Any]) -> dict[str, Any] | None:
     """The paper's "batch norm converges ~4x faster" against our runs (None with fewer epochs
-    than the check needs): the variants that reproduce a paper model, each one's first epoch
+    than the check needs): the variants of the paper's claims, each one's first epoch
     at the reference's loss, and how many times faster the batch-norm ones are (mean curves
     and every seed); ``verdict``: supported (3x or more), partly (faster), not supported, or
     cannot tell (no batch-norm variant)."""
@@ -266,10 +266,13 @@ def convergence_claim(summary: dict[str, Any]) -> dict[str, Any] | None:
     if not check:
         return None
     reference = check["reference_epoch"]
+    # the variants params.yaml sets beside the paper (analyse.paper_models, analyse.comparisons);
+    # a variant a user adds to `variants` alone is not part of the paper's claims
+    claimed = ({v for v, entry in summary["variants"].items() if "paper_model" in entry}
+               | {c[side] for c in summary["comparisons"].values() for side in ("a", "b")})
     variants, factors = [], []
     for variant, epoch in check["first_epoch"].items():
-        # a variant a user adds reproduces no paper model: it is not part of the paper's claim
-        if variant == check["reference_variant"] or "paper_model" not in summary["variants"][variant]:
+        if variant == check["reference_variant"] or variant not in claimed:
             continue
         seeds = check.get("per_seed", {}).get(variant, [])
         variants.append({"variant": variant, "epoch": epoch, "per_seed": seeds})
