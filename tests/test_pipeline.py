@@ -1,7 +1,12 @@
-"""End to end: the real `dvc repro` on the shrunk pipeline in a temporary repository."""
+"""End to end: the real `dvc repro` on the shrunk pipeline in a temporary repository.
+
+The pipeline runs once (a module-scoped fixture); each scenario after it is its own test,
+in the order below, so that one failing does not hide the others.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import sqlite3
 import subprocess
@@ -10,10 +15,21 @@ import sys
 import pytest
 import yaml
 
+from fmnist import paths
 from fmnist.files import file_digest
-from tests.conftest import only_variants, run, venv_env
+from tests.conftest import (
+    TINY_TEST_PER_CLASS,
+    TINY_TRAIN_PER_CLASS,
+    make_dvc_repo,
+    only_variants,
+    real_params,
+    run,
+    shrink,
+    venv_env,
+    write_tiny_idx,
+)
 
-pytestmark = pytest.mark.slow
+VARIANTS = ["cnn2", "cnn2_bn_skip"]
 
 
 def _ran(output: str) -> set[str]:
@@ -26,77 +42,139 @@ def _runs_in_store(repo) -> list[tuple[str, str]]:
         return db.execute("SELECT name, status FROM runs ORDER BY start_time").fetchall()
 
 
-def test_dvc_repro_runs_the_tiny_pipeline_incrementally(dvc_repo, tiny_params):
-    params = only_variants(tiny_params, ["cnn2", "cnn2_bn_skip"])
-    (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "commit", "-qam", "two tiny variants"], dvc_repo)
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A repository with two tiny variants, after its first `dvc repro`: (repo, params, output)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    params = only_variants(shrink(real_params()), VARIANTS)
+    repo = make_dvc_repo(root / "repo", params, local_data=write_tiny_idx(root / "tiny_idx"))
+    first = run(["dvc", "repro"], repo)
+    return repo, params, first.stdout
 
-    first = run(["dvc", "repro"], dvc_repo)
-    assert _ran(first.stdout) == {"check_params", "download", "prepare", "train@cnn2-0",
-                                  "train@cnn2_bn_skip-0", "evaluate@cnn2-0", "evaluate@cnn2_bn_skip-0",
-                                  "baseline", "analyse"}
-    for path in ["data/raw/source.json", "data/prepared/fashion_mnist.npz", "reports/figures/dataset.png",
-                 "models/cnn2/seed0/model.keras", "models/cnn2_bn_skip/seed0/history.json",
-                 "reports/eval/cnn2-seed0/confusion_matrix.png", "reports/analysis/top_errors.png",
-                 "reports/analysis/training_loss.png", "reports/report.md", "metrics/summary.json"]:
-        assert (dvc_repo / path).is_file(), path
 
-    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], dvc_repo).stdout)
+@pytest.mark.slow
+def test_the_first_repro_runs_every_stage_once(pipeline):
+    _, _, output = pipeline
+    assert _ran(output) == {"check_params", "download", "prepare", "train@cnn2-0", "train@cnn2_bn_skip-0",
+                            "evaluate@cnn2-0", "evaluate@cnn2_bn_skip-0", "baseline", "analyse"}
+
+
+@pytest.mark.slow
+def test_each_stage_hands_the_next_what_it_needs(pipeline):
+    repo, params, _ = pipeline
+    info = json.loads((repo / paths.PREPARED_INFO).read_text())
+    assert info["sizes"] == {"train": 10 * TINY_TRAIN_PER_CLASS, "validation": 0,
+                             "test": 10 * TINY_TEST_PER_CLASS}
+    summary = json.loads((repo / paths.SUMMARY).read_text())
+    report = (repo / paths.REPORT).read_text()
+    with (repo / paths.CURVES).open() as f:
+        curves = list(csv.DictReader(f))
+    for variant in VARIANTS:
+        files = paths.RunFiles(repo / paths.model_dir(variant, 0))
+        history = json.loads(files.history.read_text())
+        assert [record["epoch"] for record in history] == list(range(1, params["train"]["epochs"] + 1))
+        metrics = json.loads((repo / paths.metrics_file(variant, 0)).read_text())
+        assert metrics["epochs"] == len(history)
+        assert metrics["final_train_loss"] == round(history[-1]["loss"], 6)
+        # one seed: the analyse stage's mean is that run's accuracy, and the report shows it
+        assert summary["variants"][variant]["test_accuracy_mean"] == metrics["test_accuracy"]
+        assert f"| {paths.run_name(variant, 0)} | {100 * metrics['test_accuracy']:.2f} |" in report
+        epochs = [record["epoch"] for record in history]
+        assert [int(row["epoch"]) for row in curves if row["variant"] == variant] == epochs
+        architecture = files.architecture.read_text()
+        assert f'<details><summary>{variant}</summary>\n\n```\n{architecture.rstrip()}\n```' in report
+    baseline = json.loads((repo / paths.BASELINE_METRICS).read_text())
+    assert baseline["train_size"] == params["baseline"]["train_size"]
+    assert summary["baseline"]["test_accuracy"] == baseline["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_dvc_shows_the_metrics_and_plots(pipeline):
+    repo, _, _ = pipeline
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
     (files,) = [revision["data"] for revision in metrics.values()]  # the workspace
-    for name in ["metrics/runs/cnn2-seed0.json", "metrics/runs/cnn2_bn_skip-seed0.json",
-                 "metrics/baseline.json", "metrics/summary.json"]:
-        assert "test_accuracy" in json.dumps(files[name]["data"]), name
-    assert "macro_f1" in files["metrics/runs/cnn2-seed0.json"]["data"]
+    for variant in VARIANTS:
+        shown = files[paths.metrics_file(variant, 0).as_posix()]["data"]
+        assert shown == json.loads((repo / paths.metrics_file(variant, 0)).read_text())
+    assert files[paths.BASELINE_METRICS.as_posix()]["data"]["test_accuracy"] == json.loads(
+        (repo / paths.BASELINE_METRICS).read_text())["test_accuracy"]
 
-    plots = run(["dvc", "plots", "show", "-o", "plots_html"], dvc_repo)
-    html = (dvc_repo / "plots_html" / "index.html").read_text()
+    plots = run(["dvc", "plots", "show", "-o", "plots_html"], repo)
+    html = (repo / "plots_html" / "index.html").read_text()
     assert "Training loss" in html and "Confusion matrix cnn2-seed0" in html, plots.stdout
 
-    runs = _runs_in_store(dvc_repo)
-    assert ("cnn2-seed0", "FINISHED") in runs and ("cnn2_bn_skip-seed0", "FINISHED") in runs
-    assert ("svc-baseline", "FINISHED") in runs and ("analysis", "FINISHED") in runs
 
-    # Nothing changed: nothing runs.
-    assert _ran(run(["dvc", "repro"], dvc_repo).stdout) == set()
+@pytest.mark.slow
+def test_every_stage_that_tracks_left_a_finished_mlflow_run(pipeline):
+    repo, _, _ = pipeline
+    runs = _runs_in_store(repo)
+    for name in [paths.run_name(v, 0) for v in VARIANTS] + ["svc-baseline", "analysis"]:
+        assert (name, "FINISHED") in runs, name
 
-    # A corrupted raw file: prepare names it; `dvc repro` restores it by re-running download.
-    raw = dvc_repo / "data" / "raw" / "train-images-idx3-ubyte.gz"
+
+@pytest.mark.slow
+def test_nothing_changed_nothing_runs(pipeline):
+    repo, _, _ = pipeline
+    assert _ran(run(["dvc", "repro"], repo).stdout) == set()
+
+
+@pytest.mark.slow
+def test_a_corrupted_raw_file_is_named_and_restored(pipeline):
+    """prepare names the file; `dvc repro` restores it by re-running download (or from its cache)."""
+    repo, _, _ = pipeline
+    raw = repo / "data" / "raw" / "train-images-idx3-ubyte.gz"
     raw.chmod(0o644)
     raw.write_bytes(raw.read_bytes()[:-50])
-    broken = subprocess.run([sys.executable, "stages/prepare.py"], cwd=dvc_repo, env=venv_env(),
+    broken = subprocess.run([sys.executable, "stages/prepare.py"], cwd=repo, env=venv_env(),
                             capture_output=True, text=True)
     assert broken.returncode == 1 and "checksum mismatch" in broken.stderr
     assert "Traceback" not in broken.stderr
-    restored = run(["dvc", "repro"], dvc_repo)
+    restored = run(["dvc", "repro"], repo)
     # DVC sees download's output changed and restores it: from its cache when it holds the
     # output (as here), else by re-running the stage.
     assert ("Stage 'download' is cached - skipping run, checking out outputs" in restored.stdout
             or "download" in _ran(restored.stdout))
-    recorded = json.loads((dvc_repo / "data" / "raw" / "source.json").read_text())["md5"]
+    recorded = json.loads((repo / paths.SOURCE_INFO).read_text())["md5"]
     assert file_digest(raw) == recorded[raw.name]
     assert _ran(restored.stdout) <= {"download"}  # the same data again: nothing downstream runs
 
-    # A new variant is an edit of params.yaml: only it trains.
-    params["variants"]["wide3"] = {"blocks": 3, "filters": 16, "padding": "same"}
-    (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    added = _ran(run(["dvc", "repro"], dvc_repo).stdout)
-    assert {s for s in added if s.startswith("train")} == {"train@wide3-0"}
-    run(["git", "add", "-A"], dvc_repo)
-    run(["git", "commit", "-qm", "wide3"], dvc_repo)
 
-    # An experiment on one variant's key re-trains only that variant.
+@pytest.mark.slow
+def test_a_new_variant_is_an_edit_of_params_and_only_it_trains(pipeline):
+    repo, params, _ = pipeline
+    params = {**params, "variants": {**params["variants"],
+                                     "wide3": {"blocks": 3, "filters": 16, "padding": "same"}}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    added = _ran(run(["dvc", "repro"], repo).stdout)
+    assert {s for s in added if s.startswith("train")} == {"train@wide3-0"}
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "wide3"], repo)
+    # the report lists it, but not among the paper's claims
+    report = (repo / paths.REPORT).read_text()
+    claims = report.split("## The paper's claims, checked")[1].split("\n## ")[0]
+    assert "| wide3 (" in report and "wide3" not in claims
+
+
+@pytest.mark.slow
+def test_an_experiment_on_one_variant_retrains_only_it(pipeline):
     # (a key the variant does not set yet takes a leading +, as in Hydra)
-    experiment = run(["dvc", "exp", "run", "-S", "+variants.cnn2.dropout_rate=0.3"], dvc_repo)
+    repo, _, _ = pipeline
+    experiment = run(["dvc", "exp", "run", "-S", "+variants.cnn2.dropout_rate=0.3"], repo)
     assert {s for s in _ran(experiment.stdout) if s.startswith("train")} == {"train@cnn2-0"}
-    names = [name for name, _ in _runs_in_store(dvc_repo)]
+    names = [name for name, _ in _runs_in_store(repo)]
     assert names.count("cnn2-seed0") == 2
 
-    # A queued experiment runs in a temporary copy, yet lands in this repository's store.
-    run(["git", "reset", "-q", "--hard"], dvc_repo)
-    run(["dvc", "exp", "run", "--queue", "-S", "+variants.cnn2.dropout_rate=0.2"], dvc_repo)
-    run(["dvc", "exp", "run", "--run-all"], dvc_repo)
-    with sqlite3.connect(dvc_repo / "mlflow.db") as db:
+
+@pytest.mark.slow
+def test_a_queued_experiment_lands_in_this_repositorys_store(pipeline):
+    """It runs in a temporary copy, yet its MLflow run is in this repository's store."""
+    repo, _, _ = pipeline
+    run(["git", "reset", "-q", "--hard"], repo)
+    before = [name for name, _ in _runs_in_store(repo)].count("cnn2-seed0")
+    run(["dvc", "exp", "run", "--queue", "-S", "+variants.cnn2.dropout_rate=0.2"], repo)
+    run(["dvc", "exp", "run", "--run-all"], repo)
+    with sqlite3.connect(repo / "mlflow.db") as db:
         uris = [uri for (uri,) in db.execute(
             "SELECT artifact_uri FROM runs WHERE name = 'cnn2-seed0' ORDER BY start_time")]
-    assert len(uris) == 3
-    assert uris[-1].startswith((dvc_repo / "mlartifacts").as_uri())
+    assert len(uris) == before + 1
+    assert uris[-1].startswith((repo / "mlartifacts").as_uri())

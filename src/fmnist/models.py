@@ -13,7 +13,9 @@ Only built-in layers are used, so a saved .keras file loads without this package
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import keras
 from keras import layers
@@ -71,20 +73,35 @@ def build_model(spec: ModelSpec, name: str = "model") -> keras.Model:
     return keras.Model(inputs, outputs, name=name)
 
 
+def _tensor_sources(value: Any) -> Iterator[str]:
+    """The layers that made the tensors named in a serialized call (``get_config``)."""
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            yield value["config"]["keras_history"][0]  # [layer name, node index, tensor index]
+        else:
+            for item in value.values():
+                yield from _tensor_sources(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensor_sources(item)
+
+
+def layer_inputs(model: keras.Model) -> dict[str, list[str]]:
+    """Each layer's input layers, in call order, from the model's public config (a layer fed
+    the same tensor n times lists it n times)."""
+    return {layer["name"]: list(_tensor_sources(layer["inbound_nodes"][:1]))
+            for layer in model.get_config()["layers"]}
+
+
 def feature_layer_names(model: keras.Model) -> list[str]:
     """The layers whose outputs the paper shows as feature maps (Figs. 6-7): what each block
     pools, i.e. its activated conv output (after the skip sum where the block has one)."""
-    return [layer.input._keras_history.operation.name for layer in model.layers
-            if layer.name.endswith("_pool")]
+    inputs = layer_inputs(model)
+    return [inputs[layer.name][0] for layer in model.layers if layer.name.endswith("_pool")]
 
 
-def _inputs_of(layer: keras.Layer) -> str:
-    """The layers feeding ``layer`` ("image x32" for the repeat shortcut)."""
-    try:
-        tensors = keras.tree.flatten(layer._inbound_nodes[0].input_tensors)
-    except (AttributeError, IndexError):
-        return ""
-    names = [tensor._keras_history.operation.name for tensor in tensors]
+def _inputs_of(names: list[str]) -> str:
+    """The layers feeding a layer, repeated ones counted ("image x32" for the repeat shortcut)."""
     counts = {name: names.count(name) for name in names}
     return ", ".join(name if n == 1 else f"{name} x{n}" for name, n in counts.items())
 
@@ -92,9 +109,10 @@ def _inputs_of(layer: keras.Layer) -> str:
 def summary_text(model: keras.Model) -> str:
     """The model summary (the paper's Fig. 4) as a plain-text table."""
     rows = [("Layer", "Type", "Output shape", "Params", "Inputs")]
+    inputs = layer_inputs(model)
     for layer in model.layers:
         rows.append((layer.name, type(layer).__name__, str(tuple(layer.output.shape)),
-                     f"{layer.count_params():,}", _inputs_of(layer)))
+                     f"{layer.count_params():,}", _inputs_of(inputs[layer.name])))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [f'Model: "{model.name}"']
     for row in rows:
