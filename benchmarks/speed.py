@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from fmnist.cli import QUIET_TENSORFLOW
 from fmnist.device import cpu_model  # imports no Keras: each worker chooses its backend first
 
 FULL_EPOCH_IMAGES = 60_000
@@ -89,7 +90,7 @@ def main() -> None:
                    str(args.images), "--epochs", str(args.epochs), "--precisions", *args.precisions,
                    "--variants", *args.variants]
         result = subprocess.run(command, capture_output=True, text=True,
-                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+                                env={**os.environ, **QUIET_TENSORFLOW})
         lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
         if result.returncode != 0:
             print(f"{backend}: failed\n{result.stderr[-2000:]}", file=sys.stderr)

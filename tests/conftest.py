@@ -14,11 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from fmnist import data  # noqa: E402
-from fmnist.config import parse_params  # noqa: E402
-from fmnist.idx import write_idx  # noqa: E402
+from fmnist import cli, data  # cli first: it sets TensorFlow's log level before Keras loads
+from fmnist.config import parse_params
+from fmnist.idx import write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TRAIN_PER_CLASS = 24
@@ -106,7 +104,7 @@ def venv_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("DVC_ROOT", None)
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env.update(cli.QUIET_TENSORFLOW)
     return env
 
 

@@ -13,8 +13,12 @@ from collections.abc import Callable
 from fmnist.config import ConfigError
 from fmnist.files import CorruptFileError
 
-# Stage scripts import this module first: TensorFlow's C++ start-up chatter is noise here.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ start-up chatter is noise in a stage's output: warnings and errors only.
+# The one place the level is set: stage scripts import this module before Keras, and tests
+# and benchmarks pass QUIET_TENSORFLOW to the processes they start.
+QUIET_TENSORFLOW = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+for _key, _value in QUIET_TENSORFLOW.items():
+    os.environ.setdefault(_key, _value)
 
 DEBUG_VARIABLE = "FMNIST_DEBUG"
 _USER_ERRORS = {  # module -> its error classes; only modules already imported can have raised

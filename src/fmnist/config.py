@@ -258,8 +258,7 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class Config:
     data: DataConfig
-    model_defaults: dict[str, Any]
-    variants: dict[str, ModelSpec]
+    variants: dict[str, ModelSpec]  # model_defaults is in each: nothing else reads it
     train: TrainConfig
     evaluate: EvaluateConfig
     analyse: AnalyseConfig
@@ -374,7 +373,6 @@ def parse_params(raw: Any) -> Config:
         raise ConfigError("params.yaml: missing section model_defaults or variants")
     config = Config(
         data=_section(raw, "data", DataConfig),
-        model_defaults=dict(raw["model_defaults"] or {}),
         variants=build_variants(raw["model_defaults"], raw["variants"]),
         train=_section(raw, "train", TrainConfig),
         evaluate=_section(raw, "evaluate", EvaluateConfig),
