@@ -12,7 +12,7 @@ from scipy import stats
 
 from fmnist import analysis, plots, report
 from fmnist.config import load_params, parse_params
-from fmnist.evaluation import score, summary_metrics
+from fmnist.evaluation import run_metrics, score
 from fmnist.models import build_model
 from tests.conftest import REPO, real_params
 
@@ -41,11 +41,11 @@ def test_metrics_match_a_hand_computed_case():
     assert evaluation.loss == pytest.approx(expected_loss)
 
 
-def test_summary_metrics_keep_final_and_label_the_test_selected_best():
+def test_run_metrics_keep_final_and_label_the_test_selected_best():
     evaluation = score(_probabilities([(0, 0.9), (1, 0.8)]), np.array([0, 1]), CLASSES)
     history = [{"epoch": 1, "loss": 0.5, "test_accuracy": 0.97},
                {"epoch": 2, "loss": 0.4, "test_accuracy": 0.9}]
-    metrics = summary_metrics(evaluation, history)
+    metrics = run_metrics(evaluation, history)
     assert metrics["test_accuracy"] == 1.0  # the final model, not the best epoch
     assert metrics["best_epoch_test_accuracy_selected_on_test"] == 0.97
     assert metrics["epochs"] == 2 and metrics["final_train_loss"] == 0.4

@@ -200,7 +200,8 @@ def convergence(histories: dict[str, list[list[dict[str, float]]]], reference_va
 
 def summarise(config: Config, runs: list[TrainedRun], baseline: dict[str, Any],
               data_info: dict[str, Any]) -> dict[str, Any]:
-    """metrics/summary.json: per-variant spread over seeds, comparisons, the paper's numbers."""
+    """The analysis (reports/analysis/analysis.json; the analyse stage adds the error analysis
+    and figures): per-variant spread over seeds, comparisons, convergence, the paper's numbers."""
     by_variant = {v: [r for r in runs if r.variant == v] for v in config.variants}
     variants = {}
     spreads = {}

@@ -61,7 +61,7 @@ def score(probabilities: np.ndarray, labels: np.ndarray, class_names: tuple[str,
         report=report, confusion=confusion_matrix(labels, predictions, labels=classes))
 
 
-def summary_metrics(evaluation: Evaluation, history: list[dict[str, float]]) -> dict[str, Any]:
+def run_metrics(evaluation: Evaluation, history: list[dict[str, float]]) -> dict[str, Any]:
     """The DVC metrics file of one trained model."""
     metrics = {
         "test_accuracy": round(evaluation.accuracy, 6),
@@ -113,7 +113,7 @@ def evaluate_model(model_dir: Path, x_test: np.ndarray, y_test: np.ndarray,
     run_info = read_json(files.run_info, "written by the train stage")
     probabilities = np.asarray(model.predict(to_inputs(x_test), batch_size=1024, verbose=0))
     evaluation = score(probabilities, y_test, class_names)
-    metrics = summary_metrics(evaluation, history)
+    metrics = run_metrics(evaluation, history)
 
     with atomic_path(report_dir) as tmp:
         tmp.mkdir()
