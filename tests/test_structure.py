@@ -53,7 +53,10 @@ def test_each_stage_depends_on_exactly_the_modules_it_imports(stage):
     (script,) = re.findall(r"stages/\w+\.py", definition["cmd"])
     deps = {dep if isinstance(dep, str) else next(iter(dep)) for dep in definition["deps"]}
     assert script in deps
-    imported = {f"src/fmnist/{module}.py" for module in imported_modules(REPO / script)}
+    modules = imported_modules(REPO / script)
+    imported = {f"src/fmnist/{module}.py" for module in modules}
+    imported |= {f"src/fmnist/templates/{name}" for module in modules  # what they render with
+                 for name in re.findall(r'"([\w.-]+\.j2)"', (PACKAGE / f"{module}.py").read_text())}
     listed = {dep for dep in deps if dep.startswith("src/")}
     assert sorted(imported - listed) == [], f"{stage}: imported but not in dvc.yaml's deps"
     assert sorted(listed - imported) == [], f"{stage}: in dvc.yaml's deps but never imported"

@@ -1,9 +1,13 @@
 """reports/report.md: the analyse stage's summary (see analysis) as Markdown, our numbers
-beside the paper's. Rendering only: every number comes in the summary."""
+beside the paper's. Rendering only: every number comes in the summary; the prose and the
+layout are the template templates/report.md.j2."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import jinja2
 
 from fmnist import analysis
 from fmnist.config import Config
@@ -93,86 +97,30 @@ def _ablation_reading(groups: dict[str, list[str]]) -> str:
     return "Each of " + ", ".join(carried) + " is supported on its own."
 
 
+TEMPLATE = "report.md.j2"  # in src/fmnist/templates/: the report's prose and layout
+
+
+def _environment() -> jinja2.Environment:
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+        autoescape=False)  # noqa: S701 (Markdown, not HTML)
+    environment.filters.update(pct=_pct, spread=_spread, ci=_ci, fmt=format)
+    return environment
+
+
 def markdown(config: Config, summary: dict[str, Any], runs: list[analysis.TrainedRun],
              architectures: dict[str, str]) -> str:
     """reports/report.md, top to bottom: data, Tables I-II, claims, Figs. 1-9, Tables III-IV.
     ``architectures``: each variant's layer table (paths.RunFiles.architecture)."""
-    data = summary["data"]
-    seeds = summary["seeds"]
-    out = ["# Fashion-MNIST CNNs: our reproduction beside the paper", ""]
-    out += [f"Data: **{data['source']}**; canonical train/test split: **{data['canonical_split']}**. ",
-            "" if data["canonical_split"] else f"> **Caveat:** {data['note']}.", "",
-            f"Seeds: {seeds}; epochs: {summary['epochs']}; batch size {config.train.batch_size}; "
-            f"Adam, learning rate {config.train.learning_rate}.", "",
-            "![Fig. 1: examples per class](figures/dataset.png)", ""]
-    out += ["## Tables I and II: test accuracy (%)", "",
-            "Ours is the model after the last epoch (nothing is selected on the test set), mean ± "
-            "standard deviation over seeds with a 95% t-interval. The paper's numbers were most "
-            "likely the best epoch as seen on the test set; the last column gives that kind of "
-            "number for our runs, **selected on the test set, which flatters**.", "",
-            "| Model | Paper | Ours (final epoch) | 95% CI | Best epoch, selected on test |",
-            "|---|---|---|---|---|"]
-    for name, value in analysis.PAPER_BASELINES.items():
-        ours = "-"
-        if name.startswith("SVC") and "test_accuracy" in summary["baseline"]:
-            b = summary["baseline"]
-            ours = f"{_pct(b['test_accuracy'])} (SVC on {b['train_size']} training images)"
-        out.append(f"| {name} | {value:.2f} | {ours} | - | - |")
-    for variant, entry in summary["variants"].items():
-        paper = entry.get("paper_test_accuracy")
-        best = entry.get("best_epoch_test_accuracy_selected_on_test")
-        model = f"{entry['paper_model']}; " if "paper_model" in entry else ""
-        out.append(f"| {variant} ({model}{entry['parameters']:,} parameters) | {_pct(paper)} | "
-                   f"{_spread(entry['test_accuracy'])} | {_ci(entry['test_accuracy'])} | "
-                   f"{_spread(best) if best else '-'} |")
-    out += ["", "## The paper's claims, checked", ""] + _claims(summary) + [""]
-    out += ["## Figs. 2-3: training curves", "",
-            *(f"![{file}](analysis/{file})\n" for file in summary.get("curve_figures", [])),
-            "First epoch at which the mean training loss reaches each level:", "",
-            "| Variant | " + " | ".join(f"loss ≤ {lvl}" for lvl in config.analyse.loss_levels) + " |",
-            "|---|" + "---|" * len(config.analyse.loss_levels)]
-    for variant, levels in summary["convergence"]["levels"].items():
-        out.append(f"| {variant} | " + " | ".join(str(e or "never") for e in levels.values()) + " |")
-    out += ["", "## Fig. 4: model architectures", ""]
-    for variant in config.variants:
-        text = architectures[variant]
-        out += [f"<details><summary>{variant}</summary>", "", "```", text.rstrip(), "```", "",
-                "</details>", ""]
-    out += ["## Figs. 5-7: feature maps of both conv layers", ""]
-    for variant, figures in summary["feature_maps"].items():
-        for class_name, file in figures.items():
-            out += [f"![{variant}, {class_name}](analysis/{file})", ""]
-    errors = summary["error_analysis"]
-    out += [f"## Fig. 8 and Table III: highest cross-entropy errors ({errors['run']})", "",
-            "![Fig. 8](analysis/top_errors.png)", "",
-            "| Image | Predicted | Actual | p(predicted) | p(actual) | Paper (predicted / actual) |",
-            "|---|---|---|---|---|---|"]
-    for n, error in enumerate(errors["top_errors"]):
-        paper = analysis.PAPER_TOP_ERRORS[n] if n < len(analysis.PAPER_TOP_ERRORS) else ("-", "-")
-        out.append(f"| ({chr(97 + n)}) test #{error['index']} | {error['predicted']} | {error['actual']} | "
-                   f"{error['probability_predicted']:.3f} | {error['probability_actual']:.1e} | "
-                   f"{paper[0]} / {paper[1]} |")
-    if not errors["top_errors"]:
-        out.append("| - | no misclassified test image | | | | |")
-    out += ["", "Most confused pairs (actual → predicted):", ""]
-    out += [f"- {p['actual']} → {p['predicted']}: {p['count']}" for p in errors["confused_pairs"]]
-    out += ["", f"## Table IV: per-class precision, recall and F1 ({errors['run']})", "",
-            "| Class | Label | Precision (paper) | Recall (paper) | F1 (paper) | Support |",
-            "|---|---|---|---|---|---|"]
-    for label, name in enumerate(config.evaluate.class_names):
-        ours = errors["per_class"][name]
-        paper = analysis.PAPER_TABLE_IV[label]
-        out.append(f"| {name} | {label} | {ours['precision']:.2f} ({paper[0]:.2f}) | "
-                   f"{ours['recall']:.2f} ({paper[1]:.2f}) | {ours['f1-score']:.2f} ({paper[2]:.2f}) | "
-                   f"{int(ours['support'])} |")
-    out += ["", "## Fig. 9: confusion matrix", "",
-            f"![Fig. 9](eval/{errors['run']}/confusion_matrix.png)", "",
-            "## Every run", "",
-            "| Run | Test accuracy | Macro F1 | Epochs | Train time (s) | Device (backend, precision) |",
-            "|---|---|---|---|---|---|"]
-    for run in runs:
-        out.append(f"| {run.name} | {_pct(run.metrics['test_accuracy'])} | "
-                   f"{run.metrics['macro_f1']:.4f} | {run.metrics['epochs']} | "
-                   f"{run.run_info['train_seconds']:.0f} | {run.run_info['device']} "
-                   f"({run.run_info['keras_backend']}, {run.run_info.get('precision', 'float32')}) |")
-    return "\n".join(out) + "\n"
+    return _environment().get_template(TEMPLATE).render(
+        data=summary["data"], seeds=summary["seeds"], epochs=summary["epochs"],
+        batch_size=config.train.batch_size, learning_rate=config.train.learning_rate,
+        paper_baselines=analysis.PAPER_BASELINES, baseline=summary["baseline"],
+        variants=summary["variants"], claims=_claims(summary),
+        curve_figures=summary.get("curve_figures", []), loss_levels=config.analyse.loss_levels,
+        convergence_levels=summary["convergence"]["levels"],
+        architectures={variant: architectures[variant] for variant in config.variants},
+        feature_maps=summary["feature_maps"], errors=summary["error_analysis"],
+        paper_top_errors=analysis.PAPER_TOP_ERRORS, paper_table_iv=analysis.PAPER_TABLE_IV,
+        class_names=config.evaluate.class_names, runs=runs)
