@@ -90,13 +90,17 @@ def test_feature_maps_have_one_channel_per_filter_and_come_from_the_named_class(
         analysis.first_of_class(labels, 5)
 
 
+def _judged(comparison: dict) -> dict:
+    return {**comparison, "verdict": analysis.verdict_word(comparison)}
+
+
 def test_spread_and_welch_comparison_agree_with_scipy():
     a = analysis.Spread((0.910, 0.912, 0.915))
     b = analysis.Spread((0.920, 0.925, 0.921))
     assert a.std == pytest.approx(np.std(a.values, ddof=1))
     low, high = a.ci95
     assert low < a.mean < high
-    comparison = analysis.compare(a, b)
+    comparison = _judged(analysis.compare(a, b))
     expected = stats.ttest_ind(b.values, a.values, equal_var=False)
     assert comparison["p_value"] == pytest.approx(expected.pvalue)
     assert comparison["difference"] == pytest.approx(b.mean - a.mean)
@@ -104,9 +108,9 @@ def test_spread_and_welch_comparison_agree_with_scipy():
     low, high = (100 * v for v in comparison["ci95"])
     assert "1.00 is inside" in report.verdict(comparison, "b", paper_difference=1.0)
     assert f"{high + 1:+.2f} is outside" in report.verdict(comparison, "b", high + 1)
-    noisy = analysis.compare(a, analysis.Spread((0.905, 0.925, 0.913)))
+    noisy = _judged(analysis.compare(a, analysis.Spread((0.905, 0.925, 0.913))))
     assert "within seed noise" in report.verdict(noisy, "b beats a")
-    single = analysis.compare(analysis.Spread((0.9,)), analysis.Spread((0.91,)))
+    single = _judged(analysis.compare(analysis.Spread((0.9,)), analysis.Spread((0.91,))))
     assert single["p_value"] is None and "cannot tell" in report.verdict(single, "x")
 
 
@@ -184,7 +188,8 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
         name: evaluation.report[c] for name, c in zip(config.evaluate.class_names, CLASSES, strict=True)}}
     summary["feature_maps"] = {"cnn2": {"Bag": "feature_maps_cnn2_bag.png"}}
     summary["curve_figures"] = ["training_loss.png"]
-    text = report.markdown(config, summary, runs, {v: f'Model: "{v}"\n' for v in config.variants})
+    text = report.markdown(config, summary, analysis.check_claims(summary), runs,
+                           {v: f'Model: "{v}"\n' for v in config.variants})
     for heading in ["Tables I and II", "The paper's claims, checked", "Figs. 2-3", "Fig. 4",
                     "Figs. 5-7", "Fig. 8 and Table III", "Table IV", "Fig. 9", "Every run"]:
         assert heading in text, heading
@@ -224,6 +229,6 @@ def test_a_variant_added_to_params_is_not_under_the_papers_claims():
     assert not any("wide3" in key for key in summary["comparisons"])
     assert len(summary["comparisons"]) == len(config.analyse.comparisons)
     assert summary["convergence"]["paper_check"]["reference_variant"] == "cnn2"
-    claims = "\n".join(report._claims(summary))
+    claims = "\n".join(report._claims(analysis.check_claims(summary)))
     assert "cnn2_bn at epoch" in claims  # the convergence claim is there, with the paper's models
     assert "wide3" not in claims

@@ -95,3 +95,9 @@ def test_no_module_imports_training_but_the_train_stage():
                  for file in [*PACKAGE.glob("*.py"), *(REPO / "stages").glob("*.py")]
                  if "training" in _local_imports(file)]
     assert importers == ["stages/train.py"]
+
+
+def test_config_knows_the_papers_models():
+    from fmnist import config, paper
+
+    assert config.PAPER_MODELS == tuple(paper.MODELS)

@@ -95,7 +95,8 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
         write_json(tmp / "analysis.json", summary)
     architectures = {variant: paths.run_files(variant, first_seed).architecture.read_text()
                      for variant in config.variants}
-    write_text(report_file, report.markdown(config, summary, runs, architectures))
+    claims = analysis.check_claims(summary)
+    write_text(report_file, report.markdown(config, summary, claims, runs, architectures))
     metrics = analysis.compact(summary)
     write_json(summary_file, metrics)
     experiment_id = tracking.connect(config.tracking.experiment)

@@ -13,25 +13,11 @@ import keras
 import numpy as np
 from scipy import stats
 
-from fmnist import paths
+from fmnist import paper, paths
 from fmnist.config import Config
 from fmnist.data import to_inputs
 from fmnist.evaluation import Evaluation, cross_entropy
 from fmnist.models import feature_layer_names
-
-# The paper's Tables I and II (test accuracy, %) and Table IV (its best model).
-PAPER_BASELINES = {"SVC (C=10, rbf) [1]": 89.70, "EDEN [21]": 90.60}
-PAPER_MODELS = {"CNN2": 91.17, "CNN2+BN": 92.22, "CNN2+BN+Skip": 92.54}  # analyse.paper_models maps
-PAPER_TABLE_IV = {  # class label -> (precision, recall, F1)
-    0: (0.88, 0.86, 0.87), 1: (0.99, 0.98, 0.99), 2: (0.90, 0.85, 0.88), 3: (0.92, 0.93, 0.92),
-    4: (0.87, 0.88, 0.88), 5: (0.99, 0.99, 0.99), 6: (0.75, 0.80, 0.77), 7: (0.96, 0.97, 0.97),
-    8: (0.99, 0.99, 0.99), 9: (0.98, 0.97, 0.97),
-}
-PAPER_TOP_ERRORS = [("Ankle boot", "Sneaker"), ("Sandal", "Ankle boot"), ("T-shirt/top", "Pullover"),
-                    ("Dress", "Trouser"), ("Shirt", "Coat"), ("Ankle boot", "Sneaker")]
-# "With Batch Normalization we were able to achieve the same loss function value after
-# 10 epochs which was achieved after 40 epochs without" (section III-B).
-PAPER_CONVERGENCE = {"reference_epoch": 40, "batch_norm_epoch": 10}
 
 
 @dataclass(frozen=True)
@@ -178,7 +164,7 @@ def convergence(histories: dict[str, list[list[dict[str, float]]]], reference_va
     result: dict[str, Any] = {
         "levels": {name: {str(level): first_epoch_at_or_below(curve, level) for level in levels}
                    for name, curve in curves.items()}}
-    reference_epoch = PAPER_CONVERGENCE["reference_epoch"]
+    reference_epoch = paper.CONVERGENCE["reference_epoch"]
     reference = curves.get(reference_variant)
     if reference is not None and len(reference) >= reference_epoch:
         target = float(reference[reference_epoch - 1])
@@ -217,7 +203,7 @@ def summarise(config: Config, runs: list[TrainedRun], baseline: dict[str, Any],
         paper_model = config.analyse.paper_models.get(variant)
         if paper_model:
             entry["paper_model"] = paper_model
-            entry["paper_test_accuracy"] = round(PAPER_MODELS[paper_model] / 100, 4)
+            entry["paper_test_accuracy"] = round(paper.MODELS[paper_model] / 100, 4)
         variants[variant] = entry
     # the paper's CNN2 (the first variant that reproduces it) is what batch norm is set against
     reference = next((v for v, model in config.analyse.paper_models.items() if model == "CNN2"),
@@ -289,7 +275,23 @@ def convergence_claim(summary: dict[str, Any]) -> dict[str, Any] | None:
     else:
         verdict = "not supported"
     return {"verdict": verdict, "factors": (min(factors), max(factors)) if factors else None,
-            "variants": variants}
+            "variants": variants, "reference_variant": check["reference_variant"],
+            "reference_epoch": reference, "loss": check["loss"]}
+
+
+def check_claims(summary: dict[str, Any]) -> dict[str, Any]:
+    """Each claim's verdict: the comparisons of analyse.comparisons (``verdict``: see
+    verdict_word), the ablation's groups and the ones whose every comparison is supported
+    (``carried``), and the convergence claim (None when the runs are too short)."""
+    comparisons = [{"key": key, **comparison, "verdict": verdict_word(comparison)}
+                   for key, comparison in summary["comparisons"].items()]
+    groups: dict[str, list[str]] = {}
+    for comparison in comparisons:
+        if comparison["group"]:
+            groups.setdefault(comparison["group"], []).append(comparison["verdict"])
+    carried = [group for group, words in groups.items() if all(w == "supported" for w in words)]
+    return {"comparisons": comparisons, "groups": groups, "carried": carried,
+            "convergence": convergence_claim(summary)}
 
 
 def compact(summary: dict[str, Any]) -> dict[str, Any]:

@@ -196,6 +196,7 @@ class EvaluateConfig:
                "evaluate.class_names", list(self.class_names), f"{NUM_CLASSES} distinct names")
 
 
+# paper.MODELS' keys, spelled here so that no stage depends on the paper's numbers (a test checks)
 PAPER_MODELS = ("CNN2", "CNN2+BN", "CNN2+BN+Skip")
 
 

@@ -9,15 +9,16 @@ from typing import Any
 
 import jinja2
 
-from fmnist import analysis
+from fmnist import paper
 from fmnist.config import Config
 
 
 def verdict(comparison: dict[str, Any], claim: str, paper_difference: float | None = None) -> str:
-    """Plain words on whether a difference supports a claim that b beats a; with the paper's
+    """Plain words on whether a difference supports a claim that b beats a (``comparison``:
+    analysis.compare's numbers and analysis.verdict_word's ``verdict``); with the paper's
     difference (points), whether our interval contains it."""
     difference = comparison["difference"] * 100
-    word = analysis.verdict_word(comparison)
+    word = comparison["verdict"]
     if comparison["ci95"] is None:
         return (f"{claim}: {word} (difference {difference:+.2f} points from fewer than two "
                 "seeds per variant; add seeds in train.seeds)")
@@ -47,49 +48,45 @@ def _ci(entry: dict[str, Any]) -> str:
     return "-" if entry["ci95"] is None else f"[{_pct(entry['ci95'][0])}, {_pct(entry['ci95'][1])}]"
 
 
-def _claims(summary: dict[str, Any]) -> list[str]:
+def _claims(claims: dict[str, Any]) -> list[str]:
+    """The claims section's bullets from analysis.check_claims."""
     lines = []
-    groups: dict[str, list[str]] = {}
-    for key, comparison in summary["comparisons"].items():
-        paper = comparison["paper"]
-        claim = (f"{comparison['claim']} ({key}"
-                 + (f"; paper: {paper:+.2f} points)" if paper is not None else ")"))
-        text = verdict(comparison, claim, paper)
-        lines.append("- " + text)
-        if comparison["group"]:
-            groups.setdefault(comparison["group"], []).append(analysis.verdict_word(comparison))
-    if groups:
+    for comparison in claims["comparisons"]:
+        paper_difference = comparison["paper"]
+        claim = (f"{comparison['claim']} ({comparison['key']}"
+                 + (f"; paper: {paper_difference:+.2f} points)" if paper_difference is not None else ")"))
+        lines.append("- " + verdict(comparison, claim, paper_difference))
+    if claims["groups"]:
         lines.append("- Which factor carries the gain (the ablation): " + "; ".join(
-            f"{group}: {', '.join(words)}" for group, words in groups.items()) + ". "
-            + _ablation_reading(groups))
-    claim = analysis.convergence_claim(summary)
-    if claim is None:
+            f"{group}: {', '.join(words)}" for group, words in claims["groups"].items()) + ". "
+            + _ablation_reading(claims["carried"]))
+    convergence = claims["convergence"]
+    if convergence is None:
         return lines + ["- Batch normalization converges ~4x faster (paper): cannot tell; the "
                         "check needs at least 40 epochs."]
-    check = summary["convergence"]["paper_check"]
     parts = []
-    for entry in claim["variants"]:
+    for entry in convergence["variants"]:
         variant, epoch, seeds = entry["variant"], entry["epoch"], entry["per_seed"]
         per_seed = (" (per seed: " + ", ".join(str(e or "never") for e in seeds) + ")"
                     if len(seeds) > 1 else "")
         parts.append((f"{variant} at epoch {epoch}" if epoch else f"{variant} never") + per_seed)
-    low, high = claim["factors"] or (None, None)
+    low, high = convergence["factors"] or (None, None)
     word = {"cannot tell": "cannot tell (no batch-norm variant)",
             "supported": f"supported ({low or 0:.1f}x or more faster)",
             "partly": (f"partly: faster, but only {low or 0:.1f}x to {high or 0:.1f}x "
                        "(mean curves and every seed), not ~4x"),
-            "not supported": "not supported"}[claim["verdict"]]
+            "not supported": "not supported"}[convergence["verdict"]]
+    reference = convergence["reference_variant"]
     lines.append(f"- Batch normalization reaches in ~10 epochs the training loss CNN2 has after "
-                 f"40 (paper, ~4x faster): {word}. {check['reference_variant']} has mean loss "
-                 f"{check['loss']:.4f} after epoch {check['reference_epoch']}; the mean curves reach it: "
-                 + "; ".join(parts) + ". Per seed, each run is set against the same seed's "
-                 f"{check['reference_variant']} run.")
+                 f"40 (paper, ~4x faster): {word}. {reference} has mean loss "
+                 f"{convergence['loss']:.4f} after epoch {convergence['reference_epoch']}; the mean "
+                 "curves reach it: " + "; ".join(parts) + ". Per seed, each run is set against the "
+                 f"same seed's {reference} run.")
     return lines
 
 
-def _ablation_reading(groups: dict[str, list[str]]) -> str:
+def _ablation_reading(carried: list[str]) -> str:
     """One sentence on the ablation: the factor whose every comparison is supported, if one."""
-    carried = [g for g, words in groups.items() if all(w == "supported" for w in words)]
     if len(carried) == 1:
         return f"The gain is carried by {carried[0]}."
     if not carried:
@@ -109,18 +106,19 @@ def _environment() -> jinja2.Environment:
     return environment
 
 
-def markdown(config: Config, summary: dict[str, Any], runs: list[analysis.TrainedRun],
+def markdown(config: Config, summary: dict[str, Any], claims: dict[str, Any], runs: list[Any],
              architectures: dict[str, str]) -> str:
     """reports/report.md, top to bottom: data, Tables I-II, claims, Figs. 1-9, Tables III-IV.
+    ``claims``: analysis.check_claims; ``runs``: analysis.TrainedRun of every run;
     ``architectures``: each variant's layer table (paths.RunFiles.architecture)."""
     return _environment().get_template(TEMPLATE).render(
         data=summary["data"], seeds=summary["seeds"], epochs=summary["epochs"],
         batch_size=config.train.batch_size, learning_rate=config.train.learning_rate,
-        paper_baselines=analysis.PAPER_BASELINES, baseline=summary["baseline"],
-        variants=summary["variants"], claims=_claims(summary),
+        paper_baselines=paper.BASELINES, baseline=summary["baseline"],
+        variants=summary["variants"], claims=_claims(claims),
         curve_figures=summary.get("curve_figures", []), loss_levels=config.analyse.loss_levels,
         convergence_levels=summary["convergence"]["levels"],
         architectures={variant: architectures[variant] for variant in config.variants},
         feature_maps=summary["feature_maps"], errors=summary["error_analysis"],
-        paper_top_errors=analysis.PAPER_TOP_ERRORS, paper_table_iv=analysis.PAPER_TABLE_IV,
+        paper_top_errors=paper.TOP_ERRORS, paper_table_iv=paper.TABLE_IV,
         class_names=config.evaluate.class_names, runs=runs)
