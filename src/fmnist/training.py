@@ -266,7 +266,8 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
                                   device.describe(), elapsed())
             write_outputs(result, out_dir, data_info)
             tracking.log_artifacts(out_dir / "history.json", out_dir / "summary.txt")
-            tracking.log_keras_model(model, to_inputs(data.x_test[:5]), device.pip_requirements())
+            examples = -(-5 // devices) * devices  # 5, or a multiple of the devices that split it
+            tracking.log_keras_model(model, to_inputs(data.x_test[:examples]), device.pip_requirements())
     except TrainingError:
         checkpoint.clear()  # resuming would only repeat the failure
         raise
