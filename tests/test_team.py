@@ -15,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -118,7 +119,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _assert_two_finished_runs(client: MlflowClient) -> list:
+def _assert_two_finished_runs(tracking_uri: str, downloads: Path) -> dict[str, str]:
+    """Returns {trained run id: its logged model's id}."""
+    client = MlflowClient(tracking_uri=tracking_uri)
     experiments = [e for e in client.search_experiments() if e.name == EXPERIMENT]
     assert len(experiments) == 1  # not one per worker
     runs = client.search_runs([experiments[0].experiment_id])
@@ -130,10 +133,19 @@ def _assert_two_finished_runs(client: MlflowClient) -> list:
         assert any("test_accuracy" in key and key != "test_accuracy" for key in trained_run.data.metrics), (
             "the evaluate stage's metrics are missing")
         top = {artifact.path for artifact in client.list_artifacts(trained_run.info.run_id)}
-        assert {"model", "history.json", "evaluation"} <= top, top
+        assert {"history.json", "evaluation"} <= top, top
+        history = client.download_artifacts(trained_run.info.run_id, "history.json", str(downloads))
+        assert '"loss"' in Path(history).read_text()
     names = sorted(r.info.run_name for r in runs)
     assert names.count("analysis") == 2 and names.count("svc-baseline") == 2, names
-    return trained
+    # MLflow 3 keeps a logged model beside the run (a LoggedModel), not in its artifacts
+    models = {m.source_run_id: m for m in client.search_logged_models([experiments[0].experiment_id])}
+    for trained_run in trained:
+        model = models[trained_run.info.run_id]
+        mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{model.artifact_location}/MLmodel",
+                                                      dst_path=str(downloads), tracking_uri=tracking_uri)
+        assert "keras" in Path(mlmodel).read_text()
+    return {run_id: model.model_id for run_id, model in models.items()}
 
 
 def test_two_queued_experiments_on_a_postgresql_tracking_server(tmp_path, tiny_params, tiny_idx_dir):
@@ -150,14 +162,11 @@ def test_two_queued_experiments_on_a_postgresql_tracking_server(tmp_path, tiny_p
 
         _queue_two_experiments(repo, env)
 
-        client = MlflowClient(tracking_uri=server.tracking_uri)
-        trained = _assert_two_finished_runs(client)
-        for trained_run in trained:  # artifacts went through the server to its store, not to the repo
-            assert trained_run.info.artifact_uri.startswith("mlflow-artifacts:/")
-            history = Path(client.download_artifacts(trained_run.info.run_id, "history.json", str(tmp_path)))
-            assert '"loss"' in history.read_text()
-            stored = list(Path(server.artifacts).rglob(f"{trained_run.info.run_id}/artifacts/model/*"))
-            assert stored, "the model is not in the server's artifact store"
+        models = _assert_two_finished_runs(server.tracking_uri, tmp_path / "downloads")
+        # the artifacts went through the server to its own store, not into the repository
+        for run_id, model_id in models.items():
+            assert list(Path(server.artifacts).glob(f"*/{run_id}/artifacts/history.json"))
+            assert list(Path(server.artifacts).glob(f"*/models/{model_id}/artifacts/MLmodel"))
         assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
         assert _processes_in(repo) == []  # the queue's workers are gone
     finally:
@@ -174,7 +183,7 @@ def test_two_queued_experiments_on_the_sqlite_store(tmp_path, tiny_params, tiny_
     _queue_two_experiments(repo, venv_env())
 
     # the queue ran in temporary copies; the runs landed in the repository's own store
-    _assert_two_finished_runs(MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}"))
+    _assert_two_finished_runs(f"sqlite:///{repo / 'mlflow.db'}", tmp_path / "downloads")
     assert _processes_in(repo) == []
 
 
