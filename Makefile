@@ -45,11 +45,14 @@ mlflow-ui: $(VENV)/.installed
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 # PostgreSQL from Debian's packages, for the tracking server and its test (its server programs
-# live in /usr/lib/postgresql/<version>/bin); installed only where they are missing
+# live in /usr/lib/postgresql/<version>/bin); installed only where they are missing, without
+# Debian's default cluster on port 5432 (the tracking server makes its own)
 PG_CTL := $(firstword $(wildcard /usr/lib/postgresql/*/bin/pg_ctl))
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 deps-system:
 ifeq ($(PG_CTL),)
+	$(SUDO) mkdir -p /etc/postgresql-common/createcluster.d
+	echo 'create_main_cluster = false' | $(SUDO) tee /etc/postgresql-common/createcluster.d/fmnist.conf >/dev/null
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql
 endif

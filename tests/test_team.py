@@ -23,7 +23,6 @@ from fmnist import download, tracking_server
 from fmnist.prepare import prepare
 from tests.conftest import make_dvc_repo, only_variants, run, venv_env
 
-pytestmark = pytest.mark.slow
 EXPERIMENT = "fashion-mnist-cnn"  # params.yaml's tracking.experiment
 LEARNING_RATES = ("0.002", "0.003")  # one queued experiment each
 
@@ -41,6 +40,7 @@ with tracking.run(experiment_id, "stage-" + sys.argv[3], {}):
 """
 
 
+@pytest.mark.slow
 def test_stages_started_at_once_share_a_new_sqlite_store(tmp_path):
     """Without the lock, each would create the store's tables ("table already exists"); without the
     retry, several would create the experiment (mlflow issue 4123)."""
@@ -60,6 +60,18 @@ def test_stages_started_at_once_share_a_new_sqlite_store(tmp_path):
     assert experiments == [("parallel",)]
     assert sorted(runs) == [(f"stage-{i}", "FINISHED") for i in range(4)]
     assert steps == 4 * 20
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs PostgreSQL as another user")
+def test_a_server_folder_the_postgres_user_cannot_reach_is_a_clear_error(tmp_path, capsys):
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)
+    assert tracking_server.main(["start", "--dir", str(hidden / "server"), "--port", "0"]) == 1
+    error = capsys.readouterr().err
+    assert f"the postgres user cannot reach {hidden / 'server'}: {hidden} is not searchable" in error
+    assert not (hidden / "server" / "postgres").exists()  # nothing was started
+    assert tracking_server.main(["status", "--dir", str(hidden / "server")]) == 1
+    assert "not running" in capsys.readouterr().out
 
 
 def _queue_two_experiments(repo: Path, env: dict[str, str]) -> None:
@@ -148,6 +160,7 @@ def _assert_two_finished_runs(tracking_uri: str, downloads: Path) -> dict[str, s
     return {run_id: model.model_id for run_id, model in models.items()}
 
 
+@pytest.mark.slow
 def test_two_queued_experiments_on_a_postgresql_tracking_server(tmp_path, tiny_params, tiny_idx_dir):
     # PostgreSQL runs as the postgres user when we are root: its folder must be reachable,
     # which pytest's tmp_path (mode 700) is not
@@ -177,6 +190,7 @@ def test_two_queued_experiments_on_a_postgresql_tracking_server(tmp_path, tiny_p
     assert _processes_in(server_dir) == []
 
 
+@pytest.mark.slow
 def test_two_queued_experiments_on_the_sqlite_store(tmp_path, tiny_params, tiny_idx_dir):
     repo = make_dvc_repo(tmp_path / "repo", only_variants(tiny_params, ["cnn2"]), local_data=tiny_idx_dir)
 
@@ -187,6 +201,7 @@ def test_two_queued_experiments_on_the_sqlite_store(tmp_path, tiny_params, tiny_
     assert _processes_in(repo) == []
 
 
+@pytest.mark.slow
 def test_a_fresh_clone_pulls_from_the_dvc_remote_and_reruns_nothing(tmp_path, tiny_params, tiny_idx_dir):
     repo = make_dvc_repo(tmp_path / "repo", only_variants(tiny_params, ["cnn2"]), local_data=tiny_idx_dir)
     remote = tmp_path / "remote"  # a team's would be s3://, ssh:// or https:// (see README)
@@ -232,6 +247,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_training_is_data_parallel_on_several_jax_devices(tmp_path, tiny_params, tiny_config, tiny_idx_dir):
     """Two virtual CPU devices stand for several GPUs: the same code path (keras.distribution)."""
     devices = 2
