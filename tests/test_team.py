@@ -19,7 +19,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fmnist import download, tracking_server
+from fmnist import download, tracking, tracking_server
 from fmnist.prepare import prepare
 from tests.conftest import make_dvc_repo, only_variants, run, venv_env
 
@@ -60,6 +60,23 @@ def test_stages_started_at_once_share_a_new_sqlite_store(tmp_path):
     assert experiments == [("parallel",)]
     assert sorted(runs) == [(f"stage-{i}", "FINISHED") for i in range(4)]
     assert steps == 4 * 20
+
+
+def test_an_experiment_another_stage_created_meanwhile_is_reused(mlflow_store, monkeypatch):
+    """The race of mlflow issue 4123, made certain: this stage looked before the other created it."""
+    created_by_the_other = tracking.connect("raced", mlflow_store)
+    real_lookup = mlflow.get_experiment_by_name
+    lookups = []
+
+    def looked_too_early(name):
+        lookups.append(name)
+        return None if len(lookups) == 1 else real_lookup(name)
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", looked_too_early)
+    assert tracking.connect("raced", mlflow_store) == created_by_the_other  # not an error
+    assert len(lookups) == 2
+    with sqlite3.connect(mlflow_store / "mlflow.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM experiments WHERE name = 'raced'").fetchone()[0] == 1
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root runs PostgreSQL as another user")
