@@ -7,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test lint benchmark mlflow-ui gpu
+.PHONY: run test lint benchmark mlflow-ui gpu deps-system tracking-server tracking-server-stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ run: $(VENV)/.installed
 	dvc repro
 	dvc metrics show
 
-test: $(VENV)/.installed-dev lint
+test: $(VENV)/.installed-dev lint deps-system
 	python -m pytest
 
 lint: $(VENV)/.installed-dev
@@ -43,3 +43,24 @@ benchmark: $(VENV)/.installed
 
 mlflow-ui: $(VENV)/.installed
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# PostgreSQL from Debian's packages, for the tracking server and its test (its server programs
+# live in /usr/lib/postgresql/<version>/bin); installed only where they are missing, without
+# Debian's default cluster on port 5432 (the tracking server makes its own)
+PG_CTL := $(firstword $(wildcard /usr/lib/postgresql/*/bin/pg_ctl))
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+deps-system:
+ifeq ($(PG_CTL),)
+	$(SUDO) mkdir -p /etc/postgresql-common/createcluster.d
+	echo 'create_main_cluster = false' | $(SUDO) tee /etc/postgresql-common/createcluster.d/fmnist.conf >/dev/null
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql
+endif
+
+# A shared MLflow server on PostgreSQL (README "Working as a team"); prints the
+# MLFLOW_TRACKING_URI to export. State, database and artifacts in .tracking-server/.
+tracking-server: $(VENV)/.installed deps-system
+	python -m fmnist.tracking_server start
+
+tracking-server-stop: $(VENV)/.installed
+	python -m fmnist.tracking_server stop

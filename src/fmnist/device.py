@@ -107,6 +107,33 @@ def accelerator() -> str:
     return "cpu"
 
 
+def use_all_devices() -> int:
+    """Under JAX with several devices (GPUs, or CPU devices that
+    XLA_FLAGS=--xla_force_host_platform_device_count=N makes), train data-parallel on all of
+    them: Keras' DataParallel distribution keeps a replica of the variables on each device and
+    splits every batch between them (XLA averages the gradients). Call before the model is
+    built; returns the number of devices (1: nothing changed). Every batch, the last one
+    included, must divide evenly by that number.
+    """
+    if backend() != "jax":
+        return 1
+    import keras
+
+    devices = keras.distribution.list_devices()
+    if len(devices) < 2:
+        return 1
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    return len(devices)
+
+
+def data_parallel_devices() -> int:
+    """How many devices share each batch (1 when no distribution is set)."""
+    import keras
+
+    distribution = keras.distribution.distribution()
+    return 1 if distribution is None else int(distribution.device_mesh.devices.size)
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo); empty where that file does not exist."""
     cpuinfo = Path("/proc/cpuinfo")
@@ -146,6 +173,13 @@ def set_precision(name: str) -> str:
 def describe() -> str:
     """e.g. 'gpu (NVIDIA H100 80GB HBM3)' or 'cpu (AMD EPYC)'; recorded with every trained model."""
     kind = accelerator()
+    devices = data_parallel_devices()
+    if devices > 1:
+        return f"{_describe_one(kind)} x{devices}, data parallel"
+    return _describe_one(kind)
+
+
+def _describe_one(kind: str) -> str:
     if kind != "gpu":
         return f"cpu ({cpu_model()})"
     name = backend()

@@ -15,6 +15,7 @@ workspace, so no run stays RUNNING.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -113,7 +114,22 @@ def use_store(root: Path | None = None) -> str:
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        _open_sqlite_store(Path(uri.removeprefix("sqlite:///").split("?")[0]))
     return uri
+
+
+@_guarded("creating or opening the store")
+def _open_sqlite_store(db: Path) -> None:
+    """Create or open the SQLite store under a file lock: stages started at once (`dvc queue
+    start -j 2`) would otherwise each create its tables and fail ("table already exists")."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient().search_experiments(max_results=1)  # creates and migrates the tables
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @_guarded("opening the experiment")
@@ -121,14 +137,23 @@ def connect(experiment: str, root: Path | None = None) -> str:
     """Point MLflow at the project's store and return the experiment's id (created if new)."""
     root = root or paths.project_root()
     uri = use_store(root)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:"):
         # default would be ./mlruns relative to whatever directory the stage runs in
         artifact_location = (root / paths.MLFLOW_ARTIFACTS).as_uri()
-    return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+    # Stages started at once (`dvc queue start -j 2`) may all find no experiment and all
+    # create it (mlflow issue 4123): the losers' create fails as a duplicate; they re-read.
+    for attempt in range(5):
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+        except mlflow.exceptions.MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        time.sleep(0.2 * (attempt + 1))  # the winner's commit may not be visible yet
+    raise TrackingError(f"MLflow experiment {experiment!r} exists in {uri} but cannot be read")
 
 
 def git_commit(root: Path | None = None) -> str:

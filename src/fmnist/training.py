@@ -159,12 +159,14 @@ def fit(model: keras.Model, data: Dataset, train: TrainConfig, callbacks: list,
         initial_epoch: int = 0, seed: int = 0) -> None:
     """Train ``model`` from ``initial_epoch`` to ``train.epochs``.
 
-    Under JAX: the compiled epoch loop (fmnist.jax_loop: data on the device, one call per
-    epoch, the monitored test set evaluated in the same call). Under TensorFlow and torch:
-    ``model.fit`` on whole arrays in memory (on the CPUs measured each step is compute-bound,
-    so there is no per-step overhead to remove; see README "Speed").
+    Under JAX on one device: the compiled epoch loop (fmnist.jax_loop: data on the device, one
+    call per epoch, the monitored test set evaluated in the same call). Under TensorFlow and
+    torch: ``model.fit`` on whole arrays in memory (on the CPUs measured each step is
+    compute-bound, so there is no per-step overhead to remove; see README "Speed"). Under JAX
+    on several devices (``device.use_all_devices``): ``model.fit``, whose trainer splits each
+    batch across them.
     """
-    if device.backend() == "jax":
+    if device.backend() == "jax" and device.data_parallel_devices() == 1:
         from fmnist import jax_loop
 
         jax_loop.fit(model, data.x_train, data.y_train, batch_size=train.batch_size,
@@ -193,9 +195,10 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
     experiment_id = tracking.connect(config.tracking.experiment)
     keras.utils.set_random_seed(seed)
     precision = device.set_precision(config.train.precision)
+    devices = device.use_all_devices()  # before the model (and its variables) is built
     train_settings = {k: v for k, v in asdict(config.train).items() if k != "seeds"}
     checkpoint = Checkpoint(checkpoint_dir, _fingerprint(
-        asdict(spec), train_settings, seed, data_info, device.backend(), precision))
+        asdict(spec), train_settings, seed, data_info, device.backend(), precision, devices))
     resumed = checkpoint.load()
     state: dict[str, Any] = resumed[0] if resumed else {}
     history: list[dict[str, float]] = list(state.get("history", []))
@@ -242,8 +245,10 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
             result = TrainedModel(model, history, run_id, device.backend(), precision,
                                   device.describe(), elapsed())
             write_outputs(result, out_dir, data_info)
-            tracking.log_artifacts(paths.RunFiles(out_dir).history, paths.RunFiles(out_dir).architecture)
-            tracking.log_keras_model(model, to_inputs(data.x_test[:5]), device.pip_requirements())
+            files = paths.RunFiles(out_dir)
+            tracking.log_artifacts(files.history, files.architecture)
+            examples = -(-5 // devices) * devices  # 5, or a multiple of the devices that split it
+            tracking.log_keras_model(model, to_inputs(data.x_test[:examples]), device.pip_requirements())
     except TrainingError:
         checkpoint.clear()  # resuming would only repeat the failure
         raise

@@ -1,0 +1,290 @@
+"""Working as a team: parallel stages and queued experiments on one MLflow store (the SQLite
+file and a tracking server on PostgreSQL), and a DVC remote that a fresh clone pulls from."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fmnist import download, tracking, tracking_server
+from fmnist.prepare import prepare
+from tests.conftest import make_dvc_repo, only_variants, run, venv_env
+
+EXPERIMENT = "fashion-mnist-cnn"  # params.yaml's tracking.experiment
+LEARNING_RATES = ("0.002", "0.003")  # one queued experiment each
+
+# Stages started at the same instant: each opens the store, gets the experiment, logs a run.
+_STAGE = """
+import sys, time
+from pathlib import Path
+from fmnist import tracking
+start_at = float(sys.argv[2])
+time.sleep(max(0.0, start_at - time.time()))
+experiment_id = tracking.connect("parallel", Path(sys.argv[1]))
+with tracking.run(experiment_id, "stage-" + sys.argv[3], {}):
+    for step in range(20):
+        tracking.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+"""
+
+
+@pytest.mark.slow
+def test_stages_started_at_once_share_a_new_sqlite_store(tmp_path):
+    """Without the lock, each would create the store's tables ("table already exists"); without the
+    retry, several would create the experiment (mlflow issue 4123)."""
+    env = venv_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                         env.get("PYTHONPATH", "")])
+    start_at = str(time.time() + 15)  # after every interpreter has imported MLflow
+    stages = [subprocess.Popen([sys.executable, "-c", _STAGE, str(tmp_path), start_at, str(i)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for i in range(4)]
+    outputs = [stage.communicate(timeout=300)[0] for stage in stages]
+    assert [stage.returncode for stage in stages] == [0] * 4, "\n".join(outputs)
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        experiments = db.execute("SELECT name FROM experiments WHERE name = 'parallel'").fetchall()
+        runs = db.execute("SELECT name, status FROM runs").fetchall()
+        steps = db.execute("SELECT COUNT(*) FROM metrics WHERE key = 'loss'").fetchone()[0]
+    assert experiments == [("parallel",)]
+    assert sorted(runs) == [(f"stage-{i}", "FINISHED") for i in range(4)]
+    assert steps == 4 * 20
+
+
+def test_an_experiment_another_stage_created_meanwhile_is_reused(mlflow_store, monkeypatch):
+    """The race of mlflow issue 4123, made certain: this stage looked before the other created it."""
+    created_by_the_other = tracking.connect("raced", mlflow_store)
+    real_lookup = mlflow.get_experiment_by_name
+    lookups = []
+
+    def looked_too_early(name):
+        lookups.append(name)
+        return None if len(lookups) == 1 else real_lookup(name)
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", looked_too_early)
+    assert tracking.connect("raced", mlflow_store) == created_by_the_other  # not an error
+    assert len(lookups) == 2
+    with sqlite3.connect(mlflow_store / "mlflow.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM experiments WHERE name = 'raced'").fetchone()[0] == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs PostgreSQL as another user")
+def test_a_server_folder_the_postgres_user_cannot_reach_is_a_clear_error(tmp_path, capsys):
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)
+    assert tracking_server.main(["start", "--dir", str(hidden / "server"), "--port", "0"]) == 1
+    error = capsys.readouterr().err
+    assert f"the postgres user cannot reach {hidden / 'server'}: {hidden} is not searchable" in error
+    assert not (hidden / "server" / "postgres").exists()  # nothing was started
+    assert tracking_server.main(["status", "--dir", str(hidden / "server")]) == 1
+    assert "not running" in capsys.readouterr().out
+
+
+def _queue_two_experiments(repo: Path, env: dict[str, str]) -> None:
+    """Queue one experiment per learning rate, run them with two workers, wait for the workers."""
+    for rate in LEARNING_RATES:
+        run(["dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={rate}"], repo, env=env)
+    run(["dvc", "queue", "start", "-j", "2"], repo, env=env)
+    deadline = time.monotonic() + 1200
+    while True:
+        status = run(["dvc", "queue", "status"], repo, env=env).stdout
+        if "Running" not in status and "Queued" not in status and "0 active" in status:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+    failed = [line.split()[0] for line in status.splitlines() if "Failed" in line]
+    logs = "\n".join(run(["dvc", "queue", "logs", name], repo, env=env, check=False).stdout[-4000:]
+                     for name in failed)
+    assert status.count("Success") == 2, f"{status}\n{logs}"
+
+
+def _processes_in(folder: Path) -> list[str]:
+    """Live processes working in ``folder`` (cwd) or naming it on their command line."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "stat").read_text().split(")")[-1].split()[0] == "Z":
+                continue
+            cwd = os.readlink(proc / "cwd")
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cwd.startswith(str(folder)) or str(folder) in cmdline:
+            found.append(f"{proc.name}: {cmdline[:200]}")
+    return found
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().split(")")[-1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = {pid}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _assert_two_finished_runs(tracking_uri: str, downloads: Path) -> dict[str, str]:
+    """Returns {trained run id: its logged model's id}."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiments = [e for e in client.search_experiments() if e.name == EXPERIMENT]
+    assert len(experiments) == 1  # not one per worker
+    runs = client.search_runs([experiments[0].experiment_id])
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    trained = [r for r in runs if r.info.run_name == "cnn2-seed0"]
+    assert sorted(r.data.params["train.learning_rate"] for r in trained) == list(LEARNING_RATES)
+    for trained_run in trained:
+        assert [m.step for m in client.get_metric_history(trained_run.info.run_id, "loss")] == [1, 2]
+        assert any("test_accuracy" in key and key != "test_accuracy" for key in trained_run.data.metrics), (
+            "the evaluate stage's metrics are missing")
+        top = {artifact.path for artifact in client.list_artifacts(trained_run.info.run_id)}
+        assert {"history.json", "evaluation"} <= top, top
+        history = client.download_artifacts(trained_run.info.run_id, "history.json", str(downloads))
+        assert '"loss"' in Path(history).read_text()
+    names = sorted(r.info.run_name for r in runs)
+    assert names.count("analysis") == 2 and names.count("svc-baseline") == 2, names
+    # MLflow 3 keeps a logged model beside the run (a LoggedModel), not in its artifacts
+    models = {m.source_run_id: m for m in client.search_logged_models([experiments[0].experiment_id])}
+    for trained_run in trained:
+        model = models[trained_run.info.run_id]
+        mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{model.artifact_location}/MLmodel",
+                                                      dst_path=str(downloads), tracking_uri=tracking_uri)
+        assert "keras" in Path(mlmodel).read_text()
+    return {run_id: model.model_id for run_id, model in models.items()}
+
+
+@pytest.mark.slow
+def test_two_queued_experiments_on_a_postgresql_tracking_server(tmp_path, tiny_params, tiny_idx_dir):
+    # PostgreSQL runs as the postgres user when we are root: its folder must be reachable,
+    # which pytest's tmp_path (mode 700) is not
+    server_dir = Path(tempfile.mkdtemp(prefix="fmnist-server-"))
+    server_dir.chmod(0o755)
+    try:
+        server = tracking_server.start(server_dir / "state", port=tracking_server.free_port())
+        postmaster = int((Path(server.postgres_data) / "postmaster.pid").read_text().split()[0])
+        started = _descendants(server.mlflow_pid) | _descendants(postmaster)
+        repo = make_dvc_repo(tmp_path / "repo", only_variants(tiny_params, ["cnn2"]), local_data=tiny_idx_dir)
+        env = {**venv_env(), "MLFLOW_TRACKING_URI": server.tracking_uri}
+
+        _queue_two_experiments(repo, env)
+
+        models = _assert_two_finished_runs(server.tracking_uri, tmp_path / "downloads")
+        # the artifacts went through the server to its own store, not into the repository
+        for run_id, model_id in models.items():
+            assert list(Path(server.artifacts).glob(f"*/{run_id}/artifacts/history.json"))
+            assert list(Path(server.artifacts).glob(f"*/models/{model_id}/artifacts/MLmodel"))
+        assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
+        assert _processes_in(repo) == []  # the queue's workers are gone
+    finally:
+        tracking_server.stop(server_dir / "state")
+        alive = [pid for pid in started if _alive(pid)] if "started" in locals() else []
+        shutil.rmtree(server_dir, ignore_errors=True)
+    assert alive == [], f"left running: {alive}"
+    assert _processes_in(server_dir) == []
+
+
+@pytest.mark.slow
+def test_two_queued_experiments_on_the_sqlite_store(tmp_path, tiny_params, tiny_idx_dir):
+    repo = make_dvc_repo(tmp_path / "repo", only_variants(tiny_params, ["cnn2"]), local_data=tiny_idx_dir)
+
+    _queue_two_experiments(repo, venv_env())
+
+    # the queue ran in temporary copies; the runs landed in the repository's own store
+    _assert_two_finished_runs(f"sqlite:///{repo / 'mlflow.db'}", tmp_path / "downloads")
+    assert _processes_in(repo) == []
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_pulls_from_the_dvc_remote_and_reruns_nothing(tmp_path, tiny_params, tiny_idx_dir):
+    repo = make_dvc_repo(tmp_path / "repo", only_variants(tiny_params, ["cnn2"]), local_data=tiny_idx_dir)
+    remote = tmp_path / "remote"  # a team's would be s3://, ssh:// or https:// (see README)
+    run(["dvc", "remote", "add", "-d", "team", str(remote)], repo)
+    run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "a run"], repo)
+    pushed = run(["dvc", "push"], repo)
+    assert "pushed" in pushed.stdout
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    assert not (clone / "models").exists()
+    run(["dvc", "pull"], clone)
+    model = Path("models/cnn2/seed0/model.keras")
+    assert (clone / model).read_bytes() == (repo / model).read_bytes()
+    assert (clone / "predictions" / "cnn2-seed0.npz").is_file()
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], clone).stdout
+    again = run(["dvc", "repro"], clone)
+    assert "Running stage" not in again.stdout, again.stdout
+
+
+DATA_PARALLEL_SCRIPT = textwrap.dedent("""
+    import json
+    from pathlib import Path
+    import yaml
+    from fmnist import device
+    from fmnist.config import parse_params
+    from fmnist.prepare import load_prepared, data_info
+
+    device.select_backend("jax")
+    from fmnist import training
+    import jax, keras
+
+    config = parse_params(yaml.safe_load(Path("params.yaml").read_text()))
+    result = training.train_variant(config, "cnn2", 0, load_prepared(Path("d.npz")),
+                                    data_info(Path("i.json")), Path("out"), Path("ckpt"))
+    kernel = result.model.trainable_variables[0].value
+    layout = keras.distribution.distribution().get_data_layout((32, 28, 28, 1))
+    print("RESULT", json.dumps({"jax_devices": len(jax.devices()),
+                                "kernel_devices": len(kernel.sharding.device_set),
+                                "batch_axes": list(layout.axes), "device": result.device}))
+""")
+
+
+@pytest.mark.slow
+def test_training_is_data_parallel_on_several_jax_devices(tmp_path, tiny_params, tiny_config, tiny_idx_dir):
+    """Two virtual CPU devices stand for several GPUs: the same code path (keras.distribution)."""
+    devices = 2
+    import yaml
+
+    download.download(tiny_config.data, tmp_path / "raw", local_dir=tiny_idx_dir)
+    prepare(tmp_path / "raw", tmp_path / "d.npz", tmp_path / "i.json", 0, 0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+    (tmp_path / "train.py").write_text(DATA_PARALLEL_SCRIPT)
+    env = {**venv_env(), "DVC_ROOT": str(tmp_path), "KERAS_BACKEND": "jax",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    result = subprocess.run([sys.executable, "train.py"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    found = json.loads(line.removeprefix("RESULT "))
+    assert found["jax_devices"] == devices
+    assert found["kernel_devices"] == devices  # a replica of the variables on each device
+    assert found["batch_axes"][0] == "batch" and found["batch_axes"][1:] == [None] * 3  # batches split
+    run_info = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run_info["device"].endswith(f"x{devices}, data parallel") and run_info["epochs"] == 2
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert all(math.isfinite(record["loss"]) for record in history)
