@@ -22,7 +22,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from fmnist import device, tracking
+from fmnist import device, recipes, tracking
 from fmnist.cli import Interrupted
 from fmnist.config import NUM_CLASSES, Config, ModelSpec, TrainConfig, flatten
 from fmnist.files import CorruptFileError, atomic_path, write_json, write_text
@@ -44,12 +44,6 @@ def to_targets(labels: np.ndarray) -> np.ndarray:
     return keras.utils.to_categorical(labels, NUM_CLASSES).astype("float32")
 
 
-def compile_model(model: keras.Model, train: TrainConfig) -> keras.Model:
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=train.learning_rate),
-                  loss="categorical_crossentropy", metrics=["accuracy"])
-    return model
-
-
 class EpochRecorder(keras.callbacks.Callback):
     """Completes each epoch's record: monitored test metrics, timing, a finite-loss check,
     then hands it to ``on_epoch`` (which checkpoints and logs it)."""
@@ -68,6 +62,8 @@ class EpochRecorder(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         record = {"epoch": epoch + 1}
         record.update({key: float(value) for key, value in (logs or {}).items()})
+        # the rate the schedule gives the next step, i.e. at this epoch's end
+        record["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         if not math.isfinite(record.get("loss", 0.0)):
             raise TrainingError(f"training loss became {record['loss']} at epoch {epoch + 1}; "
                                 "lower train.learning_rate or check the data")
@@ -210,11 +206,13 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
     time summed over the attempts.
     """
     spec: ModelSpec = config.variant(variant)
+    recipe = config.recipe(variant)
     name = f"{variant}-seed{seed}"
     experiment_id = tracking.connect(config.tracking.experiment)
     keras.utils.set_random_seed(seed)
     precision = device.set_precision(config.train.precision)
-    train_settings = {k: v for k, v in asdict(config.train).items() if k != "seeds"}
+    # train's keys, the variant's own recipe keys overriding
+    train_settings = {k: v for k, v in {**asdict(config.train), **asdict(recipe)}.items() if k != "seeds"}
     checkpoint = Checkpoint(checkpoint_dir, _fingerprint(
         asdict(spec), train_settings, seed, data_info, device.backend(), precision))
     resumed = checkpoint.load()
@@ -226,7 +224,8 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
         print(f"Resuming {name} after epoch {len(history)} from {checkpoint.folder}")
     else:
         history = []
-        model = compile_model(build_model(spec, variant), config.train)
+        model = recipes.compile_model(build_model(spec, variant), recipe, config.train.epochs,
+                                      len(data.y_train), config.train.batch_size)
     tags = {
         "variant": variant, "seed": str(seed), "git_commit": tracking.git_commit(),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "dvc_stage": f"train@{variant}-{seed}",
