@@ -181,6 +181,11 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
     assert "| cnn2 (CNN2; 1,000 parameters) | 91.17 | 91.20 ± 0.20 | [90.70, 91.70] |" in text
     assert "| authors_cnn2_bn (CNN2+BN; 1,000 parameters) | 92.22 |" in text
     assert "| ablation_cnn2_same (1,000 parameters) | - |" in text  # no paper model
+    # ours, beyond the paper: marked in the table, its recipe and how it was chosen in a section
+    assert "| cnn4_bn_aug (ours, not the paper's; 1,000 parameters) | - | 95.20 ± 0.20 |" in text
+    beyond = text.split("## Beyond the paper (ours, not the paper's)")[1].split("\n## ")[0]
+    assert "**cnn4_bn_aug**" in beyond and "convs_per_block 2" in beyond and "optimizer adamw" in beyond
+    assert "cnn2_bn" not in beyond and config.analyse.beyond_paper["cnn4_bn_aug"] in beyond
     assert "![training_loss.png](analysis/training_loss.png)" in text
     assert "SVC (C=10, rbf) [1] | 89.70 | 85.00" in text
     assert "**Caveat:** NOT the canonical split" in text
@@ -210,3 +215,5 @@ def test_only_the_comparisons_in_params_are_claims(tmp_path):
     assert not any("wide3" in key for key in summary["comparisons"])
     assert len(summary["comparisons"]) == len(config.analyse.comparisons)
     assert "wide3" not in "\n".join(report._claims(summary))
+    assert not {"wide3", *config.analyse.beyond_paper} & {side for c in summary["comparisons"].values()
+                                                          for side in (c["a"], c["b"])}

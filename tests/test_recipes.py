@@ -315,6 +315,18 @@ def test_bad_recipe_values_name_the_key_and_the_allowed_values(path, value, name
         parse_params(_with(path, value))
 
 
+@pytest.mark.parametrize("beyond, named", [
+    ({"cnn2": "ours?"}, "not in analyse.paper_models"),  # a paper model
+    ({"ablation_cnn2_same": "ours?"}, "nor analyse.comparisons"),  # in the paper's claims
+    ({"cnn9": "ours?"}, "variants of params.yaml"),
+])
+def test_beyond_paper_variants_are_ours_not_the_papers(beyond, named):
+    with pytest.raises(ConfigError, match=r"analyse\.beyond_paper.*" + named):
+        parse_params(_with("analyse.beyond_paper", beyond))
+    shipped = parse_params(real_params()).analyse
+    assert shipped.beyond_paper and not set(shipped.beyond_paper) & set(shipped.paper_models)
+
+
 def test_an_unknown_variant_key_lists_the_model_and_the_recipe_keys():
     with pytest.raises(ConfigError, match=r"variants\.cnn2\.lr_shedule.*convs_per_block.*lr_schedule"):
         parse_params(_with("variants.cnn2.lr_shedule", "cosine"))

@@ -276,6 +276,9 @@ class AnalyseConfig:
     loss_levels: tuple[float, ...]
     paper_models: dict[str, str]
     comparisons: tuple[Comparison, ...]
+    # variants of ours, not the paper's (a better recipe) -> how the recipe was chosen; the
+    # report marks them and never counts them among the paper's models or claims
+    beyond_paper: dict[str, str]
 
     def validate(self) -> None:
         for variant, model in self.paper_models.items():
@@ -475,6 +478,13 @@ def parse_params(raw: Any) -> Config:
     for variant in config.analyse.paper_models:
         _check(variant in config.variants, "analyse.paper_models", variant,
                f"variants of params.yaml: {', '.join(config.variants)}")
+    claimed = {side for c in config.analyse.comparisons for side in (c.a, c.b)}
+    for variant in config.analyse.beyond_paper:
+        _check(variant in config.variants, "analyse.beyond_paper", variant,
+               f"variants of params.yaml: {', '.join(config.variants)}")
+        _check(variant not in config.analyse.paper_models and variant not in claimed,
+               "analyse.beyond_paper", variant,
+               "variants not in analyse.paper_models nor analyse.comparisons (ours, not the paper's)")
     pairs = []
     for i, comparison in enumerate(config.analyse.comparisons):
         for side in ("a", "b"):
