@@ -160,9 +160,9 @@ def test_steps_per_epoch_count_the_last_partial_batch():
     ({"lr_schedule": "step", "step_epochs": 4, "step_factor": 0.5}, [1.0] * 4 + [0.5] * 4 + [0.25] * 3),
     ({"lr_schedule": "cosine", "final_lr_fraction": 0.1},
      [0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * e / 10)) for e in range(11)]),
-    ({"lr_schedule": "cosine", "warmup_epochs": 2},
+    ({"lr_schedule": "cosine", "warmup_fraction": 0.2},
      [0.0, 0.5] + [0.5 * (1 + np.cos(np.pi * (e - 2) / 8)) for e in range(2, 11)]),
-    ({"lr_schedule": "one_cycle", "warmup_epochs": 2},
+    ({"lr_schedule": "one_cycle", "warmup_fraction": 0.2},
      [0.04, 0.52] + [0.5 * (1 + np.cos(np.pi * (e - 2) / 8)) for e in range(2, 11)]),
 ])
 def test_schedules_give_the_stated_rate_at_epoch_boundaries(config, keys, expected):
@@ -221,6 +221,35 @@ def test_model_fit_follows_the_schedule_per_epoch_and_resumes_on_it(config, tmp_
     np.testing.assert_allclose([r["learning_rate"] for r in history], [0.005, 0.0025, 0.00125], rtol=1e-6)
 
 
+@pytest.mark.slow
+def test_the_shipped_variant_trains_through_the_stage_with_its_own_recipe(tmp_path, tiny_config,
+                                                                        tiny_idx_dir, mlflow_store):
+    """cnn4_bn_aug through train_variant (2 epochs, tiny data): its recipe in MLflow and in the
+    learning rate per epoch, and its saved model, reloaded, predicts as trained (no augmentation)."""
+    from mlflow.tracking import MlflowClient
+
+    from fmnist import download
+    from fmnist.prepare import prepare
+
+    download.download(tiny_config.data, tmp_path / "raw", local_dir=tiny_idx_dir)
+    data, info = prepare(tmp_path / "raw", tmp_path / "d.npz", tmp_path / "i.json", 40, 0)
+    config = replace(tiny_config, recipes={**tiny_config.recipes, "cnn4_bn_aug": replace(
+        tiny_config.recipe("cnn4_bn_aug"), warmup_fraction=0.5)})  # 2 epochs: warm up over the first
+    result = training.train_variant(config, "cnn4_bn_aug", 0, data, info, mlflow_store / "out",
+                                    mlflow_store / "ckpt")
+    peak = config.recipe("cnn4_bn_aug").learning_rate
+    np.testing.assert_allclose([r["learning_rate"] for r in result.history], [peak, 0.0], atol=1e-9)
+    params = MlflowClient(f"sqlite:///{mlflow_store / 'mlflow.db'}").get_run(result.run_id).data.params
+    assert (params["train.optimizer"], params["train.lr_schedule"], params["train.label_smoothing"]) == \
+        ("adamw", "cosine", "0.1")
+    assert params["model.convs_per_block"] == "2" and params["model.augment_flip"] == "True"
+    reloaded = keras.models.load_model(mlflow_store / "out" / "model.keras")
+    x = training.to_inputs(data.x_test[:8])
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), result.model.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+    assert isinstance(reloaded.optimizer, keras.optimizers.AdamW)
+
+
 # ---- the JAX loop: the same schedule, fresh randomness every step ---------------------------
 
 JAX_SCRIPT = textwrap.dedent("""
@@ -234,7 +263,7 @@ JAX_SCRIPT = textwrap.dedent("""
 
     config = load_params(sys.argv[1])
     x, y = tiny_images(10, seed=1)  # 100 training images; batch 32: 4 steps, the last of 4
-    recipe = replace(config.recipe("cnn2"), learning_rate=0.01, lr_schedule="cosine", warmup_epochs=1,
+    recipe = replace(config.recipe("cnn2"), learning_rate=0.01, lr_schedule="cosine", warmup_fraction=1 / 3,
                      label_smoothing=0.1)
     spec = replace(config.variant("cnn2"), augment_translate=2, augment_flip=True)
     keras.utils.set_random_seed(0)
@@ -297,11 +326,12 @@ def test_a_variant_overrides_train_recipe_keys_and_model_defaults():
     ("train.lr_schedule", "linear", "train.lr_schedule"),
     ("train.optimizer", "sgd", "train.optimizer"),
     ("train.weight_decay", 0.01, "train.weight_decay"),  # with adam
-    ("train.warmup_epochs", 2, "train.warmup_epochs"),  # with a constant rate
+    ("train.warmup_fraction", 0.1, "train.warmup_fraction"),  # with a constant rate
+    ("variants.cnn4_bn_aug.warmup_fraction", 1.0, "variants.cnn4_bn_aug.warmup_fraction"),
     ("train.label_smoothing", 1.0, "train.label_smoothing"),
     ("train.step_factor", 1.5, "train.step_factor"),
     ("train.final_lr_fraction", -0.1, "train.final_lr_fraction"),
-    ("variants.cnn2.lr_schedule", "one_cycle", "variants.cnn2.warmup_epochs"),  # needs a warmup
+    ("variants.cnn2.lr_schedule", "one_cycle", "variants.cnn2.warmup_fraction"),  # needs a warmup
     ("variants.cnn2.optimizer", "rmsprop", "variants.cnn2.optimizer"),
     ("variants.cnn2.label_smoothing", "lots", "variants.cnn2.label_smoothing"),
     ("model_defaults.convs_per_block", 0, "variants.cnn2.convs_per_block"),

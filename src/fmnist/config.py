@@ -181,7 +181,7 @@ class Recipe:
 
     learning_rate: float     # constant: throughout; cosine, one_cycle: the peak; step: the start
     lr_schedule: str         # constant | cosine | one_cycle | step
-    warmup_epochs: float     # cosine: linear from 0, one_cycle: from learning_rate / 25
+    warmup_fraction: float   # of all steps: cosine from 0, one_cycle from learning_rate / 25
     final_lr_fraction: float  # cosine, one_cycle: the last step's rate / learning_rate
     step_epochs: int         # step: multiply the rate by step_factor every step_epochs epochs
     step_factor: float
@@ -189,18 +189,19 @@ class Recipe:
     weight_decay: float      # adamw only (decoupled, as in Loshchilov & Hutter)
     label_smoothing: float   # of the one-hot targets in the cross-entropy
 
-    def validate_recipe(self, where: str, epochs: int) -> None:
+    def validate_recipe(self, where: str) -> None:
         """``where``: "train" or "variants.<name>" (the keys' prefix in messages)."""
         _check(self.learning_rate > 0, f"{where}.learning_rate", self.learning_rate, "a number > 0")
         _check(self.lr_schedule in LR_SCHEDULES, f"{where}.lr_schedule", self.lr_schedule,
                ", ".join(LR_SCHEDULES))
         warms = self.lr_schedule in ("cosine", "one_cycle")
-        _check(0 <= self.warmup_epochs < epochs and (warms or self.warmup_epochs == 0),
-               f"{where}.warmup_epochs", self.warmup_epochs,
+        # a fraction, not epochs, so that `-S train.epochs=1` never makes a recipe invalid
+        _check(0 <= self.warmup_fraction < 1 and (warms or self.warmup_fraction == 0),
+               f"{where}.warmup_fraction", self.warmup_fraction,
                f"0 for lr_schedule {self.lr_schedule}" if not warms else
-               f"a number of epochs from 0 to less than train.epochs ({epochs})")
-        _check(self.lr_schedule != "one_cycle" or self.warmup_epochs > 0, f"{where}.warmup_epochs",
-               self.warmup_epochs, "a number > 0 for lr_schedule one_cycle (its rising phase)")
+               "a fraction of the training's steps in [0, 1)")
+        _check(self.lr_schedule != "one_cycle" or self.warmup_fraction > 0, f"{where}.warmup_fraction",
+               self.warmup_fraction, "a fraction > 0 for lr_schedule one_cycle (its rising phase)")
         _check(0 <= self.final_lr_fraction < 1, f"{where}.final_lr_fraction", self.final_lr_fraction,
                "a number in [0, 1)")
         _check(self.step_epochs >= 1, f"{where}.step_epochs", self.step_epochs, "a whole number >= 1")
@@ -236,7 +237,7 @@ class TrainConfig(Recipe):
                "distinct seeds")
         _check(self.epochs >= 1, "train.epochs", self.epochs, "a whole number >= 1")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "a whole number >= 1")
-        self.validate_recipe("train", self.epochs)
+        self.validate_recipe("train")
         _check(self.backend in BACKENDS, "train.backend", self.backend,
                f"{', '.join(BACKENDS)} (auto: jax when it sees a GPU, else tensorflow)")
         _check(self.precision in PRECISIONS, "train.precision", self.precision,
@@ -444,7 +445,7 @@ def build_recipes(train: TrainConfig, variants: dict[str, Any]) -> dict[str, Rec
         recipe = _build(Recipe, {**dataclasses.asdict(train.recipe()), **own}, f"variants.{name}")
         # named under the variant even where the clash is with a key it inherits (adam with
         # train's weight decay): the variant is what must change
-        recipe.validate_recipe(f"variants.{name}", train.epochs)
+        recipe.validate_recipe(f"variants.{name}")
         recipes[name] = recipe
     return recipes
 

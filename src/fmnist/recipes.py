@@ -36,7 +36,8 @@ def learning_rate(recipe: Recipe, epochs: int,
 
     constant: ``learning_rate`` throughout. step: ``learning_rate x step_factor^k`` in epochs
     [k x step_epochs, (k + 1) x step_epochs). cosine: linear warmup from 0 to
-    ``learning_rate`` over ``warmup_epochs`` (none when 0), then half a cosine down to
+    ``learning_rate`` over the first ``warmup_fraction`` of the steps (none when 0), then half a
+    cosine down to
     ``final_lr_fraction x learning_rate`` at the last step. one_cycle: the same, the warmup
     starting at ``learning_rate / 25``.
     """
@@ -47,7 +48,7 @@ def learning_rate(recipe: Recipe, epochs: int,
         return keras.optimizers.schedules.ExponentialDecay(
             recipe.learning_rate, decay_steps=recipe.step_epochs * steps, decay_rate=recipe.step_factor,
             staircase=True)
-    warmup = round(recipe.warmup_epochs * steps)
+    warmup = min(round(recipe.warmup_fraction * total), total - 1)  # >= 1 step to decay over
     if recipe.lr_schedule == "cosine" and warmup == 0:
         return keras.optimizers.schedules.CosineDecay(recipe.learning_rate, decay_steps=total,
                                                       alpha=recipe.final_lr_fraction)
