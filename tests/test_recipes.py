@@ -19,7 +19,7 @@ from fmnist import recipes, training
 from fmnist.config import ConfigError, load_params, parse_params
 from fmnist.models import build_model
 from fmnist.prepare import Dataset
-from tests.conftest import REPO, real_params, tiny_images, venv_env
+from tests.conftest import REPO, TINY_TRAIN_PER_CLASS, real_params, tiny_images, venv_env
 from tests.test_config import _with
 
 AUGMENTING = ("RandomTranslation", "RandomFlip")
@@ -307,6 +307,34 @@ def test_jax_loop_drives_the_schedule_and_advances_the_augmentation_seed_every_s
     # cosine, 1 warmup epoch of 4 steps then 8 steps down: the peak after epoch 1, half-way after 2
     np.testing.assert_allclose([s["learning_rate"] for s in report["seen"]], [0.01, 0.005, 0.0],
                                atol=1e-7)
+
+
+@pytest.mark.slow
+def test_a_candidate_recipe_is_tuned_on_the_validation_split_without_touching_the_test_set(
+        tmp_path, tiny_params, tiny_idx_dir):
+    """README "Choosing a recipe honestly", step 1, on the tiny pipeline: only the candidate's
+    training runs, on the training set less the validation split; no test number is made."""
+    import sqlite3
+
+    import yaml
+
+    from tests.conftest import make_dvc_repo, only_variants, run
+
+    params = only_variants(tiny_params, ["cnn2", "cnn4_bn_aug"])
+    repo = make_dvc_repo(tmp_path / "repo", params, local_data=tiny_idx_dir)
+    result = run(["dvc", "exp", "run", "-S", "data.validation_size=40", "-S", "train.monitor_test=false",
+                  "-S", "variants.cnn4_bn_aug.weight_decay=0.05", "train@cnn4_bn_aug-0"], repo)
+    ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"check_params", "download", "prepare", "train@cnn4_bn_aug-0"}
+    history = json.loads((repo / "models" / "cnn4_bn_aug" / "seed0" / "history.json").read_text())
+    assert all("val_accuracy" in r and not any(k.startswith("test_") for k in r) for r in history)
+    assert not (repo / "metrics" / "runs").exists() and not (repo / "predictions").exists()
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        logged = dict(db.execute("SELECT key, value FROM params WHERE key IN "
+                                 "('data.validation', 'data.train', 'train.weight_decay')").fetchall())
+    assert logged == {"data.validation": "40", "data.train": str(10 * TINY_TRAIN_PER_CLASS - 40),
+                      "train.weight_decay": "0.05"}
+    assert yaml.safe_load((repo / "params.yaml").read_text())["data"]["validation_size"] == 40
 
 
 # ---- params: per variant or in train, bad values named --------------------------------------
