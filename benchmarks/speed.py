@@ -37,7 +37,7 @@ def worker(args: argparse.Namespace) -> None:
     import keras
 
     from benchmarks import reference
-    from fmnist import device, paths, training
+    from fmnist import device, paths, recipes, training
     from fmnist.config import load_params
     from fmnist.data import Dataset, load_prepared, to_inputs
     from fmnist.models import build_model
@@ -55,7 +55,8 @@ def worker(args: argparse.Namespace) -> None:
             keras.mixed_precision.set_global_policy(precision)
             keras.utils.set_random_seed(0)
             spec = config.variant(variant)
-            model = training.compile_model(build_model(spec, variant), config.train)
+            model = recipes.compile_model(build_model(spec, variant), config.recipe(variant),
+                                          1 + args.epochs, len(y), config.train.batch_size)
             recorder = training.EpochRecorder(lambda record: None, test, config.train.batch_size)
             warm = dataclasses.replace(config.train, epochs=1)
             training.fit(model, subset, warm, [recorder])  # compiles; not timed

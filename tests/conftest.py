@@ -62,11 +62,12 @@ def shrink(raw: dict) -> dict:
 
 def only_variants(raw: dict, names: list[str]) -> dict:
     """``raw`` params with only the variants ``names``, and only the analyse settings that
-    name them (params.yaml's comparisons name every shipped variant)."""
+    name them (params.yaml's comparisons name every shipped variant; beyond_paper ours)."""
     raw = copy.deepcopy(raw)
     raw["variants"] = {name: raw["variants"][name] for name in names}
     analyse = raw["analyse"]
     analyse["paper_models"] = {v: m for v, m in analyse["paper_models"].items() if v in names}
+    analyse["beyond_paper"] = {v: n for v, n in analyse["beyond_paper"].items() if v in names}
     analyse["comparisons"] = [c for c in analyse["comparisons"] if c["a"] in names and c["b"] in names]
     if analyse["error_variant"] not in names:
         analyse["error_variant"] = names[-1]

@@ -197,6 +197,11 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
     assert "| cnn2 (CNN2; 1,000 parameters) | 91.17 | 91.20 ± 0.20 | [90.70, 91.70] |" in text
     assert "| authors_cnn2_bn (CNN2+BN; 1,000 parameters) | 92.22 |" in text
     assert "| ablation_cnn2_same (1,000 parameters) | - |" in text  # no paper model
+    # ours, beyond the paper: marked in the table, its recipe and how it was chosen in a section
+    assert "| cnn4_bn_aug (ours, not the paper's; 1,000 parameters) | - | 95.20 ± 0.20 |" in text
+    beyond = text.split("## Beyond the paper (ours, not the paper's)")[1].split("\n## ")[0]
+    assert "**cnn4_bn_aug**" in beyond and "convs_per_block 2" in beyond and "optimizer adamw" in beyond
+    assert "cnn2_bn" not in beyond and config.analyse.beyond_paper["cnn4_bn_aug"] in beyond
     assert "![training_loss.png](analysis/training_loss.png)" in text
     assert "SVC (C=10, rbf) [1] | 89.70 | 85.00" in text
     assert "**Caveat:** NOT the canonical split" in text
@@ -232,3 +237,5 @@ def test_a_variant_added_to_params_is_not_under_the_papers_claims():
     claims = "\n".join(report._claims(analysis.check_claims(summary)))
     assert "cnn2_bn at epoch" in claims  # the convergence claim is there, with the paper's models
     assert "wide3" not in claims
+    assert not {"wide3", *config.analyse.beyond_paper} & {side for c in summary["comparisons"].values()
+                                                          for side in (c["a"], c["b"])}

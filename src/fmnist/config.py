@@ -28,6 +28,8 @@ INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "l
                 "lecun_normal", "random_uniform", "random_normal", "truncated_normal", "zeros", "ones")
 SVC_KERNELS = ("rbf", "linear", "poly", "sigmoid")
 BACKENDS = ("auto", "tensorflow", "jax", "torch")
+OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine", "one_cycle", "step")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -101,6 +103,10 @@ class ModelSpec:
     skip_from: str
     dense_units: int
     dropout_rate: float
+    convs_per_block: int     # conv layers per block, each [batch norm] -> conv -> ReLU
+    global_pool: bool        # global average pooling instead of flatten before the dense layer
+    augment_translate: int   # training only: random shift of up to this many pixels (0: none)
+    augment_flip: bool       # training only: random horizontal flip
 
     def _per_block(self, value: Any) -> tuple:
         return value if isinstance(value, tuple) else (value,) * self.blocks
@@ -152,10 +158,14 @@ class ModelSpec:
         _check(self.dense_units >= 1, f"{where}.dense_units", self.dense_units, "a whole number >= 1")
         _check(0.0 <= self.dropout_rate < 1.0, f"{where}.dropout_rate", self.dropout_rate,
                "a number in [0, 1)")
+        _check(self.convs_per_block >= 1, f"{where}.convs_per_block", self.convs_per_block,
+               "a whole number >= 1")
+        _check(0 <= self.augment_translate <= IMAGE_SIZE // 2, f"{where}.augment_translate",
+               self.augment_translate, f"a whole number of pixels from 0 (off) to {IMAGE_SIZE // 2}")
         size = IMAGE_SIZE
         for padding in self.block_paddings:
             if padding == "valid":
-                size -= self.kernel_size - 1
+                size -= self.convs_per_block * (self.kernel_size - 1)
             size = -(-size // self.pool_size) if self.pool_padding == "same" else size // self.pool_size
             _check(size >= 1, f"{where}.blocks", self.blocks,
                    f"few enough blocks that the {IMAGE_SIZE}x{IMAGE_SIZE} image does not shrink "
@@ -164,14 +174,60 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class Recipe:
+    """How a variant trains: params.yaml `train`, each key overridable per variant (see
+    fmnist.recipes, which turns a recipe into the optimizer, its schedule and the loss)."""
+
+    learning_rate: float     # constant: throughout; cosine, one_cycle: the peak; step: the start
+    lr_schedule: str         # constant | cosine | one_cycle | step
+    warmup_fraction: float   # of all steps: cosine from 0, one_cycle from learning_rate / 25
+    final_lr_fraction: float  # cosine, one_cycle: the last step's rate / learning_rate
+    step_epochs: int         # step: multiply the rate by step_factor every step_epochs epochs
+    step_factor: float
+    optimizer: str           # adam | adamw
+    weight_decay: float      # adamw only (decoupled, as in Loshchilov & Hutter)
+    label_smoothing: float   # of the one-hot targets in the cross-entropy
+
+    def validate_recipe(self, where: str) -> None:
+        """``where``: "train" or "variants.<name>" (the keys' prefix in messages)."""
+        _check(self.learning_rate > 0, f"{where}.learning_rate", self.learning_rate, "a number > 0")
+        _check(self.lr_schedule in LR_SCHEDULES, f"{where}.lr_schedule", self.lr_schedule,
+               ", ".join(LR_SCHEDULES))
+        warms = self.lr_schedule in ("cosine", "one_cycle")
+        # a fraction, not epochs, so that `-S train.epochs=1` never makes a recipe invalid
+        _check(0 <= self.warmup_fraction < 1 and (warms or self.warmup_fraction == 0),
+               f"{where}.warmup_fraction", self.warmup_fraction,
+               f"0 for lr_schedule {self.lr_schedule}" if not warms else
+               "a fraction of the training's steps in [0, 1)")
+        _check(self.lr_schedule != "one_cycle" or self.warmup_fraction > 0, f"{where}.warmup_fraction",
+               self.warmup_fraction, "a fraction > 0 for lr_schedule one_cycle (its rising phase)")
+        _check(0 <= self.final_lr_fraction < 1, f"{where}.final_lr_fraction", self.final_lr_fraction,
+               "a number in [0, 1)")
+        _check(self.step_epochs >= 1, f"{where}.step_epochs", self.step_epochs, "a whole number >= 1")
+        _check(0 < self.step_factor < 1, f"{where}.step_factor", self.step_factor,
+               "a number in (0, 1)")
+        _check(self.optimizer in OPTIMIZERS, f"{where}.optimizer", self.optimizer, " or ".join(OPTIMIZERS))
+        _check(self.weight_decay >= 0 and (self.optimizer == "adamw" or self.weight_decay == 0),
+               f"{where}.weight_decay", self.weight_decay,
+               "a number >= 0 with optimizer adamw; 0 with adam (set optimizer: adamw)")
+        _check(0 <= self.label_smoothing < 1, f"{where}.label_smoothing", self.label_smoothing,
+               "a number in [0, 1)")
+
+
+RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
+
+
+@dataclass(frozen=True)
+class TrainConfig(Recipe):
     seeds: tuple[int, ...]
     epochs: int
     batch_size: int
-    learning_rate: float
     monitor_test: bool
     backend: str
     precision: str
+
+    def recipe(self) -> Recipe:
+        return Recipe(**{key: getattr(self, key) for key in RECIPE_KEYS})
 
     def validate(self) -> None:
         _check(len(self.seeds) >= 1 and all(s >= 0 for s in self.seeds), "train.seeds",
@@ -180,7 +236,7 @@ class TrainConfig:
                "distinct seeds")
         _check(self.epochs >= 1, "train.epochs", self.epochs, "a whole number >= 1")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "a whole number >= 1")
-        _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a number > 0")
+        self.validate_recipe("train")
         _check(self.backend in BACKENDS, "train.backend", self.backend,
                f"{', '.join(BACKENDS)} (auto: jax when it sees a GPU, else tensorflow)")
         _check(self.precision in PRECISIONS, "train.precision", self.precision,
@@ -221,6 +277,9 @@ class AnalyseConfig:
     loss_levels: tuple[float, ...]
     paper_models: dict[str, str]
     comparisons: tuple[Comparison, ...]
+    # variants of ours, not the paper's (a better recipe) -> how the recipe was chosen; the
+    # report marks them and never counts them among the paper's models or claims
+    beyond_paper: dict[str, str]
 
     def validate(self) -> None:
         for variant, model in self.paper_models.items():
@@ -259,17 +318,23 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class Config:
     data: DataConfig
-    variants: dict[str, ModelSpec]  # model_defaults is in each: nothing else reads it
+    model_defaults: dict[str, Any]  # as written (the report's beyond-paper note diffs against it)
+    variants: dict[str, ModelSpec]
     train: TrainConfig
     evaluate: EvaluateConfig
     analyse: AnalyseConfig
     baseline: BaselineConfig
     tracking: TrackingConfig
+    recipes: dict[str, Recipe]  # per variant: train's recipe keys, the variant's overriding
 
     def variant(self, name: str) -> ModelSpec:
         if name not in self.variants:
             raise ConfigError(f"unknown variant {name!r}; params.yaml defines: {', '.join(self.variants)}")
         return self.variants[name]
+
+    def recipe(self, name: str) -> Recipe:
+        self.variant(name)  # an unknown name: the same error
+        return self.recipes[name]
 
     def class_index(self, class_name: str) -> int:
         return self.evaluate.class_names.index(class_name)
@@ -343,7 +408,8 @@ def _section(raw: dict, name: str, cls: type) -> Any:
 
 
 def build_variants(model_defaults: Any, variants: Any) -> dict[str, ModelSpec]:
-    """Each variant is ``model_defaults`` with that variant's keys overriding."""
+    """Each variant is ``model_defaults`` with that variant's keys overriding (its training
+    recipe keys, see ``build_recipes``, aside)."""
     if not isinstance(model_defaults, dict):
         _fail("model_defaults", model_defaults, "a mapping of model keys")
     if not isinstance(variants, dict) or not variants:
@@ -355,10 +421,33 @@ def build_variants(model_defaults: Any, variants: Any) -> dict[str, ModelSpec]:
         overrides = overrides or {}
         if not isinstance(overrides, dict):
             _fail(f"variants.{name}", overrides, "a mapping of model keys")
-        spec = _build(ModelSpec, {**model_defaults, **overrides}, f"variants.{name}")
+        model_keys = [f.name for f in dataclasses.fields(ModelSpec)]
+        for key in overrides:
+            if key not in model_keys and key not in RECIPE_KEYS:
+                raise ConfigError(f"params.yaml: unknown key variants.{name}.{key}; allowed keys: "
+                                  f"{', '.join(model_keys)} (model) and {', '.join(RECIPE_KEYS)} "
+                                  "(training recipe, default from train)")
+        model_overrides = {k: v for k, v in overrides.items() if k not in RECIPE_KEYS}
+        spec = _build(ModelSpec, {**model_defaults, **model_overrides}, f"variants.{name}")
         spec.validate(f"variants.{name}")
         specs[name] = spec
     return specs
+
+
+def build_recipes(train: TrainConfig, variants: dict[str, Any]) -> dict[str, Recipe]:
+    """Each variant's recipe: the recipe keys of ``train``, the variant's own overriding."""
+    recipes = {}
+    for name, overrides in variants.items():
+        own = {k: v for k, v in (overrides or {}).items() if k in RECIPE_KEYS}
+        if not own:
+            recipes[name] = train.recipe()
+            continue
+        recipe = _build(Recipe, {**dataclasses.asdict(train.recipe()), **own}, f"variants.{name}")
+        # named under the variant even where the clash is with a key it inherits (adam with
+        # train's weight decay): the variant is what must change
+        recipe.validate_recipe(f"variants.{name}")
+        recipes[name] = recipe
+    return recipes
 
 
 def parse_params(raw: Any) -> Config:
@@ -372,20 +461,31 @@ def parse_params(raw: Any) -> Config:
             raise ConfigError(f"params.yaml: unknown section {key}; allowed: {', '.join(sections)}")
     if "model_defaults" not in raw or "variants" not in raw:
         raise ConfigError("params.yaml: missing section model_defaults or variants")
+    variants = build_variants(raw["model_defaults"], raw["variants"])
+    train = _section(raw, "train", TrainConfig)
     config = Config(
         data=_section(raw, "data", DataConfig),
-        variants=build_variants(raw["model_defaults"], raw["variants"]),
-        train=_section(raw, "train", TrainConfig),
+        model_defaults=dict(raw["model_defaults"] or {}),
+        variants=variants,
+        train=train,
         evaluate=_section(raw, "evaluate", EvaluateConfig),
         analyse=_section(raw, "analyse", AnalyseConfig),
         baseline=_section(raw, "baseline", BaselineConfig),
         tracking=_section(raw, "tracking", TrackingConfig),
+        recipes=build_recipes(train, raw["variants"]),
     )
     _check(config.analyse.error_variant in config.variants, "analyse.error_variant",
            config.analyse.error_variant, ", ".join(config.variants))
     for variant in config.analyse.paper_models:
         _check(variant in config.variants, "analyse.paper_models", variant,
                f"variants of params.yaml: {', '.join(config.variants)}")
+    claimed = {side for c in config.analyse.comparisons for side in (c.a, c.b)}
+    for variant in config.analyse.beyond_paper:
+        _check(variant in config.variants, "analyse.beyond_paper", variant,
+               f"variants of params.yaml: {', '.join(config.variants)}")
+        _check(variant not in config.analyse.paper_models and variant not in claimed,
+               "analyse.beyond_paper", variant,
+               "variants not in analyse.paper_models nor analyse.comparisons (ours, not the paper's)")
     pairs = []
     for i, comparison in enumerate(config.analyse.comparisons):
         for side in ("a", "b"):

@@ -10,7 +10,8 @@ with one small transfer of the epoch's numbers back to the host.
 The step is Keras' own stateless API (``model.stateless_call``, ``optimizer.stateless_apply``,
 ``optimizer.scale_loss`` for float16 loss scaling), so the model, the optimizer and its state
 are the Keras objects ``model.fit`` would train, save and resume; the loss and accuracy are
-the compiled ones (categorical cross-entropy on probabilities, categorical accuracy), each
+the compiled ones (categorical cross-entropy on probabilities with the compiled loss' label
+smoothing, categorical accuracy), each
 epoch's value the mean over its images, as in ``model.fit``'s logs. Callbacks get the
 epoch-level calls only (train begin/end, epoch begin/end); batch-level hooks are not called.
 """
@@ -27,6 +28,7 @@ import keras
 import numpy as np
 
 from fmnist.data import NUM_CLASSES
+from fmnist.recipes import label_smoothing
 
 EVAL_CHUNK = 1000  # images per evaluation step (on a GPU all steps run in one call)
 
@@ -73,12 +75,14 @@ def make_epoch_functions(model: keras.Model, n_train: int, batch_size: int, comp
     """
     optimizer = model.optimizer
     full_steps, remainder = divmod(n_train, batch_size)
+    smoothing = label_smoothing(model)
 
     def loss_and_updates(trainable, non_trainable, optimizer_vars, xb, yb):
         probabilities, non_trainable, losses = model.stateless_call(
             trainable, non_trainable, _inputs(xb), training=True, return_losses=True)
         targets = jax.nn.one_hot(yb, NUM_CLASSES, dtype=probabilities.dtype)
-        loss = jnp.mean(keras.losses.categorical_crossentropy(targets, probabilities))
+        loss = jnp.mean(keras.losses.categorical_crossentropy(targets, probabilities,
+                                                              label_smoothing=smoothing))
         if losses:
             loss = loss + sum(losses)
         # float16 loss scaling reads the scale from the optimizer's (stateless) variables
@@ -103,7 +107,7 @@ def make_epoch_functions(model: keras.Model, n_train: int, batch_size: int, comp
         """(loss sum, correct count) over one evaluation chunk's real images."""
         probabilities, _ = model.stateless_call(trainable, non_trainable, _inputs(xb), training=False)
         targets = jax.nn.one_hot(yb, NUM_CLASSES, dtype=probabilities.dtype)
-        losses = keras.losses.categorical_crossentropy(targets, probabilities)
+        losses = keras.losses.categorical_crossentropy(targets, probabilities, label_smoothing=smoothing)
         correct = (jnp.argmax(probabilities, axis=-1) == yb).astype(jnp.float32)
         return jnp.sum(losses * keep), jnp.sum(correct * keep)
 

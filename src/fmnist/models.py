@@ -1,7 +1,10 @@
 """One builder turns any valid ModelSpec (params.yaml `variants`) into a Keras model.
 
 A conv block is: [batch norm] -> conv -> [+ shortcut] -> ReLU -> max-pool, then after the
-last block [batch norm] -> flatten -> dense -> dropout -> softmax. With ``skip`` the block
+last block [batch norm] -> flatten (or global average pooling) -> dense -> dropout -> softmax.
+With ``convs_per_block`` n > 1 the block is n x ([batch norm] -> conv -> ReLU), the shortcut
+spanning all n convs (the last ReLU placed as below). Augmentation layers (random shift,
+horizontal flip) come first when the spec asks for them, and act in training only. With ``skip`` the block
 computes y = ReLU(conv(h) + x) (``skip_activation: after_sum``, as in ResNet; our default) or
 y = ReLU(conv(h)) + x (``before_sum``, the authors' public code), where h is the block's
 input x after the optional batch norm and the shortcut adds x itself (``skip_from: input``)
@@ -37,34 +40,65 @@ def _shortcut(x: keras.KerasTensor, filters: int, spec: ModelSpec, name: str) ->
     return layers.Concatenate(name=f"{name}_repeat")([x] * (filters // channels))
 
 
+def _augmentation(x: keras.KerasTensor, spec: ModelSpec) -> keras.KerasTensor:
+    """Random shift and flip of the (batch, 28, 28, 1) images, in training only: Keras'
+    preprocessing layers pass images through unchanged when called with training=False
+    (predict, evaluate), and draw from a seed state that is one of the model's
+    non-trainable variables (so the JAX loop's stateless step advances it)."""
+    if spec.augment_translate:
+        # pad-and-crop by up to n pixels: a shift drawn uniformly from [-(n + 0.5), n + 0.5]
+        # pixels and nearest-neighbour sampling moves the image by a whole number of pixels,
+        # each of -n..n equally likely; the vacated border is zero (black), as the padding
+        factor = (spec.augment_translate + 0.5) / IMAGE_SIZE
+        x = layers.RandomTranslation(factor, factor, fill_mode="constant", fill_value=0.0,
+                                     interpolation="nearest", name="augment_translate")(x)
+    if spec.augment_flip:
+        x = layers.RandomFlip("horizontal", name="augment_flip")(x)
+    return x
+
+
 def build_model(spec: ModelSpec, name: str = "model") -> keras.Model:
     """Map (batch, 28, 28, 1) images in [0, 1] to (batch, 10) class probabilities."""
     spec.validate(f"variants.{name}")
     inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="image")
-    x = inputs
+    x = _augmentation(inputs, spec)
     blocks = zip(spec.block_filters, spec.block_paddings, spec.block_kernel_initializers,
                  spec.block_bias_initializers, strict=True)
     for block, (filters, padding, kernel_init, bias_init) in enumerate(blocks, start=1):
-        normalized = layers.BatchNormalization(name=f"block{block}_bn")(x) if spec.batch_norm else x
-        # (batch, h, w, filters); the activation is a layer of its own (no parameters), so that
-        # it can sit before or after the skip sum
-        h = layers.Conv2D(filters, spec.kernel_size, padding=padding, kernel_initializer=kernel_init,
-                          bias_initializer=bias_init, name=f"block{block}_conv")(normalized)
+        # one conv per block keeps the names block1_bn, block1_conv, ...; more are numbered
+        names = [""] if spec.convs_per_block == 1 else [str(i) for i in range(1, spec.convs_per_block + 1)]
+        h = x
+        for i, suffix in enumerate(names):
+            normalized = (layers.BatchNormalization(name=f"block{block}_bn{suffix}")(h)
+                          if spec.batch_norm else h)
+            if i == 0:
+                first_normalized = normalized
+            # (batch, h, w, filters); the activation is a layer of its own (no parameters), so
+            # that the block's last one can sit before or after the skip sum
+            h = layers.Conv2D(filters, spec.kernel_size, padding=padding, kernel_initializer=kernel_init,
+                              bias_initializer=bias_init, name=f"block{block}_conv{suffix}")(normalized)
+            if i < len(names) - 1:
+                h = layers.Activation("relu", name=f"block{block}_relu{suffix}")(h)
+        relu = f"block{block}_relu{names[-1]}"
         if spec.skip:
-            source = normalized if spec.skip_from == "batch_norm" else x
+            # the shortcut spans the block's convs (a residual block when there are several)
+            source = first_normalized if spec.skip_from == "batch_norm" else x
             shortcut = _shortcut(source, filters, spec, f"block{block}")
             if spec.skip_activation == "before_sum":
-                h = layers.Activation("relu", name=f"block{block}_relu")(h)
+                h = layers.Activation("relu", name=relu)(h)
                 h = layers.Add(name=f"block{block}_skip")([h, shortcut])
             else:
                 h = layers.Add(name=f"block{block}_skip")([h, shortcut])
-                h = layers.Activation("relu", name=f"block{block}_relu")(h)
+                h = layers.Activation("relu", name=relu)(h)
         else:
-            h = layers.Activation("relu", name=f"block{block}_relu")(h)
+            h = layers.Activation("relu", name=relu)(h)
         x = layers.MaxPooling2D(spec.pool_size, padding=spec.pool_padding, name=f"block{block}_pool")(h)
     if spec.final_batch_norm:
         x = layers.BatchNormalization(name="final_bn")(x)
-    x = layers.Flatten(name="flatten")(x)
+    if spec.global_pool:
+        x = layers.GlobalAveragePooling2D(name="global_average")(x)  # (batch, filters)
+    else:
+        x = layers.Flatten(name="flatten")(x)  # (batch, h * w * filters)
     x = layers.Dense(spec.dense_units, activation="relu", name="dense")(x)
     x = layers.Dropout(spec.dropout_rate, name="dropout")(x)
     # float32 even under a mixed precision policy: a softmax in bfloat16/float16 rounds the

@@ -4,13 +4,14 @@ layout are the template templates/report.md.j2."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
 from fmnist import paper
-from fmnist.config import Config
+from fmnist.config import Config, flatten
 
 
 def verdict(comparison: dict[str, Any], claim: str, paper_difference: float | None = None) -> str:
@@ -94,6 +95,19 @@ def _ablation_reading(carried: list[str]) -> str:
     return "Each of " + ", ".join(carried) + " is supported on its own."
 
 
+def _beyond_paper(config: Config) -> dict[str, dict[str, str]]:
+    """Each variant of ours, not the paper's (analyse.beyond_paper): what it changes against
+    model_defaults and train's recipe, and how it was chosen."""
+    defaults = flatten({**config.model_defaults, **asdict(config.train.recipe())})
+    out = {}
+    for variant, note in config.analyse.beyond_paper.items():
+        own = flatten({**asdict(config.variant(variant)), **asdict(config.recipe(variant))})
+        out[variant] = {"changed": ", ".join(f"{key} {value}" for key, value in own.items()
+                                             if defaults.get(key) != value),
+                        "note": note}
+    return out
+
+
 TEMPLATE = "report.md.j2"  # in src/fmnist/templates/: the report's prose and layout
 
 
@@ -121,4 +135,4 @@ def markdown(config: Config, summary: dict[str, Any], claims: dict[str, Any], ru
         architectures={variant: architectures[variant] for variant in config.variants},
         feature_maps=summary["feature_maps"], errors=summary["error_analysis"],
         paper_top_errors=paper.TOP_ERRORS, paper_table_iv=paper.TABLE_IV,
-        class_names=config.evaluate.class_names, runs=runs)
+        class_names=config.evaluate.class_names, runs=runs, beyond_paper=_beyond_paper(config))

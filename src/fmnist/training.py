@@ -22,7 +22,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from fmnist import device, paths, tracking
+from fmnist import device, paths, recipes, tracking
 from fmnist.cli import Interrupted
 from fmnist.config import Config, ModelSpec, TrainConfig, flatten
 from fmnist.data import NUM_CLASSES, Dataset, to_inputs
@@ -37,12 +37,6 @@ class TrainingError(RuntimeError):
 def to_targets(labels: np.ndarray) -> np.ndarray:
     """(n,) ints -> (n, 10) one-hot float32 (categorical cross-entropy, as in the paper)."""
     return keras.utils.to_categorical(labels, NUM_CLASSES).astype("float32")
-
-
-def compile_model(model: keras.Model, train: TrainConfig) -> keras.Model:
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=train.learning_rate),
-                  loss="categorical_crossentropy", metrics=["accuracy"])
-    return model
 
 
 class EpochRecorder(keras.callbacks.Callback):
@@ -63,6 +57,8 @@ class EpochRecorder(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         record = {"epoch": epoch + 1}
         record.update({key: float(value) for key, value in (logs or {}).items()})
+        # the rate the schedule gives the next step, i.e. at this epoch's end
+        record["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         if not math.isfinite(record.get("loss", 0.0)):
             raise TrainingError(f"training loss became {record['loss']} at epoch {epoch + 1}; "
                                 "lower train.learning_rate or check the data")
@@ -191,12 +187,14 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
     time summed over the attempts.
     """
     spec: ModelSpec = config.variant(variant)
+    recipe = config.recipe(variant)
     name = paths.run_name(variant, seed)
     experiment_id = tracking.connect(config.tracking.experiment)
     keras.utils.set_random_seed(seed)
     precision = device.set_precision(config.train.precision)
     devices = device.use_all_devices()  # before the model (and its variables) is built
-    train_settings = {k: v for k, v in asdict(config.train).items() if k != "seeds"}
+    # train's keys, the variant's own recipe keys overriding
+    train_settings = {k: v for k, v in {**asdict(config.train), **asdict(recipe)}.items() if k != "seeds"}
     checkpoint = Checkpoint(checkpoint_dir, _fingerprint(
         asdict(spec), train_settings, seed, data_info, device.backend(), precision, devices))
     resumed = checkpoint.load()
@@ -208,7 +206,8 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
         print(f"Resuming {name} after epoch {len(history)} from {checkpoint.folder}")
     else:
         history = []
-        model = compile_model(build_model(spec, variant), config.train)
+        model = recipes.compile_model(build_model(spec, variant), recipe, config.train.epochs,
+                                      len(data.y_train), config.train.batch_size)
     tags = {
         "variant": variant, "seed": str(seed),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
