@@ -3,13 +3,16 @@ Markdown report (reports/report.md) that sets our numbers beside the paper's."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from markdown_it import MarkdownIt
 
 from fmnist import analysis, paths, plots, tracking
 from fmnist.config import Config
@@ -160,11 +163,16 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
     write_text(report_file, markdown(config, summary, runs))
     metrics = compact(summary)
     write_json(summary_file, metrics)
-    experiment_id = tracking.connect(config.tracking.experiment)
-    with tracking.run(experiment_id, "analysis", {"kind": "analysis",
-                                                  "git_commit": tracking.git_commit()}):
+    # Its own experiment: the summary numbers would otherwise fill the model runs' chart view
+    # with one-bar charts and join every legend; there, each run is one pipeline execution.
+    experiment_id = tracking.connect(tracking.analysis_experiment(config.tracking.experiment))
+    with tracking.run(experiment_id, "analysis", {
+            "kind": "analysis", "git_commit": tracking.git_commit(),
+            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+            "model_experiment": config.tracking.experiment}):
         tracking.log_metrics(_numeric_summary(metrics))
         tracking.log_artifacts(report_file, summary_file)
+        tracking.log_html(report_html(report_file.read_text(), report_file.parent), "report.html")
         tracking.log_artifacts(out_dir, folder="analysis")
     return summary
 
@@ -204,13 +212,33 @@ def _numeric_summary(metrics: dict[str, Any]) -> dict[str, float]:
     flat = {}
     for variant, entry in metrics["variants"].items():
         flat.update({f"{variant}.{key}": value for key, value in entry.items()
-                     if isinstance(value, int | float) and not isinstance(value, bool)})
+                     if isinstance(value, float) and key != "seeds"})  # a count is no metric
     if "test_accuracy" in metrics["baseline"]:
         flat["baseline.test_accuracy"] = metrics["baseline"]["test_accuracy"]
     return flat
 
 
 # --- Markdown -----------------------------------------------------------------------------
+
+def report_html(markdown_text: str, base: Path) -> str:
+    """The report as one self-contained HTML page: every figure inlined as a data URI (the
+    MLflow artifact viewer's iframe resolves no relative path), <details> kept as HTML."""
+    body = MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown_text)
+
+    def inline(match: re.Match) -> str:
+        figure = Path(base) / match.group(1)
+        if not figure.is_file():
+            return match.group(0)
+        data = base64.b64encode(figure.read_bytes()).decode("ascii")
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^":]+\.png)"', inline, body)
+    style = ("body{font-family:sans-serif;max-width:60em;margin:1em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+             "img{max-width:100%}pre{background:#f6f6f6;padding:6px;overflow:auto}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Report</title>"
+            f"<style>{style}</style></head><body>\n{body}</body></html>\n")
+
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"

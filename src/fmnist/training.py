@@ -22,7 +22,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from fmnist import device, tracking
+from fmnist import device, progress, tracking
 from fmnist.cli import Interrupted
 from fmnist.config import NUM_CLASSES, Config, ModelSpec, TrainConfig, flatten
 from fmnist.files import CorruptFileError, atomic_path, write_json, write_text
@@ -198,7 +198,7 @@ def fit(model: keras.Model, data: Dataset, train: TrainConfig, callbacks: list,
         validation = (to_inputs(data.x_val), to_targets(data.y_val))
     model.fit(to_inputs(data.x_train), to_targets(data.y_train), batch_size=train.batch_size,
               epochs=train.epochs, initial_epoch=initial_epoch, validation_data=validation,
-              callbacks=callbacks, shuffle=True, verbose=2)
+              callbacks=callbacks, shuffle=True, verbose=progress.keras_verbosity())
 
 
 def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_info: dict[str, Any],
@@ -228,7 +228,7 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
         history = []
         model = compile_model(build_model(spec, variant), config.train)
     tags = {
-        "variant": variant, "seed": str(seed), "git_commit": tracking.git_commit(),
+        "kind": "cnn", "variant": variant, "seed": str(seed), "git_commit": tracking.git_commit(),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "dvc_stage": f"train@{variant}-{seed}",
         "data_source": data_info["source"], "canonical_split": str(data_info["canonical_split"]),
         "keras_backend": device.backend(), "precision": precision, "device": device.describe(),
@@ -249,19 +249,26 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
                                                   "canonical_split": data_info["canonical_split"],
                                                   **data_info["sizes"]}}))
             tracking.log_params({"model.parameters": model.count_params()})
-            tracking.log_missing_steps(history)  # epochs an earlier attempt could not log
+            tracking.log_dataset("fashion-mnist-train", data.x_train, data.y_train, "training", data_info)
+            tracking.log_dataset("fashion-mnist-test", data.x_test, data.y_test, "testing", data_info)
+            tracking.log_missing_steps([{tracking.epoch_metric_name(k) if k != "epoch" else k: v
+                                         for k, v in record.items()} for record in history])
 
             def on_epoch(record: dict[str, float]) -> None:
                 history.append(record)
                 checkpoint.save(run_id, history, model, elapsed())
-                tracking.log_metrics({k: v for k, v in record.items() if k != "epoch"},
-                                     step=int(record["epoch"]))
+                tracking.log_epoch(record)
+                epoch_line(record)
 
+            epoch_line = progress.EpochLine(progress.stage_label(
+                "train", config.variants, config.train.seeds, variant, seed), config.train.epochs,
+                first_epoch=len(history))
             recorder = EpochRecorder(on_epoch, test, config.train.batch_size)
             fit(model, data, config.train, [recorder], initial_epoch=len(history), seed=seed)
             result = TrainedModel(model, history, run_id, device.backend(), precision,
                                   device.describe(), elapsed())
             write_outputs(result, out_dir, data_info)
+            tracking.log_results({"train_seconds": round(result.train_seconds, 1)})
             tracking.log_artifacts(out_dir / "history.json", out_dir / "summary.txt")
             tracking.log_keras_model(model, to_inputs(data.x_test[:5]), device.pip_requirements())
     except TrainingError:
