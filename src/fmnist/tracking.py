@@ -53,6 +53,10 @@ HTTP_DEFAULTS = {
 }
 for _name, _value in HTTP_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
+# MLflow 3's UI opens an experiment without this tag in its GenAI mode (an empty traces page);
+# tagged, it opens the classic runs table, charts and Group by of model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 RUN_KEY_TAG = "fmnist.run_key"  # workspace + run name: finds runs an earlier attempt left RUNNING
 
 
@@ -129,12 +133,15 @@ def connect(experiment: str, root: Path | None = None) -> str:
     uri = use_store(root)
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:"):
         # default would be ./mlruns relative to whatever directory the stage runs in
         artifact_location = (root / paths.MLFLOW_ARTIFACTS).as_uri()
-    return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+    return mlflow.create_experiment(experiment, artifact_location=artifact_location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def git_commit(root: Path | None = None) -> str:
