@@ -7,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test lint benchmark mlflow-ui gpu
+.PHONY: run test lint benchmark mlflow-ui gpu screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ $(VENV)/.installed-gpu: pyproject.toml | $(BIN)/python
 
 run: $(VENV)/.installed
 	dvc repro
-	dvc metrics show
+	python -m fmnist.results
 
 test: $(VENV)/.installed-dev lint
 	python -m pytest
