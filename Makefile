@@ -43,3 +43,10 @@ benchmark: $(VENV)/.installed
 
 mlflow-ui: $(VENV)/.installed
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# docs/images/mlflow-*.png for the README: a real small run (the tests' tiny pipeline), `mlflow ui`
+# on its store, headless Chromium (Debian's chromium; apt needs root) driven by npm's playwright-core
+screenshots: $(VENV)/.installed-dev
+	command -v chromium >/dev/null || apt-get install -y chromium
+	cd docs/screenshots && npm install --no-audit --no-fund --silent
+	python docs/screenshots/run.py
