@@ -361,16 +361,18 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 
 @_guarded("re-logging the checkpoint's epochs")
 def log_missing_steps(records: list[dict[str, float]], step_key: str = "epoch") -> int:
-    """Log every (metric, step) of ``records`` that the active run lacks (a resumed run whose
-    store failed while an epoch was logged); returns how many values were logged."""
+    """Log every (metric, step) of ``records`` (epoch records, named as ``log_epoch`` names
+    them) that the active run lacks (a resumed run whose store failed while an epoch was
+    logged); returns how many values were logged."""
     client = MlflowClient()
     run_id = mlflow.active_run().info.run_id
     keys = dict.fromkeys(key for record in records for key in record if key != step_key)
     timestamp = int(time.time() * 1000)
     missing = []
     for key in keys:
-        logged = {metric.step for metric in client.get_metric_history(run_id, key)}
-        missing += [Metric(key, float(record[key]), timestamp, int(record[step_key]))
+        name = epoch_metric_name(key)
+        logged = {metric.step for metric in client.get_metric_history(run_id, name)}
+        missing += [Metric(name, float(record[key]), timestamp, int(record[step_key]))
                     for record in records if key in record and int(record[step_key]) not in logged]
     for start in range(0, len(missing), 1000):  # MLflow's log_batch limit
         client.log_batch(run_id, metrics=missing[start:start + 1000])

@@ -251,8 +251,7 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
             tracking.log_params({"model.parameters": model.count_params()})
             tracking.log_dataset("fashion-mnist-train", data.x_train, data.y_train, "training", data_info)
             tracking.log_dataset("fashion-mnist-test", data.x_test, data.y_test, "testing", data_info)
-            tracking.log_missing_steps([{tracking.epoch_metric_name(k) if k != "epoch" else k: v
-                                         for k, v in record.items()} for record in history])
+            tracking.log_missing_steps(history)  # epochs an earlier attempt could not log
 
             def on_epoch(record: dict[str, float]) -> None:
                 history.append(record)
