@@ -257,11 +257,16 @@ def resume(run_id: str) -> Iterator[bool]:
               "train stage (`dvc repro -f train`) to record it again.")
         yield False
         return
-    ended = MlflowClient().get_run(run_id).info
+    ended = _run_info(run_id)
     with run(experiment_id="", name="", tags={}, run_id=run_id):
         yield True
     if ended.status == "FINISHED" and ended.end_time:
         _restore_end(run_id, ended.end_time)
+
+
+@_guarded("looking up a run")
+def _run_info(run_id: str) -> Any:
+    return MlflowClient().get_run(run_id).info
 
 
 @_guarded("restoring a run's end time")
