@@ -7,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test lint benchmark mlflow-ui gpu deps-system tracking-server tracking-server-stop
+.PHONY: run test lint benchmark mlflow-ui gpu deps-system tracking-server tracking-server-stop screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ $(VENV)/.installed-gpu: pyproject.toml | $(BIN)/python
 
 run: $(VENV)/.installed
 	dvc repro
-	dvc metrics show
+	python -m fmnist.results
 
 test: $(VENV)/.installed-dev lint deps-system
 	python -m pytest
@@ -64,3 +64,10 @@ tracking-server: $(VENV)/.installed deps-system
 
 tracking-server-stop: $(VENV)/.installed
 	python -m fmnist.tracking_server stop
+
+# docs/images/mlflow-*.png for the README: a real small run (the tests' tiny pipeline), `mlflow ui`
+# on its store, headless Chromium (Debian's chromium; apt needs root) driven by npm's playwright-core
+screenshots: $(VENV)/.installed-dev
+	command -v chromium >/dev/null || apt-get install -y chromium
+	cd docs/screenshots && npm install --no-audit --no-fund --silent
+	python docs/screenshots/run.py

@@ -6,6 +6,7 @@ from fmnist.cli import stage_main
 from fmnist.config import load_params
 from fmnist.data import data_info, load_prepared
 from fmnist.files import read_json
+from fmnist.results import write_accuracy
 
 
 def main() -> None:
@@ -13,6 +14,7 @@ def main() -> None:
     summary = analyse(config, load_prepared(paths.PREPARED_ARRAYS), data_info(paths.PREPARED_INFO),
                       read_json(paths.BASELINE_METRICS, "written by the baseline stage"),
                       paths.ANALYSIS, paths.REPORT, paths.SUMMARY)
+    write_accuracy(paths.SUMMARY, paths.ACCURACY)
     for variant, entry in summary["variants"].items():
         print(f"{variant}: test accuracy {100 * entry['test_accuracy']['mean']:.2f}% over "
               f"{entry['test_accuracy']['n']} seed(s)")

@@ -5,12 +5,15 @@ from fmnist.cli import parse_run_args, stage_main
 from fmnist.config import load_params
 from fmnist.data import load_prepared
 from fmnist.evaluation import evaluate_model
+from fmnist.progress import stage_label
 
 
 def main() -> None:
     args = parse_run_args(__doc__)
     config = load_params(paths.PARAMS)
     config.variant(args.variant)
+    print(stage_label("evaluate", config.variants, config.train.seeds, args.variant, args.seed),
+          flush=True)
     data = load_prepared(paths.PREPARED_ARRAYS)
     metrics = evaluate_model(
         paths.model_dir(args.variant, args.seed), data.x_test, data.y_test,

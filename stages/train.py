@@ -4,12 +4,15 @@ from fmnist import device, paths
 from fmnist.cli import parse_run_args, stage_main
 from fmnist.config import load_params
 from fmnist.data import data_info, load_prepared
+from fmnist.progress import stage_label
 
 
 def main() -> None:
     args = parse_run_args(__doc__)
     config = load_params(paths.PARAMS)
     config.variant(args.variant)  # an unknown name fails before the data is loaded
+    print(stage_label("train", config.variants, config.train.seeds, args.variant, args.seed),
+          flush=True)
     device.select_backend(config.train.backend)  # before Keras is first imported
     from fmnist.training import train_variant  # noqa: PLC0415 (imports Keras: after the backend)
 

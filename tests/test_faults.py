@@ -339,7 +339,7 @@ def test_4_resume_relogs_the_epoch_the_store_failed_to_log(tiny_config, tiny_dat
     resumed = _train(tiny_config, tiny_data, mlflow_store, epochs=3)
     assert resumed.run_id == state["run_id"]
     assert client.get_run(resumed.run_id).info.status == "FINISHED"
-    for key in ("loss", "test_accuracy", "epoch_seconds"):
+    for key in ("loss", "monitor_test_accuracy", "epoch_seconds"):
         assert sorted(m.step for m in client.get_metric_history(resumed.run_id, key)) == [1, 2, 3], key
 
 

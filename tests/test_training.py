@@ -59,7 +59,7 @@ def test_tiny_training_writes_outputs_and_an_mlflow_run(tiny_config, tiny_data, 
     assert run.data.tags["variant"] == "cnn2" and run.data.tags["canonical_split"] == "False"
     assert run.data.tags["keras_backend"] == "tensorflow" and run.data.tags["device"].startswith("cpu")
     assert run.data.tags["precision"] == run_info["precision"]
-    steps = [m.step for m in client.get_metric_history(result.run_id, "test_accuracy")]
+    steps = [m.step for m in client.get_metric_history(result.run_id, "monitor_test_accuracy")]
     assert steps == [1, 2]
     assert run.info.artifact_uri.startswith((mlflow_store / "mlartifacts").as_uri())
     mlflow.set_tracking_uri(f"sqlite:///{mlflow_store / 'mlflow.db'}")

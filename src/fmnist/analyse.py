@@ -4,6 +4,7 @@ and report write every table and figure of the paper; metrics/summary.json; one 
 from __future__ import annotations
 
 import csv
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,14 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
     write_text(report_file, report.markdown(config, summary, claims, runs, architectures))
     metrics = analysis.compact(summary)
     write_json(summary_file, metrics)
-    experiment_id = tracking.connect(config.tracking.experiment)
-    with tracking.run(experiment_id, "analysis", {"kind": "analysis"}):
+    # Its own experiment: the summary numbers would otherwise fill the model runs' chart view
+    # with one-bar charts and join every legend; there, each run is one pipeline execution.
+    experiment_id = tracking.connect(tracking.analysis_experiment(config.tracking.experiment))
+    with tracking.run(experiment_id, "analysis", {
+            "kind": "analysis", "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+            "model_experiment": config.tracking.experiment}):
         tracking.log_metrics(analysis.numeric_summary(metrics))
         tracking.log_artifacts(report_file, summary_file)
+        tracking.log_html(report.report_html(report_file.read_text(), report_file.parent), "report.html")
         tracking.log_artifacts(out_dir, folder="analysis")
     return summary

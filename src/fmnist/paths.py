@@ -33,6 +33,7 @@ EVAL_REPORTS = REPORTS / "eval"
 ANALYSIS = REPORTS / "analysis"
 REPORT = REPORTS / "report.md"
 SUMMARY = METRICS / "summary.json"
+ACCURACY = METRICS / "accuracy.json"  # mean test accuracy per variant: `dvc exp show`'s columns
 BASELINE_METRICS = METRICS / "baseline.json"
 CURVES = ANALYSIS / "curves.csv"
 

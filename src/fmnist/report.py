@@ -4,11 +4,14 @@ layout are the template templates/report.md.j2."""
 
 from __future__ import annotations
 
+import base64
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import jinja2
+from markdown_it import MarkdownIt
 
 from fmnist import paper
 from fmnist.config import Config, flatten
@@ -32,6 +35,26 @@ def verdict(comparison: dict[str, Any], claim: str, paper_difference: float | No
         where = "inside" if low <= paper_difference <= high else "outside"
         text += f"; the paper's {paper_difference:+.2f} is {where} this interval"
     return text + ")"
+
+
+def report_html(markdown_text: str, base: Path) -> str:
+    """The report as one self-contained HTML page: every figure inlined as a data URI (the
+    MLflow artifact viewer's iframe resolves no relative path), <details> kept as HTML."""
+    body = MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown_text)
+
+    def inline(match: re.Match) -> str:
+        figure = Path(base) / match.group(1)
+        if not figure.is_file():
+            return match.group(0)
+        data = base64.b64encode(figure.read_bytes()).decode("ascii")
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^":]+\.png)"', inline, body)
+    style = ("body{font-family:sans-serif;max-width:60em;margin:1em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+             "img{max-width:100%}pre{background:#f6f6f6;padding:6px;overflow:auto}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Report</title>"
+            f"<style>{style}</style></head><body>\n{body}</body></html>\n")
 
 
 def _pct(value: float | None) -> str:

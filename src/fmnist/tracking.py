@@ -2,8 +2,12 @@
 
 The store is ``MLFLOW_TRACKING_URI`` when set, else the SQLite file mlflow.db at the
 project root (``DVC_ROOT`` under ``dvc exp run --queue``), with artifacts in mlartifacts/
-beside it. One run per trained model (variant x seed); the evaluate stage resumes that
-run by its id to add its metrics and figures.
+beside it. One run per trained model (variant x seed) and one for the SVC baseline, in the
+experiment ``tracking.experiment``, all logging one vocabulary of metrics (see
+RESULT_METRICS); the evaluate stage resumes a model's run by its id to add its results and
+figures, keeping the run's end time. The analysis of each pipeline execution is a run of its
+own experiment (``analysis_experiment``), so its summary numbers stay out of the model runs'
+table and charts.
 
 Faults: every failure of the store (an HTTP error or timeout, a full disk) becomes a
 one-line TrackingError naming the store. MLflow's HTTP client is bounded by project
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -24,6 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +54,10 @@ HTTP_DEFAULTS = {
 }
 for _name, _value in HTTP_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
+# MLflow 3's UI opens an experiment without this tag in its GenAI mode (an empty traces page);
+# tagged, it opens the classic runs table, charts and Group by of model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 RUN_KEY_TAG = "fmnist.run_key"  # workspace + run name: finds runs an earlier attempt left RUNNING
 
 
@@ -146,9 +156,12 @@ def connect(experiment: str, root: Path | None = None) -> str:
     for attempt in range(5):
         found = mlflow.get_experiment_by_name(experiment)
         if found is not None:
+            if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return found.experiment_id
         try:
-            return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+            return mlflow.create_experiment(experiment, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except mlflow.exceptions.MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -184,6 +197,12 @@ def mark_failed(run_id: str) -> None:
 def run_key(name: str) -> str:
     """The same stage's run in the same workspace (a `dvc exp run --queue` copy is another)."""
     return f"{Path.cwd().resolve()}#{name}"
+
+
+def analysis_experiment(experiment: str) -> str:
+    """The experiment of the analyse stage's runs: one run per pipeline execution, beside
+    (not among) the model runs they summarise."""
+    return f"{experiment}-analysis"
 
 
 def _fail_left_running(experiment_id: str, key: str, current_run_id: str) -> None:
@@ -263,8 +282,22 @@ def resume(run_id: str) -> Iterator[bool]:
               "train stage (`dvc repro -f train`) to record it again.")
         yield False
         return
+    ended = _run_info(run_id)
     with run(experiment_id="", name="", tags={}, run_id=run_id):
         yield True
+    if ended.status == "FINISHED" and ended.end_time:
+        _restore_end(run_id, ended.end_time)
+
+
+@_guarded("looking up a run")
+def _run_info(run_id: str) -> Any:
+    return MlflowClient().get_run(run_id).info
+
+
+@_guarded("restoring a run's end time")
+def _restore_end(run_id: str, end_time: int) -> None:
+    """The run's Duration stays its training: what was added later does not stretch it."""
+    MlflowClient().set_terminated(run_id, status="FINISHED", end_time=end_time)
 
 
 @_guarded("logging params")
@@ -280,6 +313,77 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params(fresh)
 
 
+# --- One vocabulary of metrics across every model run (the CNNs and the SVC) -------------
+# Results: one value per run (no step), the same name for the same quantity in every kind of
+# run, so that one column of the runs table ranks all models. Counts (epochs, images) are
+# params, not metrics.
+RESULT_METRICS = {
+    "test_accuracy": "accuracy of the final model on the test set",
+    "test_loss": "categorical cross-entropy on the test set (models with probabilities)",
+    "test_macro_f1": "F1 on the test set, unweighted mean over classes",
+    "test_weighted_f1": "F1 on the test set, mean weighted by class support",
+    "test_macro_precision": "precision on the test set, unweighted mean over classes",
+    "test_macro_recall": "recall on the test set, unweighted mean over classes",
+    "best_epoch_test_accuracy_selected_on_test": "the paper's kind of number: the best epoch as "
+                                                  "seen on the test set (flatters; never selects)",
+    "train_seconds": "time to fit the model (all attempts of a resumed training)",
+    "predict_seconds": "time to predict the test set",
+}
+# Series: one value per epoch (step = epoch). Keras' names, except the test set's, which is
+# monitored only (the paper's Fig. 3) and named so that no series shares a result's name.
+MONITOR_PREFIX = "monitor_"
+
+
+def epoch_metric_name(key: str) -> str:
+    """``test_accuracy`` (an epoch's monitored value) -> ``monitor_test_accuracy``; Keras'
+    ``loss``, ``accuracy``, ``val_*`` and ``epoch_seconds`` keep their names."""
+    name = MONITOR_PREFIX + key if key.startswith("test_") else key
+    if name in RESULT_METRICS:
+        raise ValueError(f"per-epoch metric {key!r} would take the result name {name!r}")
+    return name
+
+
+def log_epoch(record: dict[str, float]) -> None:
+    """One epoch's record (its ``epoch`` key is the step) as the per-epoch series."""
+    log_metrics({epoch_metric_name(key): value for key, value in record.items() if key != "epoch"},
+                step=int(record["epoch"]))
+
+
+def log_results(results: dict[str, float]) -> None:
+    """A model's results, named from RESULT_METRICS only (a new quantity gets its name there)."""
+    unknown = sorted(set(results) - set(RESULT_METRICS))
+    if unknown:
+        raise ValueError(f"{unknown} are not in tracking.RESULT_METRICS ({sorted(RESULT_METRICS)}); "
+                         "name each result from that list or add its name there")
+    log_metrics(results)
+
+
+@_guarded("logging the data set")
+def log_dataset(name: str, images: np.ndarray, labels: np.ndarray, context: str,
+                data_info: dict[str, Any]) -> None:
+    """Images and labels of the prepared data as an MLflow dataset input of the active run
+    (the runs table's Dataset column). Source: the prepared arrays' file; digest: the MD5 of
+    the arrays' bytes (the same data gives the same digest in every run); tags: where the data
+    came from and whether the train/test split is the canonical one."""
+    digest = hashlib.md5(np.ascontiguousarray(images).tobytes())
+    digest.update(np.ascontiguousarray(labels).tobytes())
+    source = (paths.project_root() / paths.PREPARED_ARRAYS).as_uri()
+    with warnings.catch_warnings():  # MLflow 3.17 registers its local-file source twice and
+        # warns that a file URI "can be interpreted in multiple ways" (both the same class)
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_numpy(images, targets=labels, source=source, name=name,
+                                         digest=digest.hexdigest()[:16])
+    mlflow.log_input(dataset, context=context, tags={
+        "origin": str(data_info["origin"]), "canonical_split": str(data_info["canonical_split"])})
+
+
+@_guarded("logging an HTML page")
+def log_html(html: str, artifact_file: str) -> None:
+    """A self-contained page (figures inlined): MLflow's artifact viewer shows .html files in
+    a sandboxed iframe loaded from a blob: URL, where relative links resolve to nothing."""
+    mlflow.log_text(html, artifact_file)
+
+
 @_guarded("logging metrics")
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step)
@@ -287,16 +391,18 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 
 @_guarded("re-logging the checkpoint's epochs")
 def log_missing_steps(records: list[dict[str, float]], step_key: str = "epoch") -> int:
-    """Log every (metric, step) of ``records`` that the active run lacks (a resumed run whose
-    store failed while an epoch was logged); returns how many values were logged."""
+    """Log every (metric, step) of ``records`` (epoch records, named as ``log_epoch`` names
+    them) that the active run lacks (a resumed run whose store failed while an epoch was
+    logged); returns how many values were logged."""
     client = MlflowClient()
     run_id = mlflow.active_run().info.run_id
     keys = dict.fromkeys(key for record in records for key in record if key != step_key)
     timestamp = int(time.time() * 1000)
     missing = []
     for key in keys:
-        logged = {metric.step for metric in client.get_metric_history(run_id, key)}
-        missing += [Metric(key, float(record[key]), timestamp, int(record[step_key]))
+        name = epoch_metric_name(key)
+        logged = {metric.step for metric in client.get_metric_history(run_id, name)}
+        missing += [Metric(name, float(record[key]), timestamp, int(record[step_key]))
                     for record in records if key in record and int(record[step_key]) not in logged]
     for start in range(0, len(missing), 1000):  # MLflow's log_batch limit
         client.log_batch(run_id, metrics=missing[start:start + 1000])

@@ -22,7 +22,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from fmnist import device, paths, recipes, tracking
+from fmnist import device, paths, progress, recipes, tracking
 from fmnist.cli import Interrupted
 from fmnist.config import Config, ModelSpec, TrainConfig, flatten
 from fmnist.data import NUM_CLASSES, Dataset, to_inputs
@@ -57,11 +57,11 @@ class EpochRecorder(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         record = {"epoch": epoch + 1}
         record.update({key: float(value) for key, value in (logs or {}).items()})
-        # the rate the schedule gives the next step, i.e. at this epoch's end
-        record["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         if not math.isfinite(record.get("loss", 0.0)):
             raise TrainingError(f"training loss became {record['loss']} at epoch {epoch + 1}; "
                                 "lower train.learning_rate or check the data")
+        # the rate the schedule gives the next step, i.e. at this epoch's end
+        record["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         if self.test is not None and "test_accuracy" not in record:  # the JAX loop computes it
             scores = self.model.evaluate(*self.test, batch_size=self.batch_size, verbose=0,
                                          return_dict=True)
@@ -175,7 +175,7 @@ def fit(model: keras.Model, data: Dataset, train: TrainConfig, callbacks: list,
         validation = (to_inputs(data.x_val), to_targets(data.y_val))
     model.fit(to_inputs(data.x_train), to_targets(data.y_train), batch_size=train.batch_size,
               epochs=train.epochs, initial_epoch=initial_epoch, validation_data=validation,
-              callbacks=callbacks, shuffle=True, verbose=2)
+              callbacks=callbacks, shuffle=True, verbose=progress.keras_verbosity())
 
 
 def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_info: dict[str, Any],
@@ -209,7 +209,7 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
         model = recipes.compile_model(build_model(spec, variant), recipe, config.train.epochs,
                                       len(data.y_train), config.train.batch_size)
     tags = {
-        "variant": variant, "seed": str(seed),
+        "kind": "cnn", "variant": variant, "seed": str(seed),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc_stage": paths.stage_name("train", variant, seed),
         "data_source": data_info["source"], "canonical_split": str(data_info["canonical_split"]),
@@ -231,20 +231,26 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
                                                   "canonical_split": data_info["canonical_split"],
                                                   **data_info["sizes"]}}))
             tracking.log_params({"model.parameters": model.count_params()})
+            tracking.log_dataset("fashion-mnist-train", data.x_train, data.y_train, "training", data_info)
+            tracking.log_dataset("fashion-mnist-test", data.x_test, data.y_test, "testing", data_info)
             tracking.log_missing_steps(history)  # epochs an earlier attempt could not log
 
             def on_epoch(record: dict[str, float]) -> None:
                 history.append(record)
                 checkpoint.save(run_id, history, model, elapsed())
-                tracking.log_metrics({k: v for k, v in record.items() if k != "epoch"},
-                                     step=int(record["epoch"]))
+                tracking.log_epoch(record)
+                epoch_line(record)
 
+            epoch_line = progress.EpochLine(progress.stage_label(
+                "train", config.variants, config.train.seeds, variant, seed), config.train.epochs,
+                first_epoch=len(history))
             recorder = EpochRecorder(on_epoch, test, config.train.batch_size)
             fit(model, data, config.train, [recorder], initial_epoch=len(history), seed=seed)
             result = TrainedModel(model, history, run_id, device.backend(), precision,
                                   device.describe(), elapsed())
             write_outputs(result, out_dir, data_info)
             files = paths.RunFiles(out_dir)
+            tracking.log_results({"train_seconds": round(result.train_seconds, 1)})
             tracking.log_artifacts(files.history, files.architecture)
             examples = -(-5 // devices) * devices  # 5, or a multiple of the devices that split it
             tracking.log_keras_model(model, to_inputs(data.x_test[:examples]), device.pip_requirements())

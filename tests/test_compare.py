@@ -1,0 +1,184 @@
+"""Comparing variants: one vocabulary of MLflow metrics across every model run, true run
+durations, the data set and the report in MLflow, the terminal table, and the README's
+`dvc exp show` readable in 160 columns after two experiments; on the real tiny pipeline."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+import shlex
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fmnist import report, results, tracking
+from fmnist.progress import EpochLine, stage_label
+from tests.conftest import REPO, make_dvc_repo, only_variants, run, venv_env
+
+VARIANTS = ["cnn2", "cnn2_bn"]
+EPOCH_KEYS = {"loss", "accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
+              "epoch_seconds"}
+
+
+def _store(repo: Path) -> sqlite3.Connection:
+    return sqlite3.connect(repo / "mlflow.db")
+
+
+def _model_runs(db: sqlite3.Connection, experiment: str) -> dict[str, dict]:
+    runs = {}
+    for run_id, name, start, end in db.execute(
+            "SELECT r.run_uuid, r.name, r.start_time, r.end_time FROM runs r JOIN experiments e "
+            "ON r.experiment_id = e.experiment_id WHERE e.name = ?", (experiment,)):
+        metrics: dict[str, list[tuple[int, float, int]]] = {}
+        for key, step, value, timestamp in db.execute(
+                "SELECT key, step, value, timestamp FROM metrics WHERE run_uuid = ?", (run_id,)):
+            metrics.setdefault(key, []).append((step, value, timestamp))
+        tags = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)))
+        params = dict(db.execute("SELECT key, value FROM params WHERE run_uuid = ?", (run_id,)))
+        datasets = db.execute(
+            "SELECT d.name, d.digest, t.value FROM inputs i JOIN datasets d ON i.source_id = "
+            "d.dataset_uuid JOIN input_tags t ON t.input_uuid = i.input_uuid WHERE "
+            "i.destination_id = ? AND t.name = 'canonical_split'", (run_id,)).fetchall()
+        runs[name] = {"start": start, "end": end, "metrics": metrics, "tags": tags,
+                      "params": params, "datasets": sorted(datasets)}
+    return runs
+
+
+def _readme_exp_show() -> list[str]:
+    """The README's `dvc exp show` command (the line of its code block that starts with it)."""
+    text = (REPO / "README.md").read_text()
+    (line,) = [line for line in text.splitlines() if line.startswith("dvc exp show ")]
+    return shlex.split(line.split("#")[0])
+
+
+def test_stage_label_counts_the_matrix_and_the_epoch_line_estimates_the_rest():
+    assert stage_label("train", ["a", "b", "c"], [0, 1], "b", 1) == "[train 4/6] b seed 1"
+    line = EpochLine("[train 4/6] b seed 1", epochs=10, first_epoch=2)
+    text = line.text({"epoch": 4, "loss": 0.5, "accuracy": 0.8, "test_accuracy": 0.75},
+                     now=line.started + 20.0)  # 2 epochs of this attempt in 20 s
+    assert "epoch 4/10" in text and "monitored test_accuracy 0.7500" in text
+    assert "10s/epoch" in text and "ETA 1m00s" in text  # 6 epochs left
+
+
+def test_results_are_named_from_one_vocabulary():
+    with pytest.raises(ValueError, match="final_test_accuracy"):
+        tracking.log_results({"final_test_accuracy": 0.9})
+    assert tracking.epoch_metric_name("test_accuracy") == "monitor_test_accuracy"
+    assert tracking.epoch_metric_name("loss") == "loss"
+
+
+def test_report_html_inlines_every_figure_and_keeps_details(tmp_path):
+    figure = tmp_path / "analysis" / "curve.png"
+    figure.parent.mkdir()
+    figure.write_bytes(b"\x89PNG not really")
+    text = ("# Report\n\n![Fig. 2](analysis/curve.png)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+            "<details><summary>cnn2</summary>\n\n```\nsummary\n```\n\n</details>\n")
+    html = report.report_html(text, tmp_path)
+    assert f'src="data:image/png;base64,{base64.b64encode(figure.read_bytes()).decode()}"' in html
+    assert "<table>" in html and "<details><summary>cnn2</summary>" in html and "![" not in html
+
+
+def test_the_terminal_table_and_the_accuracy_file_come_from_the_summary():
+    summary = {"canonical_split": False, "baseline": {"test_accuracy": 0.8512, "train_size": 500,
+                                                     "paper_test_accuracy": 0.897},
+               "variants": {"cnn2": {"seeds": 3, "test_accuracy_mean": 0.91234, "test_accuracy_std": 0.0021,
+                                     "paper_test_accuracy": 0.9117},
+                            "wide3": {"seeds": 1, "test_accuracy_mean": 0.9, "test_accuracy_std": None}}}
+    lines = results.table(summary).splitlines()
+    assert lines[2].split() == ["cnn2", "3", "91.23", "±", "0.21", "91.17"]
+    assert lines[3].split() == ["wide3", "1", "90.00", "-"]  # one seed: no spread; no paper model
+    assert lines[4].startswith("svc (baseline, 500 images)") and lines[4].split()[-2:] == ["85.12", "89.70"]
+    assert lines[-1].startswith("NOTE: not the canonical")
+    assert results.accuracy_by_variant(summary) == {"cnn2": 91.23, "wide3": 90.0, "svc": 85.12}
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_params, tiny_idx_dir):
+    params = only_variants(tiny_params, VARIANTS)
+    repo = make_dvc_repo(tmp_path / "repo", params, local_data=tiny_idx_dir)
+    repro = run(["dvc", "repro"], repo)
+    assert "[train 1/2] cnn2 seed 0 | epoch 2/2 |" in repro.stdout
+    assert "[evaluate 2/2] cnn2_bn seed 0" in repro.stdout
+
+    experiment = params["tracking"]["experiment"]
+    with _store(repo) as db:
+        runs = _model_runs(db, experiment)
+        analysis = _model_runs(db, tracking.analysis_experiment(experiment))
+        kinds = dict(db.execute("SELECT e.name, t.value FROM experiments e JOIN experiment_tags t "
+                                "ON e.experiment_id = t.experiment_id WHERE t.key = ?",
+                                (tracking.EXPERIMENT_KIND_TAG,)))
+    assert set(runs) == {"cnn2-seed0", "cnn2_bn-seed0", "svc-baseline"}  # no analysis among them
+    assert set(analysis) == {"analysis"}
+    assert kinds[experiment] == tracking.EXPERIMENT_KIND  # the UI opens in its model-training mode
+
+    series_names = {tracking.epoch_metric_name(key) for key in EPOCH_KEYS}
+    assert not series_names & set(tracking.RESULT_METRICS)
+    baseline = json.loads((repo / "metrics" / "baseline.json").read_text())
+    digests = set()
+    for name, found in runs.items():
+        metrics = found["metrics"]
+        # every model run ranks in the one test_accuracy column, logged once, with no step
+        assert [step for step, _, _ in metrics["test_accuracy"]] == [0]
+        for key in set(metrics) - series_names:
+            assert key in tracking.RESULT_METRICS, (name, key)
+            assert len(metrics[key]) == 1, (name, key)  # a result is one value, not a series
+        assert "train_seconds" in metrics and "predict_seconds" in metrics, name
+        assert not [key for key in metrics if key.startswith("final_") or "epochs" in key], name
+        datasets = found["datasets"]
+        assert [d[0] for d in datasets] == ["fashion-mnist-test", "fashion-mnist-train"], name
+        assert {d[2] for d in datasets} == {"False"}  # the tiny files are not the canonical split
+        digests.add(datasets[0][1])
+        if name == "svc-baseline":
+            assert metrics["test_accuracy"][0][1] == pytest.approx(baseline["test_accuracy"])
+            # the run covers the fit: its Duration is at least the fit's time
+            assert found["end"] - found["start"] >= 1000 * (metrics["train_seconds"][0][1] - 0.05)
+            continue
+        variant = found["tags"]["variant"]
+        evaluated = json.loads((repo / "metrics" / "runs" / f"{name}.json").read_text())
+        assert metrics["test_accuracy"][0][1] == pytest.approx(evaluated["test_accuracy"])
+        assert metrics["test_macro_f1"][0][1] == pytest.approx(evaluated["macro_f1"])
+        assert sorted(step for step, _, _ in metrics["monitor_test_accuracy"]) == [1, 2]
+        assert found["params"]["train.epochs"] == "2" and variant in VARIANTS
+        # the evaluate stage logged later without stretching the run's Duration
+        assert found["end"] < metrics["test_accuracy"][0][2]
+    assert len(digests) == 1  # the same test set, the same digest, in every run
+
+    with _store(repo) as db:
+        (artifact_uri,) = db.execute("SELECT artifact_uri FROM runs WHERE name = 'analysis'").fetchone()
+    html = (Path(artifact_uri.removeprefix("file://")) / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3  # Fig. 1, the curves, the confusion matrix...
+    assert "<details>" in html and "![" not in html and 'src="analysis/' not in html
+
+    summary = json.loads((repo / "metrics" / "summary.json").read_text())
+    table = subprocess.run([sys.executable, "-m", "fmnist.results"], cwd=repo, env=venv_env(),
+                           capture_output=True, text=True, check=True).stdout
+    for variant in VARIANTS:
+        mean = 100 * summary["variants"][variant]["test_accuracy_mean"]
+        assert re.search(rf"^{variant} +1 +{mean:.2f}", table, re.MULTILINE), table
+
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "results"], repo)
+    # two experiments that move the tiny models' accuracy
+    run(["dvc", "exp", "run", "-S", "train.epochs=1"], repo)
+    run(["dvc", "exp", "run", "-S", "train.learning_rate=0.0002"], repo)
+    command = _readme_exp_show()
+    shown = run(command, repo, env={**venv_env(), "COLUMNS": "160"}).stdout
+    assert max(len(line) for line in shown.splitlines()) <= 160, shown
+    assert "…" not in shown, shown  # no cell or header cut
+    header = next(line for line in shown.splitlines() if "Experiment" in line).split()
+    assert set(header) == {"Experiment", "train.epochs", "train.learning_rate", *VARIANTS}, shown
+    # the same columns as CSV: every experiment's mean accuracy per variant is in the table
+    table = run([c if c != "--no-pager" else "--csv" for c in command], repo).stdout
+    rows = [row for row in csv.DictReader(io.StringIO(table)) if row["typ"].startswith("branch_")]
+    assert len(rows) == 2, table
+    for row in rows:
+        line = next(line for line in shown.splitlines() if f"[{row['Experiment']}]" in line)
+        cells = {float(cell) for cell in line.split() if re.fullmatch(r"[0-9.]+", cell)}
+        for variant in VARIANTS:
+            assert float(row[variant]) > 0 and float(row[variant]) in cells, (row, line)
