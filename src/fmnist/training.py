@@ -35,8 +35,8 @@ class TrainingError(RuntimeError):
 
 
 def to_inputs(images: np.ndarray) -> np.ndarray:
-    """(n, 28, 28) uint8 -> (n, 28, 28, 1) float32 in [0, 1]."""
-    return (images.astype("float32") / 255.0)[..., np.newaxis]
+    """(n, 28, 28) uint8 pixels, as they are: the model scales them itself (fmnist.models)."""
+    return images
 
 
 def to_targets(labels: np.ndarray) -> np.ndarray:
