@@ -263,7 +263,8 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
                                   device.describe(), elapsed())
             write_outputs(result, out_dir, data_info)
             tracking.log_artifacts(out_dir / "history.json", out_dir / "summary.txt")
-            tracking.log_keras_model(model, to_inputs(data.x_test[:5]), device.pip_requirements())
+            tracking.log_keras_model(model, name, data.x_test[:2], config.evaluate.class_names,
+                                     device.pip_requirements())
     except TrainingError:
         checkpoint.clear()  # resuming would only repeat the failure
         raise
