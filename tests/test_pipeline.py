@@ -34,7 +34,7 @@ def test_dvc_repro_runs_the_tiny_pipeline_incrementally(dvc_repo, tiny_params):
     first = run(["dvc", "repro"], dvc_repo)
     assert _ran(first.stdout) == {"check_params", "download", "prepare", "train@cnn2-0",
                                   "train@cnn2_bn_skip-0", "evaluate@cnn2-0", "evaluate@cnn2_bn_skip-0",
-                                  "baseline", "analyse"}
+                                  "baseline", "analyse", "register"}
     for path in ["data/raw/source.json", "data/prepared/fashion_mnist.npz", "reports/figures/dataset.png",
                  "models/cnn2/seed0/model.keras", "models/cnn2_bn_skip/seed0/history.json",
                  "reports/eval/cnn2-seed0/confusion_matrix.png", "reports/analysis/top_errors.png",

@@ -346,3 +346,41 @@ def log_keras_model(model: Any, name: str, example: np.ndarray, class_names: lis
 def load_logged_model(run_id: str, name: str) -> Any:
     """The Keras model logged as ``name`` in run ``run_id``."""
     return mlflow.keras.load_model(f"runs:/{run_id}/{name}")
+
+
+@_guarded("reading a run's tags")
+def run_tags(run_id: str) -> dict[str, str]:
+    if not run_is_usable(run_id):
+        raise TrackingError(f"MLflow run {run_id} is not in {mlflow.get_tracking_uri()}; re-run its "
+                            "train stage (`dvc repro -f train@<variant>-<seed>`) to log it again")
+    return dict(MlflowClient().get_run(run_id).data.tags)
+
+
+@_guarded("registering a model version")
+def register_version(model_name: str, run_id: str, logged_name: str, tags: dict[str, str],
+                     description: str) -> str:
+    """The version of registered model ``model_name`` that holds run ``run_id``'s logged model
+    ``logged_name``: the existing one when that run is registered already (re-running adds no
+    duplicate), else a new one; ``tags`` are set on it either way. Returns the version."""
+    client = MlflowClient()
+    found = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    if found:
+        version = str(min(int(v.version) for v in found))
+    else:
+        version = mlflow.register_model(f"runs:/{run_id}/{logged_name}", model_name, tags=tags).version
+    client.update_registered_model(model_name, description=description)
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    return str(version)
+
+
+@_guarded("setting a registry alias")
+def set_alias(model_name: str, version: str, alias: str, prefix: str) -> None:
+    """Point ``alias`` at ``version`` of ``model_name``, and remove it from the other registered
+    models named ``prefix``... (the alias marks one model a user should take, not one per
+    variant)."""
+    client = MlflowClient()
+    for other in client.search_registered_models(filter_string=f"name LIKE '{prefix}%'"):
+        if other.name != model_name and alias in (other.aliases or {}):
+            client.delete_registered_model_alias(other.name, alias)
+    client.set_registered_model_alias(model_name, alias, version)
