@@ -23,7 +23,7 @@ import time
 import types
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -341,6 +341,18 @@ def log_keras_model(model: Any, name: str, example: np.ndarray, class_names: lis
         signature=model_signature(class_names), input_example=example,
         metadata=model_metadata(class_names), pip_requirements=pip_requirements)
     return info.model_uri
+
+
+@_guarded("loading the model")
+def load_pyfunc(uri: str) -> tuple[Callable[[np.ndarray], np.ndarray], list[str]]:
+    """A logged or registered model (models:/<name>@<alias>, runs:/..., a local MLflow model
+    folder) as (predict function, class names from its metadata)."""
+    model = mlflow.pyfunc.load_model(uri)
+    names = (model.metadata.metadata or {}).get("class_names")
+    if not names:
+        raise TrackingError(f"the model {uri} names no classes in its metadata (logged before they "
+                            "were recorded); train it again")
+    return (lambda pixels: np.asarray(model.predict(pixels))), list(names)
 
 
 def load_logged_model(run_id: str, name: str) -> Any:

@@ -261,7 +261,7 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
             fit(model, data, config.train, [recorder], initial_epoch=len(history), seed=seed)
             result = TrainedModel(model, history, run_id, device.backend(), precision,
                                   device.describe(), elapsed())
-            write_outputs(result, out_dir, data_info)
+            write_outputs(result, out_dir, data_info, config.evaluate.class_names)
             tracking.log_artifacts(out_dir / "history.json", out_dir / "summary.txt")
             tracking.log_keras_model(model, name, data.x_test[:2], config.evaluate.class_names,
                                      device.pip_requirements())
@@ -279,8 +279,10 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
     return result
 
 
-def write_outputs(result: TrainedModel, out_dir: Path, data_info: dict[str, Any]) -> None:
-    """models/<variant>/seed<k>/: model.keras, history.json/.csv, summary.txt, run.json."""
+def write_outputs(result: TrainedModel, out_dir: Path, data_info: dict[str, Any],
+                  class_names: tuple[str, ...]) -> None:
+    """models/<variant>/seed<k>/: model.keras, history.json/.csv, summary.txt, run.json (which
+    also names the classes in the model's output order, for fmnist.predict)."""
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         result.model.save(tmp / "model.keras")
@@ -297,4 +299,5 @@ def write_outputs(result: TrainedModel, out_dir: Path, data_info: dict[str, Any]
             "train_seconds": round(result.train_seconds, 1),
             "epochs": len(result.history), "parameters": result.model.count_params(),
             "canonical_split": data_info["canonical_split"], "data_source": data_info["source"],
+            "class_names": list(class_names),
         })
