@@ -7,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test lint benchmark mlflow-ui gpu
+.PHONY: run test lint benchmark mlflow-ui gpu serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,9 @@ benchmark: $(VENV)/.installed
 
 mlflow-ui: $(VENV)/.installed
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# The registry's alias (params.yaml `registry`) over HTTP: POST http://127.0.0.1:$(PORT)/invocations
+# with {"inputs": <(n, 28, 28) pixels 0-255>}; MODEL=models:/<name>@<alias> serves another.
+PORT ?= 5001
+serve: $(VENV)/.installed
+	python -m fmnist.serve --port $(PORT) $(if $(MODEL),--model $(MODEL))
