@@ -7,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test lint benchmark mlflow-ui gpu deps-system tracking-server tracking-server-stop screenshots
+.PHONY: run test lint benchmark mlflow-ui gpu deps-system tracking-server tracking-server-stop screenshots serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,3 +71,9 @@ screenshots: $(VENV)/.installed-dev
 	command -v chromium >/dev/null || apt-get install -y chromium
 	cd docs/screenshots && npm install --no-audit --no-fund --silent
 	python docs/screenshots/run.py
+
+# The registry's alias (params.yaml `registry`) over HTTP: POST http://127.0.0.1:$(PORT)/invocations
+# with {"inputs": <(n, 28, 28) pixels 0-255>}; MODEL=models:/<name>@<alias> serves another.
+PORT ?= 5001
+serve: $(VENV)/.installed
+	python -m fmnist.serve --port $(PORT) $(if $(MODEL),--model $(MODEL))

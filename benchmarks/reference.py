@@ -31,8 +31,8 @@ def _model(spec: ModelSpec, learning_rate: float, precision: str, seed: int) -> 
 
 
 def _arrays(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    x = (images.astype("float32") / 255.0)[..., np.newaxis]
-    return x, np.eye(NUM_CLASSES, dtype="float32")[labels]
+    # (n, 28, 28) float32 pixels 0-255: the model scales them itself (fmnist.models)
+    return images.astype("float32"), np.eye(NUM_CLASSES, dtype="float32")[labels]
 
 
 def plain_fit(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, batch_size: int, epochs: int,

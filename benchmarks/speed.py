@@ -39,7 +39,7 @@ def worker(args: argparse.Namespace) -> None:
     from benchmarks import reference
     from fmnist import device, paths, recipes, training
     from fmnist.config import load_params
-    from fmnist.data import Dataset, load_prepared, to_inputs
+    from fmnist.data import Dataset, load_prepared
     from fmnist.models import build_model
 
     config = load_params(paths.PARAMS)
@@ -49,7 +49,7 @@ def worker(args: argparse.Namespace) -> None:
     n_test = len(y) * len(data.y_test) // len(data.y_train)
     empty = data.x_train[:0]
     subset = Dataset(x, y, empty, data.y_train[:0], data.x_test[:n_test], data.y_test[:n_test])
-    test = (to_inputs(subset.x_test), training.to_targets(subset.y_test))
+    test = (subset.x_test, training.to_targets(subset.y_test))
     for precision in args.precisions:
         for variant in args.variants:
             keras.mixed_precision.set_global_policy(precision)

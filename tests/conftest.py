@@ -71,6 +71,8 @@ def only_variants(raw: dict, names: list[str]) -> dict:
     analyse["comparisons"] = [c for c in analyse["comparisons"] if c["a"] in names and c["b"] in names]
     if analyse["error_variant"] not in names:
         analyse["error_variant"] = names[-1]
+    if raw["registry"]["champion_variant"] not in names:
+        raw["registry"]["champion_variant"] = names[-1]
     return raw
 
 

@@ -69,6 +69,11 @@ def _with(path: str, value, raw: dict | None = None) -> dict:
     ("baseline.C", -1, "baseline.C"),
     ("baseline.train_size", 70_000, "baseline.train_size"),
     ("tracking.experiment", "  ", "tracking.experiment"),
+    ("registry.alias", "latest", "registry.alias"),
+    ("registry.alias", "v2", "registry.alias"),
+    ("registry.model_prefix", "my models", "registry.model_prefix"),
+    ("registry.champion_variant", "cnn9", "registry.champion_variant"),
+    ("registry.champion_seed", 7, "registry.champion_seed"),
 ])
 def test_bad_values_name_the_key(path, value, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):

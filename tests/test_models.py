@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import keras
 import numpy as np
 import pytest
 
@@ -39,7 +40,7 @@ def config():
 @pytest.mark.parametrize("variant", list(PAPER_PARAMETERS))
 def test_every_variant_maps_images_to_class_probabilities(config, variant):
     model = build_model(config.variant(variant), variant)
-    probabilities = np.asarray(model.predict(np.zeros((3, 28, 28, 1), "float32"), verbose=0))
+    probabilities = np.asarray(model.predict(np.zeros((3, 28, 28), "uint8"), verbose=0))
     assert probabilities.shape == (3, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     assert model.count_params() == PAPER_PARAMETERS[variant]
@@ -94,8 +95,42 @@ def test_the_authors_initialisers_and_skip_block(config):
     add_inputs = {t._keras_history.operation.name for t in model.get_layer("block2_skip").input}
     assert add_inputs == {"block2_relu", "block2_bn"}
     assert feature_layer_names(model) == ["block1_skip", "block2_skip"]  # what each block pools
-    probabilities = np.asarray(model.predict(np.zeros((2, 28, 28, 1), "float32"), verbose=0))
+    probabilities = np.asarray(model.predict(np.zeros((2, 28, 28), "uint8"), verbose=0))
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def _pixels(n: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(n, 28, 28)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_the_model_scales_raw_pixels_itself(config, policy):
+    """uint8 pixels and the same pixels as floats 0-255 give identical answers; what the
+    first weighted layer sees is the pixels / 255 with a channel axis, also under bfloat16."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = build_model(config.variant("cnn2_bn_skip"), "cnn2_bn_skip")
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    pixels = _pixels(4)
+    as_uint8 = np.asarray(model.predict(pixels, verbose=0))
+    as_float = np.asarray(model.predict(pixels.astype("float32"), verbose=0))
+    np.testing.assert_array_equal(as_uint8, as_float)
+    assert [layer.count_params() for layer in model.layers[1:3]] == [0, 0]
+    probe = keras.Model(model.inputs[0], model.get_layer("add_channel").output)
+    scaled = keras.ops.convert_to_numpy(probe(pixels, training=False))
+    assert scaled.shape == (4, 28, 28, 1)
+    np.testing.assert_allclose(scaled[..., 0], pixels / 255.0, rtol=1e-6)
+    if policy == "mixed_bfloat16":
+        assert model.get_layer("block1_conv").compute_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("shape", [(2, 784), (2, 28, 27), (2, 14, 56)])
+def test_a_wrong_input_shape_is_an_error_not_an_answer(config, shape):
+    model = build_model(config.variant("cnn2"), "cnn2")
+    with pytest.raises(ValueError):
+        model.predict(np.zeros(shape, "uint8"), verbose=0)
 
 
 def test_per_block_values_must_match_the_blocks(config):

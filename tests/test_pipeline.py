@@ -56,7 +56,8 @@ def pipeline(tmp_path_factory):
 def test_the_first_repro_runs_every_stage_once(pipeline):
     _, _, output = pipeline
     assert _ran(output) == {"check_params", "download", "prepare", "train@cnn2-0", "train@cnn2_bn_skip-0",
-                            "evaluate@cnn2-0", "evaluate@cnn2_bn_skip-0", "baseline", "analyse"}
+                            "evaluate@cnn2-0", "evaluate@cnn2_bn_skip-0", "baseline", "analyse",
+                            "register"}
 
 
 @pytest.mark.slow

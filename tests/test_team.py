@@ -247,7 +247,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     import yaml
     from fmnist import device
     from fmnist.config import parse_params
-    from fmnist.prepare import load_prepared, data_info
+    from fmnist.data import data_info, load_prepared
 
     device.select_backend("jax")
     from fmnist import training

@@ -17,7 +17,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fmnist import device, download, tracking, training
-from fmnist.data import to_inputs
 from fmnist.prepare import prepare
 from fmnist.tracking import TrackingError
 from fmnist.training import EpochRecorder, TrainingError, train_variant
@@ -63,10 +62,42 @@ def test_tiny_training_writes_outputs_and_an_mlflow_run(tiny_config, tiny_data, 
     assert steps == [1, 2]
     assert run.info.artifact_uri.startswith((mlflow_store / "mlartifacts").as_uri())
     mlflow.set_tracking_uri(f"sqlite:///{mlflow_store / 'mlflow.db'}")
-    logged = tracking.load_logged_model(result.run_id)
-    x = to_inputs(tiny_data[0].x_test[:4])
+    logged = tracking.load_logged_model(result.run_id, "cnn2-seed0")
+    x = tiny_data[0].x_test[:4]
     np.testing.assert_allclose(logged.predict(x, verbose=0), result.model.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_logged_model_is_complete_and_takes_only_pixels(tiny_config, tiny_data, mlflow_store):
+    """Named after its run, uint8 (n, 28, 28) in, class names and an input example inside;
+    uint8 and whole-number float pixels agree, and pixels scaled to 0-1 are refused."""
+    result = _train(tiny_config, tiny_data, mlflow_store)
+    mlflow.set_tracking_uri(f"sqlite:///{mlflow_store / 'mlflow.db'}")
+    uri = f"runs:/{result.run_id}/cnn2-seed0"
+    model = mlflow.pyfunc.load_model(uri)
+    (logged,) = mlflow.search_logged_models(
+        experiment_ids=[mlflow.get_run(result.run_id).info.experiment_id],
+        filter_string=f"source_run_id = '{result.run_id}'", output_format="list")
+    assert logged.name == "cnn2-seed0"
+    spec = model.metadata.get_input_schema().inputs[0]
+    assert (spec.type, spec.shape) == (np.dtype("uint8"), (-1, 28, 28))
+    assert model.metadata.get_output_schema().inputs[0].name == "probabilities"
+    assert model.metadata.metadata["class_names"] == list(tiny_config.evaluate.class_names)
+    example = model.input_example
+    np.testing.assert_array_equal(example, tiny_data[0].x_test[:2])  # stored in the logged model
+
+    x_test, y_test = tiny_data[0].x_test, tiny_data[0].y_test
+    from_pixels = np.asarray(model.predict(x_test))
+    np.testing.assert_array_equal(from_pixels.argmax(1),
+                                  result.model.predict(x_test, verbose=0).argmax(1))
+    np.testing.assert_array_equal(np.asarray(result.model.predict(x_test.astype("float32"), verbose=0)),
+                                  np.asarray(result.model.predict(x_test, verbose=0)))
+    assert (from_pixels.argmax(1) == y_test).mean() > 0.5  # it learnt the tiny classes
+    with pytest.raises(mlflow.exceptions.MlflowException, match="dtype of input float32 does not match"):
+        model.predict((x_test / 255.0).astype("float32"))
+    with pytest.raises(mlflow.exceptions.MlflowException, match="Shape of input"):
+        model.predict(x_test.reshape(len(x_test), 784))
 
 
 @pytest.mark.slow

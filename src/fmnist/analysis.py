@@ -15,7 +15,6 @@ from scipy import stats
 
 from fmnist import paper, paths
 from fmnist.config import Config
-from fmnist.data import to_inputs
 from fmnist.evaluation import Evaluation, cross_entropy
 from fmnist.models import feature_layer_names
 
@@ -69,7 +68,7 @@ def feature_maps(model: keras.Model, image: np.ndarray) -> list[np.ndarray]:
     names = feature_layer_names(model)
     probe = keras.Model(model.inputs[0], [model.get_layer(name).output for name in names])
     # a direct call, not predict(): no step function is compiled for one image
-    outputs = probe(to_inputs(image[np.newaxis]), training=False)
+    outputs = probe(image[np.newaxis], training=False)
     if not isinstance(outputs, list | tuple):
         outputs = [outputs]
     # (1, h, w, channels) -> (channels, h, w); float32 also for a model trained in bfloat16

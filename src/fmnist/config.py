@@ -316,6 +316,29 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    """The MLflow Model Registry: one registered model per variant, every seed a version, and
+    ``alias`` on the version a user should take (chosen here, never by test accuracy)."""
+
+    model_prefix: str
+    alias: str
+    champion_variant: str
+    champion_seed: int
+
+    def validate(self) -> None:
+        _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.model_prefix) is not None,
+               "registry.model_prefix", self.model_prefix, "letters, digits, '_', '-', '.'")
+        _check(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", self.alias) is not None
+               and self.alias.lower() != "latest" and not re.fullmatch(r"[vV]\d+", self.alias),
+               "registry.alias", self.alias,
+               "letters, digits, '_', '-' (not 'latest' or v<number>: MLflow reserves them)")
+
+    def model_name(self, variant: str) -> str:
+        """The registered model of ``variant`` (e.g. fashion-mnist-cnn2_bn_skip)."""
+        return f"{self.model_prefix}-{variant}"
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig
     model_defaults: dict[str, Any]  # as written (the report's beyond-paper note diffs against it)
@@ -326,6 +349,7 @@ class Config:
     baseline: BaselineConfig
     tracking: TrackingConfig
     recipes: dict[str, Recipe]  # per variant: train's recipe keys, the variant's overriding
+    registry: RegistryConfig
 
     def variant(self, name: str) -> ModelSpec:
         if name not in self.variants:
@@ -455,7 +479,7 @@ def parse_params(raw: Any) -> Config:
     if not isinstance(raw, dict):
         _fail("(top level)", raw, "a mapping with sections data, model_defaults, variants, ...")
     sections = ("data", "model_defaults", "variants", "train", "evaluate", "analyse", "baseline",
-                "tracking")
+                "tracking", "registry")
     for key in raw:
         if key not in sections:
             raise ConfigError(f"params.yaml: unknown section {key}; allowed: {', '.join(sections)}")
@@ -473,6 +497,7 @@ def parse_params(raw: Any) -> Config:
         baseline=_section(raw, "baseline", BaselineConfig),
         tracking=_section(raw, "tracking", TrackingConfig),
         recipes=build_recipes(train, raw["variants"]),
+        registry=_section(raw, "registry", RegistryConfig),
     )
     _check(config.analyse.error_variant in config.variants, "analyse.error_variant",
            config.analyse.error_variant, ", ".join(config.variants))
@@ -495,6 +520,10 @@ def parse_params(raw: Any) -> Config:
         _check((comparison.a, comparison.b) not in pairs, f"analyse.comparisons[{i}]",
                f"{comparison.b} - {comparison.a}", "a pair of variants not compared before")
         pairs.append((comparison.a, comparison.b))
+    _check(config.registry.champion_variant in config.variants, "registry.champion_variant",
+           config.registry.champion_variant, ", ".join(config.variants))
+    _check(config.registry.champion_seed in config.train.seeds, "registry.champion_seed",
+           config.registry.champion_seed, f"one of train.seeds {list(config.train.seeds)}")
     for class_name in config.analyse.feature_map_classes:
         _check(class_name in config.evaluate.class_names, "analyse.feature_map_classes", class_name,
                ", ".join(config.evaluate.class_names))

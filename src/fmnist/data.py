@@ -88,11 +88,6 @@ def data_info(info_file: Path) -> dict[str, Any]:
     return read_json(info_file, "written by the prepare stage")
 
 
-def to_inputs(images: np.ndarray) -> np.ndarray:
-    """(n, 28, 28) uint8 -> (n, 28, 28, 1) float32 in [0, 1]: what every model takes."""
-    return (images.astype("float32") / 255.0)[..., np.newaxis]
-
-
 # --- splits -------------------------------------------------------------------------------
 # Two seeded stratified splits, each kept as it was first written: merging them into one
 # would move images between the splits of data already prepared (and change its numbers).

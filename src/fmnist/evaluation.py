@@ -17,7 +17,6 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
 from fmnist import plots, tracking
-from fmnist.data import to_inputs
 from fmnist.files import atomic_path, read_json, write_json
 from fmnist.models import load_model_file
 from fmnist.paths import RunFiles
@@ -124,7 +123,7 @@ def evaluate_model(model_dir: Path, x_test: np.ndarray, y_test: np.ndarray,
     history = read_json(files.history, "written by the train stage")
     run_info = read_json(files.run_info, "written by the train stage")
     started = time.perf_counter()
-    probabilities = np.asarray(model.predict(to_inputs(x_test), batch_size=1024, verbose=0))
+    probabilities = np.asarray(model.predict(x_test, batch_size=1024, verbose=0))
     predict_seconds = time.perf_counter() - started
     evaluation = score(probabilities, y_test, class_names)
     metrics = run_metrics(evaluation, history)

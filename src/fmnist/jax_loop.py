@@ -2,10 +2,10 @@
 
 ``model.fit`` runs one compiled step per batch and hands every batch from the host; for a
 CNN this small on a GPU, that per-step host work, not the arithmetic, sets the speed
-(keras issue 18648). Here the images go to the device once, as uint8, and each epoch is one
-compiled function: the shuffle, a ``lax.scan`` over the full batches, the last partial batch
-(as ``model.fit`` has it), and the monitored evaluation of the validation and test sets,
-with one small transfer of the epoch's numbers back to the host.
+(keras issue 18648). Here the images go to the device once, as uint8 (the model scales them
+itself), and each epoch is one compiled function: the shuffle, a ``lax.scan`` over the full
+batches, the last partial batch (as ``model.fit`` has it), and the monitored evaluation of
+the validation and test sets, with one small transfer of the epoch's numbers back to the host.
 
 The step is Keras' own stateless API (``model.stateless_call``, ``optimizer.stateless_apply``,
 ``optimizer.scale_loss`` for float16 loss scaling), so the model, the optimizer and its state
@@ -31,11 +31,6 @@ from fmnist.data import NUM_CLASSES
 from fmnist.recipes import label_smoothing
 
 EVAL_CHUNK = 1000  # images per evaluation step (on a GPU all steps run in one call)
-
-
-def _inputs(images: jax.Array) -> jax.Array:
-    """(n, 28, 28) uint8 -> (n, 28, 28, 1) float32 in [0, 1], as fmnist.data.to_inputs."""
-    return (images.astype(jnp.float32) / 255.0)[..., None]
 
 
 def _state(model: keras.Model) -> tuple[list, list, list]:
@@ -79,7 +74,7 @@ def make_epoch_functions(model: keras.Model, n_train: int, batch_size: int, comp
 
     def loss_and_updates(trainable, non_trainable, optimizer_vars, xb, yb):
         probabilities, non_trainable, losses = model.stateless_call(
-            trainable, non_trainable, _inputs(xb), training=True, return_losses=True)
+            trainable, non_trainable, xb, training=True, return_losses=True)
         targets = jax.nn.one_hot(yb, NUM_CLASSES, dtype=probabilities.dtype)
         loss = jnp.mean(keras.losses.categorical_crossentropy(targets, probabilities,
                                                               label_smoothing=smoothing))
@@ -105,7 +100,7 @@ def make_epoch_functions(model: keras.Model, n_train: int, batch_size: int, comp
 
     def chunk_scores(trainable, non_trainable, xb, yb, keep):
         """(loss sum, correct count) over one evaluation chunk's real images."""
-        probabilities, _ = model.stateless_call(trainable, non_trainable, _inputs(xb), training=False)
+        probabilities, _ = model.stateless_call(trainable, non_trainable, xb, training=False)
         targets = jax.nn.one_hot(yb, NUM_CLASSES, dtype=probabilities.dtype)
         losses = keras.losses.categorical_crossentropy(targets, probabilities, label_smoothing=smoothing)
         correct = (jnp.argmax(probabilities, axis=-1) == yb).astype(jnp.float32)

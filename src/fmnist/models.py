@@ -12,6 +12,13 @@ or h (``batch_norm``, the authors'). Where conv(h) has more channels than x (1 -
 first block), ``skip_projection: repeat`` copies x's channels (no parameters; the same sum as
 Keras 2's broadcasting add in the authors' code) and ``conv1x1`` learns a 1x1 projection.
 Only built-in layers are used, so a saved .keras file loads without this package.
+
+The model takes what the data set holds, (batch, 28, 28) pixels 0-255 (uint8, or any number
+type: the values are what counts), white item on black, and does its own preprocessing with
+two layers without parameters: scaling to [0, 1] and adding the channel axis. So a user, the
+MLflow model and the serving endpoint feed raw pixels, and the parameter counts stay the
+paper's. Pixels already scaled to [0, 1] are not pixels: the logged MLflow model declares
+uint8 input, which refuses them (fmnist.tracking).
 """
 
 from __future__ import annotations
@@ -58,10 +65,16 @@ def _augmentation(x: keras.KerasTensor, spec: ModelSpec) -> keras.KerasTensor:
 
 
 def build_model(spec: ModelSpec, name: str = "model") -> keras.Model:
-    """Map (batch, 28, 28, 1) images in [0, 1] to (batch, 10) class probabilities."""
+    """Map (batch, 28, 28) pixels 0-255 to (batch, 10) class probabilities."""
     spec.validate(f"variants.{name}")
-    inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="image")
-    x = _augmentation(inputs, spec)
+    # float32: uint8 and whole-number float pixels convert exactly, so both give the same answer
+    # (jax_loop feeds the uint8 arrays it keeps on the device)
+    inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE), dtype="float32", name="image")
+    # float32 also under a mixed precision policy: the scaling as exact as before it moved
+    # into the model; the first layer with weights casts to the compute dtype
+    x = layers.Rescaling(1.0 / 255.0, dtype="float32", name="scale")(inputs)  # [0, 1]
+    x = layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1), dtype="float32", name="add_channel")(x)
+    x = _augmentation(x, spec)  # training only; after the scaling, on (batch, 28, 28, 1)
     blocks = zip(spec.block_filters, spec.block_paddings, spec.block_kernel_initializers,
                  spec.block_bias_initializers, strict=True)
     for block, (filters, padding, kernel_init, bias_init) in enumerate(blocks, start=1):

@@ -25,12 +25,12 @@ import hashlib
 import json
 import os
 import subprocess
-import tempfile
 import time
+import types
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from fmnist import paths
+from fmnist.config import IMAGE_SIZE
 
 _MAX_PARAM_LENGTH = 6000
 # MLflow's HTTP client retries 7 times with 2^n s backoff and waits 120 s per request by
@@ -418,23 +419,113 @@ def log_artifacts(*files: Path, folder: str | None = None) -> None:
             mlflow.log_artifact(str(file), artifact_path=folder)
 
 
+# MLflow 3.17.2's Keras flavour writes the input example into the model folder before it
+# creates that folder, so ``mlflow.keras.log_model(..., input_example=...)`` raises
+# FileNotFoundError (mlflow issue #16183; its fix, PR #16300, was closed unmerged).
+# ``Model.log`` takes any flavour module with a ``save_model``: this one is mlflow.keras with
+# the folder made first, so the example lands inside the logged model, as MLflow means it.
+def _save_keras_model(path: str, **kwargs: Any) -> None:
+    os.makedirs(path, exist_ok=True)
+    mlflow.keras.save_model(path=path, **kwargs)
+
+
+# Model.log records the flavour under the module's __name__
+_KERAS_FLAVOR = types.SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_model)
+
+
+def model_signature(class_names: list[str] | tuple[str, ...]) -> Any:
+    """(n, 28, 28) uint8 pixels in, (n, classes) float32 probabilities out.
+
+    uint8, not float: pyfunc refuses other dtypes, so pixels scaled to [0, 1] cannot pass
+    for pixels (the model scales 0-255 itself, fmnist.models)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, IMAGE_SIZE, IMAGE_SIZE))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(class_names)), "probabilities")]))
+
+
+def model_metadata(class_names: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    return {"class_names": list(class_names),
+            "input": "uint8 pixels 0-255, shape (n, 28, 28), white item on a black background "
+                     "(as Fashion-MNIST)",
+            "output": "probabilities, shape (n, classes), column i is class_names[i]"}
+
+
 @_guarded("logging the model")
-def log_keras_model(model: Any, example: np.ndarray, pip_requirements: list[str]) -> None:
-    """The model through MLflow's Keras flavour, with a signature inferred from ``example``
-    and the given pip requirements (MLflow would otherwise infer them in a subprocess).
+def log_keras_model(model: Any, name: str, example: np.ndarray, class_names: list[str] | tuple[str, ...],
+                    pip_requirements: list[str]) -> str:
+    """Log the model through MLflow's Keras flavour as ``name`` (the run's name); return its URI.
 
-    MLflow 3.17 fails when given ``input_example`` for Keras models (it writes the example
-    before creating the model folder), so the example is logged as an artifact beside it.
+    The logged model holds its signature (``model_signature``), the class names and the
+    input contract in its metadata, ``example`` as its input example (MLflow validates that
+    it is served correctly) and the given pip requirements (MLflow would otherwise infer them
+    in a subprocess).
     """
-    from mlflow.models import infer_signature
+    example = np.asarray(example)
+    if example.dtype != np.uint8 or example.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"input example must be (n, {IMAGE_SIZE}, {IMAGE_SIZE}) uint8 pixels, got "
+                         f"{example.shape} {example.dtype}")
+    info = mlflow.models.Model.log(
+        artifact_path=None, name=name, flavor=_KERAS_FLAVOR, model=model,
+        signature=model_signature(class_names), input_example=example,
+        metadata=model_metadata(class_names), pip_requirements=pip_requirements)
+    return info.model_uri
 
-    signature = infer_signature(example, np.asarray(model.predict(example, verbose=0)))
-    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=pip_requirements)
-    with tempfile.TemporaryDirectory() as tmp:
-        example_path = Path(tmp) / "input_example.npy"
-        np.save(example_path, example)
-        mlflow.log_artifact(str(example_path), artifact_path="model_input_example")
+
+@_guarded("loading the model")
+def load_pyfunc(uri: str) -> tuple[Callable[[np.ndarray], np.ndarray], list[str]]:
+    """A logged or registered model (models:/<name>@<alias>, runs:/..., a local MLflow model
+    folder) as (predict function, class names from its metadata)."""
+    model = mlflow.pyfunc.load_model(uri)
+    names = (model.metadata.metadata or {}).get("class_names")
+    if not names:
+        raise TrackingError(f"the model {uri} names no classes in its metadata (logged before they "
+                            "were recorded); train it again")
+    return (lambda pixels: np.asarray(model.predict(pixels))), list(names)
 
 
-def load_logged_model(run_id: str) -> Any:
-    return mlflow.keras.load_model(f"runs:/{run_id}/model")
+def load_logged_model(run_id: str, name: str) -> Any:
+    """The Keras model logged as ``name`` in run ``run_id``."""
+    return mlflow.keras.load_model(f"runs:/{run_id}/{name}")
+
+
+@_guarded("reading a run's tags")
+def run_tags(run_id: str) -> dict[str, str]:
+    if not run_is_usable(run_id):
+        raise TrackingError(f"MLflow run {run_id} is not in {mlflow.get_tracking_uri()}; re-run its "
+                            "train stage (`dvc repro -f train@<variant>-<seed>`) to log it again")
+    return dict(MlflowClient().get_run(run_id).data.tags)
+
+
+@_guarded("registering a model version")
+def register_version(model_name: str, run_id: str, logged_name: str, tags: dict[str, str],
+                     description: str) -> str:
+    """The version of registered model ``model_name`` that holds run ``run_id``'s logged model
+    ``logged_name``: the existing one when that run is registered already (re-running adds no
+    duplicate), else a new one; ``tags`` and the run's git commit are set on it either way.
+    Returns the version."""
+    client = MlflowClient()
+    tags = {**tags, "git_commit": run_tags(run_id).get("git_commit", "unknown")}
+    found = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    if found:
+        version = str(min(int(v.version) for v in found))
+    else:
+        version = mlflow.register_model(f"runs:/{run_id}/{logged_name}", model_name, tags=tags).version
+    client.update_registered_model(model_name, description=description)
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    return str(version)
+
+
+@_guarded("setting a registry alias")
+def set_alias(model_name: str, version: str, alias: str, prefix: str) -> None:
+    """Point ``alias`` at ``version`` of ``model_name``, and remove it from the other registered
+    models named ``prefix``... (the alias marks one model a user should take, not one per
+    variant)."""
+    client = MlflowClient()
+    for other in client.search_registered_models(filter_string=f"name LIKE '{prefix}%'"):
+        if other.name != model_name and alias in (other.aliases or {}):
+            client.delete_registered_model_alias(other.name, alias)
+    client.set_registered_model_alias(model_name, alias, version)

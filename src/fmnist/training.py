@@ -25,7 +25,7 @@ import numpy as np
 from fmnist import device, paths, progress, recipes, tracking
 from fmnist.cli import Interrupted
 from fmnist.config import Config, ModelSpec, TrainConfig, flatten
-from fmnist.data import NUM_CLASSES, Dataset, to_inputs
+from fmnist.data import NUM_CLASSES, Dataset
 from fmnist.files import atomic_path, error_reason, write_json, write_text
 from fmnist.models import build_model, summary_text
 
@@ -172,8 +172,8 @@ def fit(model: keras.Model, data: Dataset, train: TrainConfig, callbacks: list,
         return
     validation = None
     if len(data.y_val):
-        validation = (to_inputs(data.x_val), to_targets(data.y_val))
-    model.fit(to_inputs(data.x_train), to_targets(data.y_train), batch_size=train.batch_size,
+        validation = (data.x_val, to_targets(data.y_val))
+    model.fit(data.x_train, to_targets(data.y_train), batch_size=train.batch_size,
               epochs=train.epochs, initial_epoch=initial_epoch, validation_data=validation,
               callbacks=callbacks, shuffle=True, verbose=progress.keras_verbosity())
 
@@ -215,7 +215,7 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
         "data_source": data_info["source"], "canonical_split": str(data_info["canonical_split"]),
         "keras_backend": device.backend(), "precision": precision, "device": device.describe(),
     }
-    test = (to_inputs(data.x_test), to_targets(data.y_test)) if config.train.monitor_test else None
+    test = (data.x_test, to_targets(data.y_test)) if config.train.monitor_test else None
     started = time.perf_counter()
 
     def elapsed() -> float:
@@ -248,12 +248,13 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
             fit(model, data, config.train, [recorder], initial_epoch=len(history), seed=seed)
             result = TrainedModel(model, history, run_id, device.backend(), precision,
                                   device.describe(), elapsed())
-            write_outputs(result, out_dir, data_info)
+            write_outputs(result, out_dir, data_info, config.evaluate.class_names)
             files = paths.RunFiles(out_dir)
             tracking.log_results({"train_seconds": round(result.train_seconds, 1)})
             tracking.log_artifacts(files.history, files.architecture)
-            examples = -(-5 // devices) * devices  # 5, or a multiple of the devices that split it
-            tracking.log_keras_model(model, to_inputs(data.x_test[:examples]), device.pip_requirements())
+            examples = -(-2 // devices) * devices  # 2, or a multiple of the devices that split it
+            tracking.log_keras_model(model, name, data.x_test[:examples], config.evaluate.class_names,
+                                     device.pip_requirements())
     except TrainingError:
         checkpoint.clear()  # resuming would only repeat the failure
         raise
@@ -268,8 +269,10 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
     return result
 
 
-def write_outputs(result: TrainedModel, out_dir: Path, data_info: dict[str, Any]) -> None:
-    """models/<variant>/seed<k>/: every file of paths.RunFiles."""
+def write_outputs(result: TrainedModel, out_dir: Path, data_info: dict[str, Any],
+                  class_names: tuple[str, ...]) -> None:
+    """models/<variant>/seed<k>/: every file of paths.RunFiles (its run_info also names the
+    classes in the model's output order, for fmnist.predict)."""
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         files = paths.RunFiles(tmp)
@@ -287,4 +290,5 @@ def write_outputs(result: TrainedModel, out_dir: Path, data_info: dict[str, Any]
             "train_seconds": round(result.train_seconds, 1),
             "epochs": len(result.history), "parameters": result.model.count_params(),
             "canonical_split": data_info["canonical_split"], "data_source": data_info["source"],
+            "class_names": list(class_names),
         })

@@ -1,0 +1,19 @@
+"""DVC stage `register`: every trained model as a Model Registry version, the alias on the one
+to use (see fmnist.registry)."""
+
+from fmnist import paths
+from fmnist.cli import stage_main
+from fmnist.config import load_params
+from fmnist.registry import champion_uri, register_models
+
+
+def main() -> None:
+    config = load_params(paths.PARAMS)
+    registered = register_models(config)
+    for run_name, entry in registered.items():
+        print(f"{run_name}: {entry['model']} version {entry['version']}")
+    print(f"{config.registry.alias}: {champion_uri(config)}")
+
+
+if __name__ == "__main__":
+    stage_main(main)
