@@ -23,7 +23,7 @@ from tests.conftest import REPO, make_dvc_repo, only_variants, run, venv_env
 
 VARIANTS = ["cnn2", "cnn2_bn"]
 EPOCH_KEYS = {"loss", "accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
-              "epoch_seconds"}
+              "epoch_seconds", "learning_rate"}
 
 
 def _store(repo: Path) -> sqlite3.Connection:

@@ -21,6 +21,8 @@ def stage_label(stage: str, variants: Sequence[str], seeds: Sequence[int], varia
     """``[train 4/24] cnn2_bn seed 1``: the model's place in dvc.yaml's variant x seed matrix
     (variants outer, seeds inner, as DVC names the stages)."""
     variants, seeds = list(variants), list(seeds)
+    if variant not in variants or seed not in seeds:  # called outside the matrix (a test, a script)
+        return f"[{stage}] {variant} seed {seed}"
     position = variants.index(variant) * len(seeds) + seeds.index(seed) + 1
     return f"[{stage} {position}/{len(variants) * len(seeds)}] {variant} seed {seed}"
 

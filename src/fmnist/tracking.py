@@ -374,8 +374,18 @@ def log_dataset(name: str, images: np.ndarray, labels: np.ndarray, context: str,
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
         dataset = mlflow.data.from_numpy(images, targets=labels, source=source, name=name,
                                          digest=digest.hexdigest()[:16])
-    mlflow.log_input(dataset, context=context, tags={
-        "origin": str(data_info["origin"]), "canonical_split": str(data_info["canonical_split"])})
+    tags = {"origin": str(data_info["origin"]), "canonical_split": str(data_info["canonical_split"])}
+    for attempt in range(4):
+        try:
+            mlflow.log_input(dataset, context=context, tags=tags)
+            return
+        except mlflow.exceptions.MlflowException as error:
+            # Runs started at once (queue workers) both find the data set new and both insert
+            # it; the loser's insert breaks the unique key. Its retry finds the winner's row.
+            duplicate = "dataset_pk" in str(error) or "UNIQUE constraint failed: datasets" in str(error)
+            if not duplicate or attempt == 3:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 @_guarded("logging an HTML page")
