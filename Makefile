@@ -68,7 +68,7 @@ tracking-server-stop: $(VENV)/.installed
 # docs/images/mlflow-*.png for the README: a real small run (the tests' tiny pipeline), `mlflow ui`
 # on its store, headless Chromium (Debian's chromium; apt needs root) driven by npm's playwright-core
 screenshots: $(VENV)/.installed-dev
-	command -v chromium >/dev/null || apt-get install -y chromium
+	command -v chromium >/dev/null || $(SUDO) apt-get install -y chromium
 	cd docs/screenshots && npm install --no-audit --no-fund --silent
 	python docs/screenshots/run.py
 

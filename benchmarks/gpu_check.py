@@ -5,7 +5,7 @@
 Run by benchmarks/gpu_check.sh on a GPU machine (JAX with CUDA; the wheels for Keras, MLflow
 and DVC travel in .whl/, the data in data/raw/). In one go:
 1. the real train stage (`dvc repro --single-item train@<variant>-<seed0>`; the stage's own
-   MLflow store, checkpoints and outputs) for every variant of params.yaml at the first seed;
+   MLflow store, checkpoints and outputs) for the paper's three variants at the first seed;
 2. the plain references on the same data (benchmarks/reference.py): a jitted ``lax.scan``
    loop and Keras' ``model.fit``, float32 and mixed_bfloat16;
 3. the rest of the default pipeline, stage by stage, seed after seed (as

@@ -36,6 +36,8 @@ CORE=(  # -> .whl/
   cachetools==7.3.3 gitpython==3.2.1 gitdb==4.0.12 smmap==5.0.3 importlib-metadata==9.1.0
   opentelemetry-api==1.45.2 opentelemetry-proto==1.45.2 opentelemetry-sdk==1.45.2
   opentelemetry-semantic-conventions==0.66b2 python-dotenv==1.2.4 sqlparse==0.6.1
+  jinja2==3.1.6 markupsafe==3.0.4 markdown-it-py==4.3.0 mdurl==0.1.2  # the report (the device's
+  # torch and rich may bring them; carried so that the analyse stage cannot miss them)
 )
 DVC=(  # -> .whl-dvc/ (needs .whl/ too)
   dvc==3.67.1 dvc-data==3.18.3 dvc-http==2.32.0 dvc-objects==5.2.0 dvc-render==1.0.2

@@ -2,7 +2,7 @@
 
     python -m fmnist.predict shoe.jpg shirt.png                      # the registry's champion
     python -m fmnist.predict --model models/cnn2_bn_skip/seed0 x.npy --json
-    python -m fmnist.predict --model models:/fashion-mnist-cnn2@champion t10k-images-idx3-ubyte.gz
+    python -m fmnist.predict --model models:/fashion-mnist-cnn2/1 t10k-images-idx3-ubyte.gz
 
 Inputs: images (PNG, JPEG, anything Pillow reads; any size or colour), ``.npy`` arrays and IDX
 files (gzip-compressed or plain) of pixels 0-255, shape (28, 28) or (n, 28, 28).

@@ -18,7 +18,7 @@ SHOWN = ("loss", "accuracy", "val_loss", "val_accuracy", "test_loss", "test_accu
 
 def stage_label(stage: str, variants: Sequence[str], seeds: Sequence[int], variant: str,
                 seed: int) -> str:
-    """``[train 4/24] cnn2_bn seed 1``: the model's place in dvc.yaml's variant x seed matrix
+    """``[train 5/27] cnn2_bn seed 1``: the model's place in dvc.yaml's variant x seed matrix
     (variants outer, seeds inner, as DVC names the stages)."""
     variants, seeds = list(variants), list(seeds)
     if variant not in variants or seed not in seeds:  # called outside the matrix (a test, a script)

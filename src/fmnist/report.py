@@ -127,7 +127,7 @@ def _beyond_paper(config: Config) -> dict[str, dict[str, str]]:
         own = flatten({**asdict(config.variant(variant)), **asdict(config.recipe(variant))})
         out[variant] = {"changed": ", ".join(f"{key} {value}" for key, value in own.items()
                                              if defaults.get(key) != value),
-                        "note": note}
+                        "note": note, "label_smoothing": config.recipe(variant).label_smoothing}
     return out
 
 

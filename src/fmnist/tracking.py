@@ -42,7 +42,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from fmnist import paths
-from fmnist.config import IMAGE_SIZE
+from fmnist.data import IMAGE_SIZE
 
 _MAX_PARAM_LENGTH = 6000
 # MLflow's HTTP client retries 7 times with 2^n s backoff and waits 120 s per request by

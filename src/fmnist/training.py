@@ -168,7 +168,8 @@ def fit(model: keras.Model, data: Dataset, train: TrainConfig, callbacks: list,
         jax_loop.fit(model, data.x_train, data.y_train, batch_size=train.batch_size,
                      epochs=train.epochs, initial_epoch=initial_epoch, seed=seed,
                      callbacks=callbacks, validation=(data.x_val, data.y_val),
-                     test=(data.x_test, data.y_test) if train.monitor_test else None)
+                     test=(data.x_test, data.y_test) if train.monitor_test else None,
+                     verbose=False)  # the epoch line is fmnist.progress's
         return
     validation = None
     if len(data.y_val):
