@@ -2,9 +2,9 @@
 # Wheels for the GPU check. The lent GPU machine (Python 3.12.3, JAX 0.11.2 + CUDA 13, numpy,
 # pandas, scikit-learn, matplotlib, pyyaml, h5py, rich, protobuf, ... but no Keras, MLflow or DVC)
 # has no internet, so what it lacks travels as py3.12 manylinux x86_64 wheels in the working tree:
-#   .whl/      keras 3.15.1 + mlflow-skinny 3.17.2 with its SQLite store (~20 MB, 29 wheels)
+#   .whl/      keras 3.15.1 + mlflow-skinny 3.17.2 with its SQLite store (~20 MB, 33 wheels)
 #   .whl-dvc/  dvc 3.67.1 on top of .whl/ (~11 MB, 53 wheels; optional, send it only if it fits)
-# (--one-dir puts both sets in .whl/, 82 wheels, ~30 MB, as benchmarks/gpu_check.sh expects;
+# (--one-dir puts both sets in .whl/, 86 wheels, ~30.5 MB, as benchmarks/gpu_check.sh expects;
 #  --no-dvc fetches .whl/ alone and leaves .whl-dvc/ as it is.)
 # Both folders are ignored (.gitignore), so a device call names them in `carry`
 # ([".whl"] or [".whl", ".whl-dvc"]) and starts with:
