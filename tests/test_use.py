@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from fmnist.tracking_server import free_port
 from tests.conftest import make_dvc_repo, only_variants, real_params, run, shrink, venv_env, write_tiny_idx
 
 pytestmark = pytest.mark.slow
@@ -109,12 +109,6 @@ def test_predict_classifies_a_png_written_from_a_test_image(pipeline, tmp_path):
     assert result.stdout.startswith(f"{tmp_path / 'item.npy'}: {class_names[label]} (")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, payload: dict) -> tuple[int, str]:
     request = urllib.request.Request(url, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -136,7 +130,7 @@ def _group_alive(pgid: int) -> bool:
 def test_the_alias_is_served_over_http_and_answers_a_real_request(pipeline, tmp_path):
     """`make serve`'s command on a free port: a real test image in, its class out; a wrong shape
     is a 400 naming the shape; stopped, it leaves no process behind."""
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "fmnist.serve", "--port", str(port)], cwd=pipeline,
                               env=venv_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -15,7 +15,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from fmnist.tracking_server import free_port  # noqa: E402
 from tests.conftest import (  # noqa: E402
     make_dvc_repo,
     only_variants,
@@ -52,12 +52,6 @@ def build_store(folder: Path) -> Path:
     make_dvc_repo(repo, params, local_data=write_tiny_idx(folder / "tiny_idx"))
     subprocess.run(["dvc", "repro"], cwd=repo, env=venv_env(), check=True)
     return repo
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(url: str, server: subprocess.Popen, timeout_s: float = 120) -> None:
