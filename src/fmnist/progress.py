@@ -28,8 +28,9 @@ def stage_label(stage: str, variants: Sequence[str], seeds: Sequence[int], varia
 
 
 def keras_verbosity() -> int:
-    """Keras' per-step progress bar (1) at a terminal; one line per epoch (2) in a log."""
-    return 1 if sys.stdout.isatty() else 2
+    """Keras' per-step progress bar (1) at a terminal; nothing (0) in a log, where the epoch
+    line is this module's alone (Keras' own would repeat it)."""
+    return 1 if sys.stdout.isatty() else 0
 
 
 def duration(seconds: float) -> str:

@@ -154,20 +154,31 @@ def connect(experiment: str, root: Path | None = None) -> str:
         artifact_location = (root / paths.MLFLOW_ARTIFACTS).as_uri()
     # Stages started at once (`dvc queue start -j 2`) may all find no experiment and all
     # create it (mlflow issue 4123): the losers' create fails as a duplicate; they re-read.
-    for attempt in range(5):
+    def find_or_create() -> str:
         found = mlflow.get_experiment_by_name(experiment)
-        if found is not None:
-            if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-                MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-            return found.experiment_id
-        try:
+        if found is None:
             return mlflow.create_experiment(experiment, artifact_location=artifact_location,
                                             tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return found.experiment_id
+
+    return _settling_races(find_or_create, lambda error: error.error_code == "RESOURCE_ALREADY_EXISTS")
+
+
+def _settling_races(action: Callable[[], Any], lost_race: Callable[[Exception], bool],
+                    attempts: int = 5) -> Any:
+    """``action()``, tried again while it fails because a concurrent stage (a queue worker)
+    inserted the same row first (``lost_race``); the retry finds the winner's row once its
+    commit is visible."""
+    for attempt in range(attempts - 1):
+        try:
+            return action()
         except mlflow.exceptions.MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            if not lost_race(error):
                 raise
-        time.sleep(0.2 * (attempt + 1))  # the winner's commit may not be visible yet
-    raise TrackingError(f"MLflow experiment {experiment!r} exists in {uri} but cannot be read")
+        time.sleep(0.2 * (attempt + 1))
+    return action()
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -375,17 +386,11 @@ def log_dataset(name: str, images: np.ndarray, labels: np.ndarray, context: str,
         dataset = mlflow.data.from_numpy(images, targets=labels, source=source, name=name,
                                          digest=digest.hexdigest()[:16])
     tags = {"origin": str(data_info["origin"]), "canonical_split": str(data_info["canonical_split"])}
-    for attempt in range(4):
-        try:
-            mlflow.log_input(dataset, context=context, tags=tags)
-            return
-        except mlflow.exceptions.MlflowException as error:
-            # Runs started at once (queue workers) both find the data set new and both insert
-            # it; the loser's insert breaks the unique key. Its retry finds the winner's row.
-            duplicate = "dataset_pk" in str(error) or "UNIQUE constraint failed: datasets" in str(error)
-            if not duplicate or attempt == 3:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+    # Runs started at once (queue workers) may both find the data set new and both insert it;
+    # the loser's insert breaks the unique key.
+    _settling_races(lambda: mlflow.log_input(dataset, context=context, tags=tags),
+                    lambda error: "dataset_pk" in str(error)
+                    or "UNIQUE constraint failed: datasets" in str(error))
 
 
 @_guarded("logging an HTML page")
