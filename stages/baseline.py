@@ -15,7 +15,7 @@ def main() -> None:
                            data_info(paths.PREPARED_INFO))
     write_json(paths.BASELINE_METRICS, metrics)
     print(f"SVC on {metrics['train_size']} images: test accuracy {metrics['test_accuracy']:.4f} "
-          f"(fit {metrics['fit_seconds']} s, predict {metrics['predict_seconds']} s)")
+          f"(fit {metrics['train_seconds']} s, predict {metrics['predict_seconds']} s)")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def main() -> None:
         paths.eval_dir(args.variant, args.seed), paths.confusion_csv(args.variant, args.seed),
         paths.predictions_file(args.variant, args.seed), paths.run_name(args.variant, args.seed))
     print(f"{paths.run_name(args.variant, args.seed)}: test accuracy {metrics['test_accuracy']:.4f}, "
-          f"macro F1 {metrics['macro_f1']:.4f}")
+          f"macro F1 {metrics['test_macro_f1']:.4f}")
 
 
 if __name__ == "__main__":

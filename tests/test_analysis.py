@@ -172,14 +172,14 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
         history = [{"epoch": e + 1, "loss": 1.0 / (e + 1 + 3 * n), "test_accuracy": 0.9} for e in range(45)]
         for seed in config.train.seeds:
             # accuracy 91.0 / 91.2 / 91.4 for cnn2, +0.5 points per variant
-            metrics = {"test_accuracy": 0.91 + 0.005 * n + 0.002 * seed, "macro_f1": 0.9,
+            metrics = {"test_accuracy": 0.91 + 0.005 * n + 0.002 * seed, "test_macro_f1": 0.9,
                        "test_loss": 0.3, "epochs": 45,
                        "best_epoch_test_accuracy_selected_on_test": 0.93}
             runs.append(analysis.TrainedRun(variant, seed, history, metrics, {
                 "parameters": 1000, "train_seconds": 10.0, "device": "cpu", "keras_backend": "tensorflow"}))
     info = {"source": "npm", "canonical_split": False, "note": "NOT the canonical split"}
-    summary = analysis.summarise(config, runs, {"test_accuracy": 0.85, "macro_f1": 0.85, "train_size": 500},
-                               info)
+    baseline = {"test_accuracy": 0.85, "test_macro_f1": 0.85, "train_size": 500}
+    summary = analysis.summarise(config, runs, baseline, info)
     evaluation = score(_probabilities([(0, 0.9), (1, 0.8)]), np.array([0, 1]), CLASSES)
     summary["error_analysis"] = {"run": "cnn2_bn_skip-seed0", "confused_pairs": [
         {"actual": "Shirt", "predicted": "T-shirt/top", "count": 9}], "top_errors": [
@@ -227,7 +227,7 @@ def test_a_variant_added_to_params_is_not_under_the_papers_claims():
     raw["variants"] = {"wide3": {"blocks": 3, "filters": 16, "padding": "same"}, **raw["variants"]}
     config = parse_params(raw)
     history = [{"epoch": e + 1, "loss": 1.0 / (e + 1)} for e in range(45)]  # the check needs 40
-    runs = [analysis.TrainedRun(v, 0, history, {"test_accuracy": 0.9, "macro_f1": 0.9},
+    runs = [analysis.TrainedRun(v, 0, history, {"test_accuracy": 0.9, "test_macro_f1": 0.9},
                                 {"parameters": 1, "train_seconds": 1.0}) for v in config.variants]
     summary = analysis.summarise(config, runs, {}, {"source": "npm", "canonical_split": False, "note": ""})
     assert "wide3" in summary["variants"]

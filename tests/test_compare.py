@@ -142,7 +142,7 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
         variant = found["tags"]["variant"]
         evaluated = json.loads((repo / "metrics" / "runs" / f"{name}.json").read_text())
         assert metrics["test_accuracy"][0][1] == pytest.approx(evaluated["test_accuracy"])
-        assert metrics["test_macro_f1"][0][1] == pytest.approx(evaluated["macro_f1"])
+        assert metrics["test_macro_f1"][0][1] == pytest.approx(evaluated["test_macro_f1"])
         assert sorted(step for step, _, _ in metrics["monitor_test_accuracy"]) == [1, 2]
         assert found["params"]["train.epochs"] == "2" and variant in VARIANTS
         # the evaluate stage logged later without stretching the run's Duration

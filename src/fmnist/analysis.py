@@ -193,7 +193,7 @@ def summarise(config: Config, runs: list[TrainedRun], baseline: dict[str, Any],
     for variant, variant_runs in by_variant.items():
         spreads[variant] = Spread(tuple(r.metrics["test_accuracy"] for r in variant_runs))
         entry = {"test_accuracy": spreads[variant].as_json()}
-        for key in ("macro_f1", "test_loss", "best_epoch_test_accuracy_selected_on_test"):
+        for key in ("test_macro_f1", "test_loss", "best_epoch_test_accuracy_selected_on_test"):
             if all(key in r.metrics for r in variant_runs):
                 entry[key] = Spread(tuple(r.metrics[key] for r in variant_runs)).as_json()
         entry["parameters"] = variant_runs[0].run_info["parameters"]
@@ -307,13 +307,13 @@ def compact(summary: dict[str, Any]) -> dict[str, Any]:
             "test_accuracy_std": r(accuracy["std"]),
             "test_accuracy_ci95_low": r(accuracy["ci95"][0]) if accuracy["ci95"] else None,
             "test_accuracy_ci95_high": r(accuracy["ci95"][1]) if accuracy["ci95"] else None,
-            "macro_f1_mean": r(entry["macro_f1"]["mean"]),
+            "test_macro_f1_mean": r(entry["test_macro_f1"]["mean"]),
             "paper_test_accuracy": entry.get("paper_test_accuracy"),
         }
     return {
         "canonical_split": summary["data"]["canonical_split"],
         "variants": variants,
-        "baseline": {**{k: summary["baseline"][k] for k in ("test_accuracy", "macro_f1", "train_size")
+        "baseline": {**{k: summary["baseline"][k] for k in ("test_accuracy", "test_macro_f1", "train_size")
                         if k in summary["baseline"]},
                      "paper_test_accuracy": round(next(
                          v for k, v in paper.BASELINES.items() if k.startswith("SVC")) / 100, 4)},

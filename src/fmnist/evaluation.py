@@ -65,12 +65,7 @@ def score(probabilities: np.ndarray, labels: np.ndarray, class_names: tuple[str,
 def run_metrics(evaluation: Evaluation, history: list[dict[str, float]]) -> dict[str, Any]:
     """The DVC metrics file of one trained model."""
     metrics = {
-        "test_accuracy": round(evaluation.accuracy, 6),
-        "test_loss": round(evaluation.loss, 6),
-        "macro_f1": round(evaluation.report["macro avg"]["f1-score"], 6),
-        "weighted_f1": round(evaluation.report["weighted avg"]["f1-score"], 6),
-        "macro_precision": round(evaluation.report["macro avg"]["precision"], 6),
-        "macro_recall": round(evaluation.report["macro avg"]["recall"], 6),
+        **tracked_results(evaluation),  # the names MLflow's runs table shows for the same numbers
         "epochs": len(history),
         "final_train_loss": round(history[-1]["loss"], 6),
     }
