@@ -1,11 +1,15 @@
 """Run the pipeline one stage at a time and record each stage's wall time.
 
     python benchmarks/timed_repro.py [--out benchmarks/results/repro_timing.json]
+                                     [--variants cnn2 cnn2_bn ...]
 
 Equivalent to `dvc repro` (each stage runs through `dvc repro --single-item`, so DVC still
 skips stages that are up to date), but seed-major: every variant of seed 0, then of seed 1,
 ... so an interrupted run leaves whole seeds, and a re-run resumes where it stopped. The
 timing file is rewritten after every stage; stages DVC skipped are recorded as skipped.
+With --variants, only those variants' train and evaluate stages run (after the first
+stages), so that a long reference run goes group by group: the stages after them (analyse,
+register) need every variant and run in the call without --variants.
 """
 
 from __future__ import annotations
@@ -27,9 +31,15 @@ DVC = [sys.executable, "-m", "dvc"]
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
-def stage_order(names: list[str], variants: list[str]) -> list[str]:
+def stage_order(names: list[str], variants: list[str], only: list[str] | None = None) -> list[str]:
     """check_params, download, prepare, baseline, then per seed each variant's train and
-    evaluate, then the rest."""
+    evaluate, then the rest; with ``only``, no rest and only those variants' stages."""
+    def wanted(name: str) -> bool:
+        _, _, item = name.partition("@")
+        if only is None:
+            return True
+        return item.rpartition("-")[0] in only if item else name in FIRST
+
     def key(name: str) -> tuple:
         base, _, item = name.partition("@")
         if name in FIRST:
@@ -38,7 +48,7 @@ def stage_order(names: list[str], variants: list[str]) -> list[str]:
             variant, _, seed = item.rpartition("-")
             return (1, int(seed), variants.index(variant), base != "train")
         return (2, names.index(name))
-    return sorted(names, key=key)
+    return sorted(filter(wanted, names), key=key)
 
 
 def run_stage(name: str) -> tuple[float, bool, int]:
@@ -58,12 +68,18 @@ def run_stage(name: str) -> tuple[float, bool, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/repro_timing.json"))
+    parser.add_argument("--variants", nargs="+", metavar="VARIANT",
+                        help="only these variants' train and evaluate stages (default: all stages)")
     args = parser.parse_args()
     config = load_params(paths.PARAMS)
+    unknown = sorted(set(args.variants or ()) - set(config.variants))
+    if unknown:
+        sys.exit(f"ERROR: --variants: {', '.join(unknown)} not in params.yaml's variants "
+                 f"({', '.join(config.variants)})")
     listed = subprocess.run([*DVC, "stage", "list", "--name-only"], capture_output=True,
                             text=True, check=True, env=ENV).stdout.split()
     timings = read_json(args.out, "a previous timing")["stages"] if args.out.exists() else {}
-    for name in stage_order(listed, list(config.variants)):
+    for name in stage_order(listed, list(config.variants), args.variants):
         print(f"== {name}", flush=True)
         seconds, ran, code = run_stage(name)
         if code != 0:

@@ -20,6 +20,9 @@ def test_timed_repro_runs_seed_major_with_train_before_evaluate():
         "train@cnn2-0", "evaluate@cnn2-0", "train@cnn2_bn-0", "evaluate@cnn2_bn-0",
         "train@cnn2-1", "evaluate@cnn2-1", "train@cnn2_bn-1", "evaluate@cnn2_bn-1",
         "analyse"]
+    assert stage_order(listed, ["cnn2", "cnn2_bn"], only=["cnn2_bn"]) == [
+        "check_params", "download", "prepare", "baseline",
+        "train@cnn2_bn-0", "evaluate@cnn2_bn-0", "train@cnn2_bn-1", "evaluate@cnn2_bn-1"]
 
 
 @pytest.mark.slow
