@@ -82,10 +82,13 @@ def test_feature_maps_have_one_channel_per_filter_and_come_from_the_named_class(
     index = analysis.first_of_class(labels, config.class_index("Bag"))
     assert index == 1 and labels[index] == 8
     maps = analysis.feature_maps(build_model(config.variant("cnn2"), "cnn2"), images[index])
-    assert [m.shape for m in maps] == [(32, 26, 26), (32, 11, 11)]
-    assert (maps[0] >= 0).all()  # after ReLU
+    assert {name: m.shape for name, m in maps.items()} == {"block1_relu": (32, 26, 26),
+                                                          "block2_relu": (32, 11, 11)}
+    assert (maps["block1_relu"] >= 0).all()  # after ReLU
     skip_maps = analysis.feature_maps(build_model(config.variant("cnn2_bn_skip"), "s"), images[index])
-    assert [m.shape for m in skip_maps] == [(32, 28, 28), (32, 14, 14)]
+    # ReLU after the skip sum (ours): the activated sum is what each block pools
+    assert {name: m.shape for name, m in skip_maps.items()} == {"block1_relu": (32, 28, 28),
+                                                               "block2_relu": (32, 14, 14)}
     with pytest.raises(ValueError, match="no image of class 5"):
         analysis.first_of_class(labels, 5)
 

@@ -79,7 +79,7 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
             for n, e in enumerate(errors["top_errors"])],
             tmp / "top_errors.png", f"Highest cross-entropy errors: {error_run}")
         summary["error_analysis"] = errors
-        # Feature maps (Figs. 5-7): both conv layers, every channel, for each variant.
+        # Feature maps (Figs. 5-7): every conv block's output, every channel, for each variant.
         feature_figures = {}
         for variant in config.variants:
             model = load_model_file(paths.run_files(variant, first_seed).model, MODEL_REMEDY)
@@ -87,9 +87,8 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
                 index = analysis.first_of_class(data.y_test, config.class_index(class_name))
                 maps = analysis.feature_maps(model, data.x_test[index])
                 file = f"feature_maps_{_slug(variant)}_{_slug(class_name)}.png"
-                plots.feature_maps(data.x_test[index], maps,
-                                   [f"conv{i + 1}" for i in range(len(maps))], tmp / file,
-                                   f"{variant}: conv outputs for the first test {class_name} "
+                plots.feature_maps(data.x_test[index], list(maps.values()), list(maps), tmp / file,
+                                   f"{variant}: conv block outputs for the first test {class_name} "
                                    f"(test image {index})")
                 feature_figures.setdefault(variant, {})[class_name] = file
         summary["feature_maps"] = feature_figures

@@ -63,8 +63,9 @@ def first_of_class(labels: np.ndarray, label: int) -> int:
     return int(matches[0])
 
 
-def feature_maps(model: keras.Model, image: np.ndarray) -> list[np.ndarray]:
-    """Each conv block's activated output for one (28, 28) uint8 image, as (channels, h, w)."""
+def feature_maps(model: keras.Model, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Each conv block's activated output for one (28, 28) uint8 image, as (channels, h, w),
+    by its layer's name (block1_relu, block1_skip, ...: what the block pools)."""
     names = feature_layer_names(model)
     probe = keras.Model(model.inputs[0], [model.get_layer(name).output for name in names])
     # a direct call, not predict(): no step function is compiled for one image
@@ -72,8 +73,8 @@ def feature_maps(model: keras.Model, image: np.ndarray) -> list[np.ndarray]:
     if not isinstance(outputs, list | tuple):
         outputs = [outputs]
     # (1, h, w, channels) -> (channels, h, w); float32 also for a model trained in bfloat16
-    return [np.transpose(keras.ops.convert_to_numpy(output)[0].astype("float32"), (2, 0, 1))
-            for output in outputs]
+    return {name: np.transpose(keras.ops.convert_to_numpy(output)[0].astype("float32"), (2, 0, 1))
+            for name, output in zip(names, outputs, strict=True)}
 
 
 def first_epoch_at_or_below(losses: Sequence[float], level: float) -> int | None:

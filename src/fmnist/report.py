@@ -15,6 +15,7 @@ from markdown_it import MarkdownIt
 
 from fmnist import paper
 from fmnist.config import Config, flatten
+from fmnist.results import pct
 
 
 def verdict(comparison: dict[str, Any], claim: str, paper_difference: float | None = None) -> str:
@@ -57,19 +58,15 @@ def report_html(markdown_text: str, base: Path) -> str:
             f"<style>{style}</style></head><body>\n{body}</body></html>\n")
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}"
-
-
 def _spread(entry: dict[str, Any]) -> str:
-    text = _pct(entry["mean"])
+    text = pct(entry["mean"])
     if entry["std"] is not None:
         text += f" ± {100 * entry['std']:.2f}"
     return text
 
 
 def _ci(entry: dict[str, Any]) -> str:
-    return "-" if entry["ci95"] is None else f"[{_pct(entry['ci95'][0])}, {_pct(entry['ci95'][1])}]"
+    return "-" if entry["ci95"] is None else f"[{pct(entry['ci95'][0])}, {pct(entry['ci95'][1])}]"
 
 
 def _claims(claims: dict[str, Any]) -> list[str]:
@@ -139,7 +136,7 @@ def _environment() -> jinja2.Environment:
         loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
         autoescape=False)  # noqa: S701 (Markdown, not HTML)
-    environment.filters.update(pct=_pct, spread=_spread, ci=_ci, fmt=format)
+    environment.filters.update(pct=pct, spread=_spread, ci=_ci, fmt=format)
     return environment
 
 

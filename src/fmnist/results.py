@@ -34,7 +34,8 @@ def write_accuracy(summary_file: Path, accuracy_file: Path) -> dict[str, float]:
     return accuracy
 
 
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
+    """A 0-1 fraction as a percentage with two decimals; "-" for none."""
     return "-" if value is None else f"{100 * value:.2f}"
 
 
@@ -42,14 +43,14 @@ def table(summary: dict[str, Any]) -> str:
     """Variant, seeds, mean ± std test accuracy (%) of the final models, the paper's number."""
     rows = [("Variant", "Seeds", "Test accuracy (%)", "Paper (%)")]
     for variant, entry in summary["variants"].items():
-        spread = _pct(entry["test_accuracy_mean"])
+        spread = pct(entry["test_accuracy_mean"])
         if entry["test_accuracy_std"] is not None:
             spread += f" ± {100 * entry['test_accuracy_std']:.2f}"
-        rows.append((variant, str(entry["seeds"]), spread, _pct(entry.get("paper_test_accuracy"))))
+        rows.append((variant, str(entry["seeds"]), spread, pct(entry.get("paper_test_accuracy"))))
     baseline = summary["baseline"]
     if "test_accuracy" in baseline:
         rows.append((f"{BASELINE} (baseline, {baseline.get('train_size', '?')} images)", "-",
-                     _pct(baseline["test_accuracy"]), _pct(baseline.get("paper_test_accuracy"))))
+                     pct(baseline["test_accuracy"]), pct(baseline.get("paper_test_accuracy"))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
                        for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
