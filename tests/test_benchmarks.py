@@ -1,5 +1,6 @@
 """The benchmark scripts: their pure parts, and the GPU check rehearsed on the CPU."""
 
+import argparse
 import json
 import shutil
 import tarfile
@@ -7,6 +8,7 @@ import tarfile
 import pytest
 import yaml
 
+from benchmarks.speed import thread_setting
 from benchmarks.timed_repro import stage_order
 from tests.conftest import REPO, only_variants, run, venv_env
 
@@ -23,6 +25,14 @@ def test_timed_repro_runs_seed_major_with_train_before_evaluate():
     assert stage_order(listed, ["cnn2", "cnn2_bn"], only=["cnn2_bn"]) == [
         "check_params", "download", "prepare", "baseline",
         "train@cnn2_bn-0", "evaluate@cnn2_bn-0", "train@cnn2_bn-1", "evaluate@cnn2_bn-1"]
+
+
+def test_speed_thread_settings_are_default_or_two_positive_counts():
+    assert thread_setting("default") == "default"
+    assert thread_setting("2,1") == "2,1"
+    for wrong in ["2", "0,1", "2,1,1", "two,one", "2, 1", ""]:
+        with pytest.raises(argparse.ArgumentTypeError, match="INTRA,INTER"):
+            thread_setting(wrong)
 
 
 @pytest.mark.slow
