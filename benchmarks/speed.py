@@ -135,7 +135,8 @@ def main() -> None:
     out = args.out or Path("benchmarks/results") / f"speed-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpu": cpu, "cores": os.cpu_count(), "images": args.images,
-                               "timed_epochs": args.epochs, "repeats": args.repeats, "finished": time.strftime("%FT%T"),
+                               "timed_epochs": args.epochs, "repeats": args.repeats,
+                               "finished": time.strftime("%FT%T"),
                                "rows": rows}, indent=1) + "\n")
     print(f"written: {out}")
 
