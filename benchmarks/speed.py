@@ -13,7 +13,8 @@ Per (backend, precision, variant), after one untimed epoch (compilation, warm-up
 --tf-threads compares TensorFlow's thread pools: ``default`` (TensorFlow's own choice) or
 ``INTRA,INTER`` (TF_NUM_INTRAOP_THREADS, TF_NUM_INTEROP_THREADS in the worker's environment);
 each setting is a worker process of its own, and --repeats cycles through them that many times,
-interleaved, so a drift of the machine's load falls on every setting alike.
+interleaved, so a drift of the machine's load falls on every setting alike. The thread settings
+are TensorFlow's: other backends run once per repeat, their rows labelled ``-``.
 The 50-epoch estimate is 50 x 60,000 images at the stage's rate. Writes
 benchmarks/results/speed-<cpu>.json and prints a table; name the CPU with every number quoted.
 """
@@ -83,6 +84,13 @@ def thread_setting(text: str) -> str:
     return text
 
 
+def positive_int(text: str) -> int:
+    """A whole number of at least 1."""
+    if not re.fullmatch(r"[1-9][0-9]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return int(text)
+
+
 def run_worker(args: argparse.Namespace, backend: str, threads: str) -> list[dict]:
     """One worker process for a backend under a thread setting; its result rows."""
     command = [sys.executable, "-m", "benchmarks.speed", "--worker", backend, "--images",
@@ -103,11 +111,13 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax"])
     parser.add_argument("--precisions", nargs="+", default=["float32", "mixed_bfloat16"])
     parser.add_argument("--variants", nargs="+", default=["cnn2", "cnn2_bn_skip"])
-    parser.add_argument("--images", type=int, default=10_000, help="training images per timed epoch")
-    parser.add_argument("--epochs", type=int, default=1, help="timed epochs")
+    parser.add_argument("--images", type=positive_int, default=10_000,
+                        help="training images per timed epoch")
+    parser.add_argument("--epochs", type=positive_int, default=1, help="timed epochs")
     parser.add_argument("--tf-threads", nargs="+", default=["default"], type=thread_setting,
                         help="'default' or INTRA,INTER: TensorFlow's thread pools, one worker each")
-    parser.add_argument("--repeats", type=int, default=1, help="cycles through the --tf-threads settings")
+    parser.add_argument("--repeats", type=positive_int, default=1,
+                        help="cycles through the --tf-threads settings")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -116,10 +126,13 @@ def main() -> None:
         return
     rows = []
     for repeat in range(args.repeats):
-        for threads in args.tf_threads:
-            for backend in args.backends:
-                rows += [{**row, "tf_threads": threads, "repeat": repeat}
+        for backend in args.backends:
+            for threads in args.tf_threads if backend == "tensorflow" else ["default"]:
+                label = threads if backend == "tensorflow" else "-"
+                rows += [{**row, "tf_threads": label, "repeat": repeat}
                          for row in run_worker(args, backend, threads)]
+    if not rows:
+        sys.exit("speed.py: every worker failed (see above); nothing written")
     cpu = cpu_model()
     print(f"CPU: {cpu}, {os.cpu_count()} cores; {args.images} training images x {args.epochs} timed "
           "epoch(s) after one untimed; batch from params.yaml")

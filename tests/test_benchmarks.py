@@ -8,7 +8,7 @@ import tarfile
 import pytest
 import yaml
 
-from benchmarks.speed import thread_setting
+from benchmarks.speed import positive_int, thread_setting
 from benchmarks.timed_repro import stage_order
 from tests.conftest import REPO, only_variants, run, venv_env
 
@@ -33,6 +33,13 @@ def test_speed_thread_settings_are_default_or_two_positive_counts():
     for wrong in ["2", "0,1", "2,1,1", "two,one", "2, 1", ""]:
         with pytest.raises(argparse.ArgumentTypeError, match="INTRA,INTER"):
             thread_setting(wrong)
+
+
+def test_speed_counts_are_whole_numbers_of_at_least_one():
+    assert positive_int("1") == 1 and positive_int("10000") == 10_000
+    for wrong in ["0", "-1", "1.5", "", "ten"]:
+        with pytest.raises(argparse.ArgumentTypeError, match="at least 1"):
+            positive_int(wrong)
 
 
 @pytest.mark.slow
