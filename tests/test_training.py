@@ -213,15 +213,21 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
-def test_a_killed_run_is_resumed_not_left_running(tmp_path, tiny_params, tiny_config, tiny_idx_dir):
+def _script_dir(folder: Path, params: dict, config, idx_dir: Path, script: str) -> dict[str, str]:
+    """``folder`` as KILL_SCRIPT expects it: the tiny data prepared, params.yaml and the script
+    written; the environment to run it in."""
     import yaml
 
-    download.download(tiny_config.data, tmp_path / "raw", local_dir=tiny_idx_dir)
-    prepare(tmp_path / "raw", tmp_path / "d.npz", tmp_path / "i.json", 0, 0)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
-    (tmp_path / "kill.py").write_text(KILL_SCRIPT)
-    env = {**venv_env(), "DVC_ROOT": str(tmp_path)}
+    download.download(config.data, folder / "raw", local_dir=idx_dir)
+    prepare(folder / "raw", folder / "d.npz", folder / "i.json", 0, 0)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    (folder / script).write_text(KILL_SCRIPT)
+    return {**venv_env(), "DVC_ROOT": str(folder)}
+
+
+@pytest.mark.slow
+def test_a_killed_run_is_resumed_not_left_running(tmp_path, tiny_params, tiny_config, tiny_idx_dir):
+    env = _script_dir(tmp_path, tiny_params, tiny_config, tiny_idx_dir, "kill.py")
     killed = subprocess.run([sys.executable, "kill.py", "kill"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -242,13 +248,8 @@ def test_a_killed_run_is_resumed_not_left_running(tmp_path, tiny_params, tiny_co
 
 @pytest.mark.slow
 def test_training_under_the_jax_backend(tmp_path, tiny_params, tiny_config, tiny_idx_dir):
-    import yaml
-
-    download.download(tiny_config.data, tmp_path / "raw", local_dir=tiny_idx_dir)
-    prepare(tmp_path / "raw", tmp_path / "d.npz", tmp_path / "i.json", 0, 0)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
-    (tmp_path / "train.py").write_text(KILL_SCRIPT)
-    env = {**venv_env(), "DVC_ROOT": str(tmp_path), "KERAS_BACKEND": "jax"}
+    env = {**_script_dir(tmp_path, tiny_params, tiny_config, tiny_idx_dir, "train.py"),
+           "KERAS_BACKEND": "jax"}
     result = subprocess.run([sys.executable, "train.py", "run"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
