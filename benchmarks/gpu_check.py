@@ -79,8 +79,8 @@ def references(config, variants: list[str], epochs: int, backend: str) -> dict:
                 if (name == "plain_fit" and precision != "float32") or (
                         name == "scan_loop" and backend != "jax"):
                     continue
-                speed = loop(spec, data.x_train, data.y_train, config.train.batch_size, epochs,
-                             config.train.learning_rate, precision)
+                speed = loop(spec, config.recipe(variant), data.x_train, data.y_train,
+                             config.train.batch_size, epochs, precision)
                 results.setdefault(variant, {})[f"{name}_{precision}"] = round(speed)
                 print(f"reference {variant} {name} {precision}: {speed:.0f} images/s", flush=True)
     return results

@@ -6,6 +6,8 @@
   (fmnist.jax_loop): float32 inputs and one-hot targets on the device, one jitted
   ``lax.scan`` per epoch over full batches, no evaluation: the reference on a GPU.
 
+Both train by the variant's recipe as the stage does (``fmnist.recipes.compile_model``: its
+optimizer, schedule, weight decay and label smoothing), so a recipe's cost is in both sides.
 Each returns images/s over ``epochs`` timed epochs after one untimed epoch (compilation).
 """
 
@@ -16,18 +18,18 @@ import time
 import keras
 import numpy as np
 
-from fmnist.config import ModelSpec
+from fmnist import recipes
+from fmnist.config import ModelSpec, Recipe
 from fmnist.data import NUM_CLASSES
 from fmnist.models import build_model
 
 
-def _model(spec: ModelSpec, learning_rate: float, precision: str, seed: int) -> keras.Model:
+def _model(spec: ModelSpec, recipe: Recipe, precision: str, seed: int, epochs: int, train_size: int,
+           batch_size: int) -> keras.Model:
+    """The variant's model, compiled by its recipe for the untimed epoch and ``epochs`` more."""
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(seed)
-    model = build_model(spec)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="categorical_crossentropy",
-                  metrics=["accuracy"])
-    return model
+    return recipes.compile_model(build_model(spec), recipe, 1 + epochs, train_size, batch_size)
 
 
 def _arrays(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -35,9 +37,9 @@ def _arrays(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
     return images.astype("float32"), np.eye(NUM_CLASSES, dtype="float32")[labels]
 
 
-def plain_fit(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, batch_size: int, epochs: int,
-              learning_rate: float = 1e-3, precision: str = "float32", seed: int = 0) -> float:
-    model = _model(spec, learning_rate, precision, seed)
+def plain_fit(spec: ModelSpec, recipe: Recipe, images: np.ndarray, labels: np.ndarray, batch_size: int,
+              epochs: int, precision: str = "float32", seed: int = 0) -> float:
+    model = _model(spec, recipe, precision, seed, epochs, len(images), batch_size)
     x, y = _arrays(images, labels)
     model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
     started = time.perf_counter()
@@ -45,12 +47,12 @@ def plain_fit(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, batch_siz
     return epochs * len(x) / (time.perf_counter() - started)
 
 
-def scan_loop(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, batch_size: int, epochs: int,
-              learning_rate: float = 1e-3, precision: str = "float32", seed: int = 0) -> float:
+def scan_loop(spec: ModelSpec, recipe: Recipe, images: np.ndarray, labels: np.ndarray, batch_size: int,
+              epochs: int, precision: str = "float32", seed: int = 0) -> float:
     import jax
     import jax.numpy as jnp
 
-    model = _model(spec, learning_rate, precision, seed)
+    model = _model(spec, recipe, precision, seed, epochs, len(images), batch_size)
     optimizer = model.optimizer
     optimizer.build(model.trainable_variables)
     x, y = (jnp.asarray(a) for a in _arrays(images, labels))
@@ -58,7 +60,7 @@ def scan_loop(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, batch_siz
 
     def loss_fn(trainable, non_trainable, xb, yb):
         probabilities, non_trainable = model.stateless_call(trainable, non_trainable, xb, training=True)
-        return keras.losses.categorical_crossentropy(yb, probabilities).mean(), non_trainable
+        return model.loss(yb, probabilities), non_trainable  # the recipe's (mean over the batch)
 
     def step(state, batch):
         trainable, non_trainable, optimizer_vars = state

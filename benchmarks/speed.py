@@ -70,8 +70,8 @@ def worker(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             training.fit(model, subset, timed, [recorder], initial_epoch=1)
             stage = args.epochs * len(y) / (time.perf_counter() - started)
-            plain = reference.plain_fit(spec, x, y, config.train.batch_size, args.epochs,
-                                        config.train.learning_rate, precision)
+            plain = reference.plain_fit(spec, config.recipe(variant), x, y, config.train.batch_size,
+                                        args.epochs, precision)
             print(json.dumps({"backend": device.backend(), "precision": precision, "variant": variant,
                               "stage_images_per_second": round(stage),
                               "plain_fit_images_per_second": round(plain)}), flush=True)
