@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from benchmarks import timed_repro
+from benchmarks.speed import positive_int
 from benchmarks.timed_repro import DVC, ENV, stage_order
 from fmnist import paths
 from fmnist.config import load_params
@@ -91,7 +92,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu.json"))
     parser.add_argument("--budget-s", type=float, default=480.0,
                         help="start no pipeline stage after this many seconds of the check")
-    parser.add_argument("--reference-epochs", type=int, default=5)
+    parser.add_argument("--reference-epochs", type=positive_int, default=5,
+                        help="epochs of each plain reference loop (a whole number of at least 1)")
     args = parser.parse_args()
     started = time.perf_counter()
     config = load_params(paths.PARAMS)

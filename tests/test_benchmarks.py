@@ -42,6 +42,14 @@ def test_speed_counts_are_whole_numbers_of_at_least_one():
             positive_int(wrong)
 
 
+def test_the_gpu_check_refuses_a_reference_epoch_count_below_one(tmp_path):
+    out = tmp_path / "gpu.json"
+    check = run(["python", "-m", "benchmarks.gpu_check", "--reference-epochs", "0", "--out", str(out)],
+                REPO, check=False)
+    assert check.returncode == 2 and "'0': give a whole number of at least 1" in check.stderr
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_the_gpu_check_rehearses_on_the_cpu(dvc_repo, tiny_params, tmp_path):
     """benchmarks/gpu_check.sh as the GPU machine runs it, on tiny data and the CPU: the real
