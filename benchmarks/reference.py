@@ -52,11 +52,11 @@ def scan_loop(spec: ModelSpec, recipe: Recipe, images: np.ndarray, labels: np.nd
     import jax
     import jax.numpy as jnp
 
-    model = _model(spec, recipe, precision, seed, epochs, len(images), batch_size)
+    steps = len(images) // batch_size  # full batches only: the schedule is told so
+    model = _model(spec, recipe, precision, seed, epochs, steps * batch_size, batch_size)
     optimizer = model.optimizer
     optimizer.build(model.trainable_variables)
     x, y = (jnp.asarray(a) for a in _arrays(images, labels))
-    steps = len(x) // batch_size
 
     def loss_fn(trainable, non_trainable, xb, yb):
         probabilities, non_trainable = model.stateless_call(trainable, non_trainable, xb, training=True)
