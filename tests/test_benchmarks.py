@@ -63,12 +63,15 @@ def test_the_gpu_check_rehearses_on_the_cpu(dvc_repo, tiny_params, tmp_path):
     run(["git", "add", "-A"], dvc_repo)
     run(["git", "commit", "-qm", "jax, benchmarks"], dvc_repo)
     run(["dvc", "repro", "download"], dvc_repo)  # what travels: data/raw
+    shutil.rmtree(dvc_repo / ".dvc" / "cache")  # and what does not: the GPU machine has no cache
     out = tmp_path / "out"
     out.mkdir()
     check = run(["bash", "benchmarks/gpu_check.sh", "--reference-epochs", "1"], dvc_repo,
                 env={**venv_env(), "OUT": str(out)})
     report = json.loads((out / "gpu.json").read_text())
     assert report["finished"], check.stdout[-3000:]
+    assert [(s["stage"], s["ran"]) for s in report["data_stages"]][1:] == [("download", False),
+                                                                           ("prepare", True)]
     assert report["gpu"].startswith("none") and report["backend"] == "jax"
     assert [r["variant"] for r in report["stage_runs"]] == ["cnn2", "cnn2_bn", "cnn2_bn_skip"]
     for entry in report["stage_runs"]:
