@@ -197,9 +197,16 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
                     "Figs. 5-7", "Fig. 8 and Table III", "Table IV", "Fig. 9", "Every run"]:
         assert heading in text, heading
     # mean ± sample std, t-interval 91.20 ± 4.303 * 0.20 / sqrt(3)
-    assert "| cnn2 (CNN2; 1,000 parameters) | 91.17 | 91.20 ± 0.20 | [90.70, 91.70] |" in text
-    assert "| authors_cnn2_bn (CNN2+BN; 1,000 parameters) | 92.22 |" in text
-    assert "| ablation_cnn2_same (1,000 parameters) | - |" in text  # no paper model
+    # the paper's rows (the authors' code) first, then the others in params order, no paper number
+    table = text.split("## Tables I and II")[1].split("\n## ")[0]
+    assert "The paper's rows are authors_cnn2, authors_cnn2_bn, authors_cnn2_bn_skip" in table
+    rows = [line.split(" (")[0].lstrip("| ") for line in table.splitlines() if line.startswith("| ")]
+    assert [row for row in rows if row in config.variants] == [
+        *config.analyse.paper_models, *(v for v in config.variants if v not in config.analyse.paper_models)]
+    assert "| authors_cnn2 (CNN2; 1,000 parameters) | 91.17 | 92.70 ± 0.20 | [92.20, 93.20] |" in table
+    assert "| authors_cnn2_bn (CNN2+BN; 1,000 parameters) | 92.22 |" in table
+    assert "| cnn2 (1,000 parameters) | - | 91.20 ± 0.20 | [90.70, 91.70] |" in table  # ours: no paper number
+    assert "| ablation_cnn2_same (1,000 parameters) | - |" in table
     # ours, beyond the paper: marked in the table, its recipe and how it was chosen in a section
     assert "| cnn4_bn_aug (ours, not the paper's; 1,000 parameters) | - | 95.20 ± 0.20 |" in text
     beyond = text.split("## Beyond the paper (ours, not the paper's)")[1].split("\n## ")[0]
@@ -220,7 +227,8 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
     assert '<details><summary>cnn2_bn</summary>\n\n```\nModel: "cnn2_bn"\n```' in text
     assert "| Sneaker | Ankle boot |" not in text and "| Ankle boot | Sneaker |" in text
     compact = analysis.compact(summary)
-    assert compact["variants"]["cnn2"]["paper_test_accuracy"] == 0.9117
+    assert compact["variants"]["authors_cnn2"]["paper_test_accuracy"] == 0.9117
+    assert compact["variants"]["cnn2"]["paper_test_accuracy"] is None
 
 
 def test_a_variant_added_to_params_is_not_under_the_papers_claims():
@@ -236,7 +244,7 @@ def test_a_variant_added_to_params_is_not_under_the_papers_claims():
     assert "wide3" in summary["variants"]
     assert not any("wide3" in key for key in summary["comparisons"])
     assert len(summary["comparisons"]) == len(config.analyse.comparisons)
-    assert summary["convergence"]["paper_check"]["reference_variant"] == "cnn2"
+    assert summary["convergence"]["paper_check"]["reference_variant"] == "authors_cnn2"
     claims = "\n".join(report._claims(analysis.check_claims(summary)))
     assert "cnn2_bn at epoch" in claims  # the convergence claim is there, with the paper's models
     assert "wide3" not in claims

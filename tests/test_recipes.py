@@ -374,7 +374,7 @@ def test_bad_recipe_values_name_the_key_and_the_allowed_values(path, value, name
 
 
 @pytest.mark.parametrize("beyond, named", [
-    ({"cnn2": "ours?"}, "not in analyse.paper_models"),  # a paper model
+    ({"authors_cnn2": "ours?"}, "not in analyse.paper_models"),  # a paper model
     ({"ablation_cnn2_same": "ours?"}, "nor analyse.comparisons"),  # in the paper's claims
     ({"cnn9": "ours?"}, "variants of params.yaml"),
 ])

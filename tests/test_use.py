@@ -23,7 +23,7 @@ from fmnist.tracking_server import free_port
 from tests.conftest import make_dvc_repo, only_variants, real_params, run, shrink, venv_env, write_tiny_idx
 
 pytestmark = pytest.mark.slow
-VARIANTS = ["cnn2", "cnn2_bn_skip"]
+VARIANTS = ["cnn2", "authors_cnn2_bn_skip"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def pipeline(tmp_path_factory) -> Path:
     """A tiny repository after `dvc repro`: two variants, one seed, registered."""
     root = tmp_path_factory.mktemp("use")
     params = only_variants(shrink(real_params()), VARIANTS)
-    assert params["registry"]["champion_variant"] == "cnn2_bn_skip"  # the shipped default
+    assert params["registry"]["champion_variant"] == "authors_cnn2_bn_skip"  # the shipped default
     repo = make_dvc_repo(root / "repo", params, local_data=write_tiny_idx(root / "idx"))
     run(["dvc", "repro"], repo)
     return repo
@@ -68,8 +68,8 @@ def test_every_trained_model_is_a_version_and_the_alias_follows_the_params(pipel
         assert version.tags["seed"] == "0" and version.tags["variant"] == variant
         assert version.tags["data_source"] == "local" and version.tags["canonical_split"] == "False"
         assert version.tags["git_commit"] == commit
-    champion = client.get_model_version_by_alias("fashion-mnist-cnn2_bn_skip", "champion")
-    assert champion.run_id == _run_id(pipeline, "cnn2_bn_skip")
+    champion = client.get_model_version_by_alias("fashion-mnist-authors_cnn2_bn_skip", "champion")
+    assert champion.run_id == _run_id(pipeline, "authors_cnn2_bn_skip")
 
     # Registering again finds the versions by run id: none is added.
     run(["dvc", "repro", "--force", "--single-item", "register"], pipeline)
@@ -84,15 +84,15 @@ def test_every_trained_model_is_a_version_and_the_alias_follows_the_params(pipel
     assert {line.split("'")[1] for line in moved.stdout.splitlines()
             if line.startswith("Running stage")} == {"check_params", "register"}
     assert _aliases(client, "fashion-mnist-cnn2") == {"champion": "1"}
-    assert "champion" not in _aliases(client, "fashion-mnist-cnn2_bn_skip")
+    assert "champion" not in _aliases(client, "fashion-mnist-authors_cnn2_bn_skip")
     run(["git", "checkout", "params.yaml"], pipeline)
     run(["dvc", "repro"], pipeline)
-    assert _aliases(client, "fashion-mnist-cnn2_bn_skip") == {"champion": "1"}
+    assert _aliases(client, "fashion-mnist-authors_cnn2_bn_skip") == {"champion": "1"}
 
 
 def test_predict_classifies_a_png_written_from_a_test_image(pipeline, tmp_path):
     class_names = real_params()["evaluate"]["class_names"]
-    image, label, probability = _a_correctly_classified_test_image(pipeline, "cnn2_bn_skip-seed0")
+    image, label, probability = _a_correctly_classified_test_image(pipeline, "authors_cnn2_bn_skip-seed0")
     Image.fromarray(image).save(tmp_path / "item.png")
     # the default model: params.yaml's registry alias, from the repository's store
     result = run([sys.executable, "-m", "fmnist.predict", str(tmp_path / "item.png"), "--json"], pipeline)
@@ -147,7 +147,7 @@ def test_the_alias_is_served_over_http_and_answers_a_real_request(pipeline, tmp_
             except OSError:
                 time.sleep(1)
 
-        image, label, probability = _a_correctly_classified_test_image(pipeline, "cnn2_bn_skip-seed0")
+        image, label, probability = _a_correctly_classified_test_image(pipeline, "authors_cnn2_bn_skip-seed0")
         status, body = _post(f"{base}/invocations", {"inputs": [image.tolist()]})
         assert status == 200, body
         (probabilities,) = json.loads(body)["predictions"]

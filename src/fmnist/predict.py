@@ -20,7 +20,7 @@ transparent background counts as white. An image that is already 28 x 28 is take
 The model: a folder of the train stage (models/<variant>/seed<k>/, its Keras file), a local
 MLflow model folder (with an MLmodel file), or an MLflow URI (``models:/<name>@<alias>``,
 ``runs:/...``) from the project's store (``MLFLOW_TRACKING_URI`` or ./mlflow.db). Default:
-the alias of params.yaml's ``registry`` (``models:/fashion-mnist-cnn2_bn_skip@champion``).
+the alias of params.yaml's ``registry`` (``models:/fashion-mnist-authors_cnn2_bn_skip@champion``).
 
 Bad input: one line per file naming it and what is wrong (not found, empty, unreadable, not an
 image, wrong array shape or values), exit status 1, and nothing classified.
@@ -199,7 +199,7 @@ def load_classifier(source: str) -> Classifier:
 
 def default_model() -> str:
     """The registry alias params.yaml names (run from the project root), e.g.
-    models:/fashion-mnist-cnn2_bn_skip@champion."""
+    models:/fashion-mnist-authors_cnn2_bn_skip@champion."""
     from fmnist.config import load_params
     from fmnist.registry import champion_uri
 

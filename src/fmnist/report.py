@@ -144,12 +144,15 @@ def markdown(config: Config, summary: dict[str, Any], claims: dict[str, Any], ru
              architectures: dict[str, str]) -> str:
     """reports/report.md, top to bottom: data, Tables I-II, claims, Figs. 1-9, Tables III-IV.
     ``claims``: analysis.check_claims; ``runs``: analysis.TrainedRun of every run;
-    ``architectures``: each variant's layer table (paths.RunFiles.architecture)."""
+    ``architectures``: each variant's layer table (paths.RunFiles.architecture). The paper's
+    rows (analyse.paper_models) come first in Tables I-II, then the others in params order."""
+    paper_rows = [v for v in summary["variants"] if v in config.analyse.paper_models]
+    rows = {v: summary["variants"][v] for v in [*paper_rows, *summary["variants"]]}
     return _environment().get_template(TEMPLATE).render(
         data=summary["data"], seeds=summary["seeds"], epochs=summary["epochs"],
         batch_size=config.train.batch_size, learning_rate=config.train.learning_rate,
         paper_baselines=paper.BASELINES, baseline=summary["baseline"],
-        variants=summary["variants"], claims=_claims(claims),
+        variants=rows, paper_rows=paper_rows, claims=_claims(claims),
         curve_figures=summary.get("curve_figures", []), loss_levels=config.analyse.loss_levels,
         convergence_levels=summary["convergence"]["levels"],
         architectures={variant: architectures[variant] for variant in config.variants},

@@ -1,7 +1,7 @@
 """Serve a registered model over HTTP with MLflow's scoring server: ``make serve``, or
 ``python -m fmnist.serve [--model models:/<name>@<alias>] [--host 127.0.0.1] [--port 5001]``.
 
-The default model is params.yaml's registry alias (``models:/fashion-mnist-cnn2_bn_skip@champion``)
+The default model is params.yaml's registry alias (``models:/fashion-mnist-authors_cnn2_bn_skip@champion``)
 from the project's store (``MLFLOW_TRACKING_URI``, else ./mlflow.db). The process becomes
 ``mlflow models serve --env-manager local`` (the model runs in this environment; MLflow starts
 uvicorn, so this environment's bin/ goes first on PATH, else: ``uvicorn: not found``).
