@@ -21,7 +21,7 @@ from fmnist import report, results, tracking
 from fmnist.progress import EpochLine, stage_label
 from tests.conftest import REPO, make_dvc_repo, only_variants, run, venv_env
 
-VARIANTS = ["cnn2", "cnn2_bn"]
+VARIANTS = ["authors_cnn2", "authors_cnn2_bn"]  # the paper's rows: the README's `dvc exp show` keeps them
 EPOCH_KEYS = {"loss", "accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
               "epoch_seconds", "learning_rate"}
 
@@ -103,8 +103,8 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
     params = only_variants(tiny_params, VARIANTS)
     repo = make_dvc_repo(tmp_path / "repo", params, local_data=tiny_idx_dir)
     repro = run(["dvc", "repro"], repo)
-    assert "[train 1/2] cnn2 seed 0 | epoch 2/2 |" in repro.stdout
-    assert "[evaluate 2/2] cnn2_bn seed 0" in repro.stdout
+    assert "[train 1/2] authors_cnn2 seed 0 | epoch 2/2 |" in repro.stdout
+    assert "[evaluate 2/2] authors_cnn2_bn seed 0" in repro.stdout
 
     experiment = params["tracking"]["experiment"]
     with _store(repo) as db:
@@ -113,7 +113,8 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
         kinds = dict(db.execute("SELECT e.name, t.value FROM experiments e JOIN experiment_tags t "
                                 "ON e.experiment_id = t.experiment_id WHERE t.key = ?",
                                 (tracking.EXPERIMENT_KIND_TAG,)))
-    assert set(runs) == {"cnn2-seed0", "cnn2_bn-seed0", "svc-baseline"}  # no analysis among them
+    # no analysis among them
+    assert set(runs) == {"authors_cnn2-seed0", "authors_cnn2_bn-seed0", "svc-baseline"}
     assert set(analysis) == {"analysis"}
     assert kinds[experiment] == tracking.EXPERIMENT_KIND  # the UI opens in its model-training mode
 
