@@ -323,7 +323,7 @@ def test_a_candidate_recipe_is_tuned_on_the_validation_split_without_touching_th
     params = only_variants(tiny_params, ["cnn2", "cnn4_bn_aug"])
     repo = make_dvc_repo(tmp_path / "repo", params, local_data=tiny_idx_dir)
     result = run(["dvc", "exp", "run", "-S", "data.validation_size=40", "-S", "train.monitor_test=false",
-                  "-S", "variants.cnn4_bn_aug.weight_decay=0.05", "train@cnn4_bn_aug-0"], repo)
+                  "-S", "variants.cnn4_bn_aug.weight_decay=0.1", "train@cnn4_bn_aug-0"], repo)
     ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
     assert ran == {"check_params", "download", "prepare", "train@cnn4_bn_aug-0"}
     history = json.loads((repo / "models" / "cnn4_bn_aug" / "seed0" / "history.json").read_text())
@@ -333,7 +333,7 @@ def test_a_candidate_recipe_is_tuned_on_the_validation_split_without_touching_th
         logged = dict(db.execute("SELECT key, value FROM params WHERE key IN "
                                  "('data.validation', 'data.train', 'train.weight_decay')").fetchall())
     assert logged == {"data.validation": "40", "data.train": str(10 * TINY_TRAIN_PER_CLASS - 40),
-                      "train.weight_decay": "0.05"}
+                      "train.weight_decay": "0.1"}
     assert yaml.safe_load((repo / "params.yaml").read_text())["data"]["validation_size"] == 40
 
 
