@@ -5,7 +5,8 @@
 Run by benchmarks/gpu_check.sh on a GPU machine (JAX with CUDA; the wheels for Keras, MLflow
 and DVC travel in .whl/, the data in data/raw/). In one go:
 1. the real train stage (`dvc repro --single-item train@<variant>-<seed0>`; the stage's own
-   MLflow store, checkpoints and outputs) for the paper's three variants at the first seed;
+   MLflow store, checkpoints and outputs) for the paper's variants (`analyse.paper_models`:
+   the authors' three as shipped) at the first seed;
 2. the plain references on the same data (benchmarks/reference.py): a jitted ``lax.scan``
    loop and Keras' ``model.fit``, float32 and mixed_bfloat16;
 3. the rest of the default pipeline, stage by stage, seed after seed (as
@@ -35,7 +36,6 @@ from fmnist import paths
 from fmnist.config import load_params
 from fmnist.files import write_json
 
-PAPER_VARIANTS = ("cnn2", "cnn2_bn", "cnn2_bn_skip")
 # dvc.lock as this check last left it, in an ignored folder: a second call on the same (warm)
 # machine gets the tree's dvc.lock sent anew, and gpu_check.sh puts this one back first
 SAVED_LOCK = Path(".gpu-state/dvc.lock")
@@ -98,7 +98,7 @@ def main() -> None:
     started = time.perf_counter()
     config = load_params(paths.PARAMS)
     seed = config.train.seeds[0]
-    variants = [v for v in PAPER_VARIANTS if v in config.variants]
+    variants = list(config.analyse.paper_models)  # the paper's rows, as the report has them
     report: dict = {"finished": False, "host": platform.node(),
                     "params": {"backend": config.train.backend, "precision": config.train.precision,
                                "epochs": config.train.epochs, "batch_size": config.train.batch_size,
