@@ -4,6 +4,7 @@ whose answers are known."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -117,6 +118,37 @@ def test_spread_and_welch_comparison_agree_with_scipy():
     assert single["p_value"] is None and "cannot tell" in report.verdict(single, "x")
 
 
+def test_an_ablation_factor_is_its_change_averaged_over_the_other_factors_levels():
+    """A 2 x 2 ablation: BN +1.0 point at either padding, padding nothing; each cell's std 0.2
+    points over 3 seeds. BN's averaged effect: +1.0 point, se sqrt(4 * 0.25 * 0.2**2 / 3) =
+    0.115, 8 dof (Welch-Satterthwaite, equal cells): 95% CI +1.0 -/+ 2.306 * 0.115."""
+    spreads = {name: analysis.Spread((mean - 0.002, mean, mean + 0.002))
+               for name, mean in {"valid": 0.90, "valid_bn": 0.91, "same": 0.90, "same_bn": 0.91}.items()}
+    effect = analysis.averaged_effect([("valid", "valid_bn"), ("same", "same_bn")], spreads)
+    assert effect["difference"] == pytest.approx(0.01)
+    half = stats.t.ppf(0.975, 8) * math.sqrt(4 * 0.25 * 0.002**2 / 3)
+    assert effect["ci95"] == pytest.approx([0.01 - half, 0.01 + half])
+    # one pair is the pair's own Welch comparison; a variant in two pairs adds up its weights
+    assert analysis.averaged_effect([("valid", "same")], spreads) == analysis.compare(
+        spreads["valid"], spreads["same"])
+    shared = analysis.averaged_effect([("valid", "valid_bn"), ("valid", "same")], spreads)
+    assert shared["difference"] == pytest.approx((0.91 + 0.90) / 2 - 0.90)
+    # carried: the averaged effect supported and reversed at no level
+    claims = {"comparisons": {}, "convergence": {},
+              "factors": {"bn": effect, "padding": analysis.averaged_effect(
+                  [("valid", "same"), ("valid_bn", "same_bn")], spreads)}}
+    pair = analysis.compare(spreads["valid"], spreads["valid_bn"])
+    claims["comparisons"] = {"a": {**pair, "claim": "x", "a": "valid", "b": "valid_bn", "paper": None,
+                                   "group": "bn"}}
+    checked = analysis.check_claims(claims)
+    assert checked["factors"]["padding"]["verdict"] == "not supported"
+    assert checked["factors"]["bn"]["verdict"] == "supported" and checked["carried"] == ["bn"]
+    reversed_pair = analysis.compare(spreads["same_bn"], spreads["valid"])  # -1.0 point
+    claims["comparisons"]["b"] = {**reversed_pair, "claim": "y", "a": "same_bn", "b": "valid",
+                                  "paper": None, "group": "bn"}
+    assert analysis.check_claims(claims)["carried"] == []
+
+
 def test_convergence_finds_the_paper_check_epoch():
     slow = [{"loss": 1.0 / e} for e in range(1, 51)]  # loss 1/40 after epoch 40
     fast = [{"loss": 1.0 / (4 * e)} for e in range(1, 51)]  # 4x faster: 1/40 after epoch 10
@@ -219,9 +251,12 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
     assert ("Batch normalization improves CNN2 (ours) (cnn2_bn - cnn2; paper: +1.05 points): supported "
             "(difference +0.50 points, 95% CI [+0.05, +0.95]") in text
     # the ablation (+0.5 points per variant in params order): each factor helps at one level of
-    # the other and hurts at the other level, so neither carries the gain
-    assert ("Which factor carries the gain (the ablation): batch norm: supported, contradicted; "
-            "'same' padding: supported, contradicted. No factor is supported") in text
+    # the other and hurts at the other; batch norm's averaged effect is +0.5 points (2.0 and
+    # -1.0), supported, but reversed at a level, so no factor carries the gain
+    assert ("Which factor carries the gain (the ablation; each factor's change averaged over the other "
+            "factor's levels): batch norm +0.50 points (95% CI [+0.23, +0.77], p = 0.003: supported) - "
+            "at each level: supported, contradicted; 'same' padding +0.00 points") in text
+    assert "No factor's averaged effect is supported without being reversed at a level" in text
     assert "the paper's +1.05 is outside this interval" in text
     assert "cnn2_bn at epoch" in text and "(per seed: " in text
     assert '<details><summary>cnn2_bn</summary>\n\n```\nModel: "cnn2_bn"\n```' in text

@@ -115,21 +115,38 @@ class Spread:
                 "ci95": list(self.ci95) if self.ci95 else None, "values": list(self.values)}
 
 
-def compare(a: Spread, b: Spread) -> dict[str, Any]:
-    """b - a, with Welch's t-test and its 95% interval (None with fewer than 2 seeds each)."""
-    result: dict[str, Any] = {"difference": b.mean - a.mean, "test": "Welch t-test (two-sided)",
-                              "p_value": None, "ci95": None}
-    if a.n < 2 or b.n < 2:
+def contrast(terms: Sequence[tuple[float, Spread]]) -> dict[str, Any]:
+    """sum(weight * mean) over independent sets of seeds, with a two-sided t-test and its 95%
+    interval, Welch-Satterthwaite degrees of freedom (None with fewer than 2 seeds in a set)."""
+    result: dict[str, Any] = {"difference": sum(w * s.mean for w, s in terms),
+                              "test": "Welch t-test (two-sided)", "p_value": None, "ci95": None}
+    if any(s.n < 2 for _, s in terms):
         return result
-    va, vb = a.std**2 / a.n, b.std**2 / b.n
-    se = math.sqrt(va + vb)
-    if se == 0:
+    variances = [(w**2 * s.std**2 / s.n, s.n) for w, s in terms]
+    total = sum(v for v, _ in variances)
+    if total == 0:
         return result
-    dof = (va + vb) ** 2 / (va**2 / (a.n - 1) + vb**2 / (b.n - 1))
+    se = math.sqrt(total)
+    dof = total**2 / sum(v**2 / (n - 1) for v, n in variances)
     half = stats.t.ppf(0.975, dof) * se
     result["p_value"] = float(2 * stats.t.sf(abs(result["difference"]) / se, dof))
     result["ci95"] = [result["difference"] - half, result["difference"] + half]
     return result
+
+
+def compare(a: Spread, b: Spread) -> dict[str, Any]:
+    """b - a, with Welch's t-test and its 95% interval (None with fewer than 2 seeds each)."""
+    return contrast([(-1.0, a), (1.0, b)])
+
+
+def averaged_effect(pairs: Sequence[tuple[str, str]], spreads: dict[str, Spread]) -> dict[str, Any]:
+    """The mean of b - a over an ablation factor's pairs (a factor's main effect in a 2 x 2
+    design: its change averaged over the other factor's levels), as one contrast."""
+    weights: dict[str, float] = {}
+    for a, b in pairs:
+        weights[a] = weights.get(a, 0.0) - 1 / len(pairs)
+        weights[b] = weights.get(b, 0.0) + 1 / len(pairs)
+    return contrast([(w, spreads[v]) for v, w in weights.items() if w])
 
 
 def verdict_word(comparison: dict[str, Any]) -> str:
@@ -213,6 +230,12 @@ def summarise(config: Config, runs: list[TrainedRun], baseline: dict[str, Any],
     comparisons = {f"{c.b} - {c.a}": {"claim": c.claim, "a": c.a, "b": c.b, "paper": c.paper,
                                       "group": c.group, **compare(spreads[c.a], spreads[c.b])}
                    for c in config.analyse.comparisons}
+    # each ablation factor (the comparisons of one group) averaged over its levels
+    pairs: dict[str, list[tuple[str, str]]] = {}
+    for c in config.analyse.comparisons:
+        if c.group:
+            pairs.setdefault(c.group, []).append((c.a, c.b))
+    factors = {group: averaged_effect(group_pairs, spreads) for group, group_pairs in pairs.items()}
     histories = {v: [r.history for r in rs] for v, rs in by_variant.items()}
     return {
         "data": {"source": data_info["source"], "canonical_split": data_info["canonical_split"],
@@ -222,6 +245,7 @@ def summarise(config: Config, runs: list[TrainedRun], baseline: dict[str, Any],
         "variants": variants,
         "baseline": baseline,
         "comparisons": comparisons,
+        "factors": factors,
         "convergence": convergence(histories, reference, config.analyse.loss_levels),
     }
 
@@ -281,16 +305,21 @@ def convergence_claim(summary: dict[str, Any]) -> dict[str, Any] | None:
 
 def check_claims(summary: dict[str, Any]) -> dict[str, Any]:
     """Each claim's verdict: the comparisons of analyse.comparisons (``verdict``: see
-    verdict_word), the ablation's groups and the ones whose every comparison is supported
-    (``carried``), and the convergence claim (None when the runs are too short)."""
+    verdict_word); per ablation factor (a comparisons ``group``), its verdict at each level of
+    the other factor and its averaged effect's (``factors``); ``carried``: the factors whose
+    averaged effect is supported and reversed at no level; the convergence claim (None when
+    the runs are too short)."""
     comparisons = [{"key": key, **comparison, "verdict": verdict_word(comparison)}
                    for key, comparison in summary["comparisons"].items()]
-    groups: dict[str, list[str]] = {}
+    factors: dict[str, dict[str, Any]] = {
+        group: {**effect, "verdict": verdict_word(effect), "levels": []}
+        for group, effect in summary.get("factors", {}).items()}
     for comparison in comparisons:
         if comparison["group"]:
-            groups.setdefault(comparison["group"], []).append(comparison["verdict"])
-    carried = [group for group, words in groups.items() if all(w == "supported" for w in words)]
-    return {"comparisons": comparisons, "groups": groups, "carried": carried,
+            factors[comparison["group"]]["levels"].append(comparison["verdict"])
+    carried = [group for group, factor in factors.items()
+               if factor["verdict"] == "supported" and "contradicted" not in factor["levels"]]
+    return {"comparisons": comparisons, "factors": factors, "carried": carried,
             "convergence": convergence_claim(summary)}
 
 

@@ -77,10 +77,11 @@ def _claims(claims: dict[str, Any]) -> list[str]:
         claim = (f"{comparison['claim']} ({comparison['key']}"
                  + (f"; paper: {paper_difference:+.2f} points)" if paper_difference is not None else ")"))
         lines.append("- " + verdict(comparison, claim, paper_difference))
-    if claims["groups"]:
-        lines.append("- Which factor carries the gain (the ablation): " + "; ".join(
-            f"{group}: {', '.join(words)}" for group, words in claims["groups"].items()) + ". "
-            + _ablation_reading(claims["carried"]))
+    if claims["factors"]:
+        lines.append("- Which factor carries the gain (the ablation; each factor's change averaged "
+                     "over the other factor's levels): " + "; ".join(
+                         _factor(group, factor) for group, factor in claims["factors"].items())
+                     + ". " + _ablation_reading(claims["carried"]))
     convergence = claims["convergence"]
     if convergence is None:
         return lines + ["- Batch normalization converges ~4x faster (paper): cannot tell; the "
@@ -106,12 +107,22 @@ def _claims(claims: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _factor(group: str, factor: dict[str, Any]) -> str:
+    """One ablation factor: its averaged effect with interval, and its verdict per level."""
+    text = f"{group} {100 * factor['difference']:+.2f} points"
+    if factor["ci95"] is not None:
+        low, high = (100 * v for v in factor["ci95"])
+        text += f" (95% CI [{low:+.2f}, {high:+.2f}], p = {factor['p_value']:.3f}: {factor['verdict']})"
+    return text + " - at each level: " + ", ".join(factor["levels"])
+
+
 def _ablation_reading(carried: list[str]) -> str:
-    """One sentence on the ablation: the factor whose every comparison is supported, if one."""
+    """One sentence on the ablation: the factor whose averaged effect is supported, if one."""
     if len(carried) == 1:
         return f"The gain is carried by {carried[0]}."
     if not carried:
-        return "No factor is supported at every level: these seeds cannot attribute the gain."
+        return ("No factor's averaged effect is supported without being reversed at a level: "
+                "these seeds cannot attribute the gain.")
     return "Each of " + ", ".join(carried) + " is supported on its own."
 
 
