@@ -173,6 +173,22 @@ def _pixels(path) -> np.ndarray:
     return plt.imread(path)  # (height, width, RGBA) floats in [0, 1]
 
 
+def test_the_convergence_verdict_is_the_papers_rows_others_are_listed():
+    """The paper's "~4x faster with batch norm" is judged on its rows (analyse.paper_models):
+    their BN model at epoch 10 of 40 is 4x; our slower alternative is listed, not judged."""
+    check = {"reference_variant": "authors_cnn2", "reference_epoch": 40, "loss": 0.2,
+             "first_epoch": {"authors_cnn2": 40, "authors_cnn2_bn": 10, "cnn2_bn": 30},
+             "per_seed": {"authors_cnn2": [40, 40], "authors_cnn2_bn": [10, 10], "cnn2_bn": [30, 32]}}
+    summary = {"convergence": {"paper_check": check}, "comparisons": {},
+               "variants": {"authors_cnn2": {"batch_norm": False, "paper_model": "CNN2"},
+                            "authors_cnn2_bn": {"batch_norm": True, "paper_model": "CNN2+BN"},
+                            "cnn2_bn": {"batch_norm": True}}}
+    summary["comparisons"]["ours"] = {"a": "authors_cnn2", "b": "cnn2_bn"}  # a claimed variant
+    claim = analysis.convergence_claim(summary)
+    assert claim["verdict"] == "supported" and claim["factors"] == (4.0, 4.0)
+    assert [entry["variant"] for entry in claim["variants"]] == ["authors_cnn2_bn", "cnn2_bn"]
+
+
 def test_figures_draw_their_data(tmp_path):
     images = np.random.default_rng(0).integers(0, 255, (20, 28, 28)).astype(np.uint8)
     labels = np.repeat(np.arange(10), 2)
@@ -276,7 +292,8 @@ def test_a_variant_added_to_params_is_not_under_the_papers_claims():
     runs = [analysis.TrainedRun(v, 0, history, {"test_accuracy": 0.9, "test_macro_f1": 0.9},
                                 {"parameters": 1, "train_seconds": 1.0}) for v in config.variants]
     summary = analysis.summarise(config, runs, {}, {"source": "npm", "canonical_split": False, "note": ""})
-    assert "wide3" in summary["variants"]
+    assert list(summary["variants"]) == [*config.analyse.paper_models, "wide3", *(
+        v for v in config.variants if v not in config.analyse.paper_models and v != "wide3")]
     assert not any("wide3" in key for key in summary["comparisons"])
     assert len(summary["comparisons"]) == len(config.analyse.comparisons)
     assert summary["convergence"]["paper_check"]["reference_variant"] == "authors_cnn2"

@@ -63,7 +63,7 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
                                  ("test_accuracy", "Test accuracy (monitored only)", "test_accuracy.png")):
             if all(key in r.history[0] for r in runs):
                 curves = {v: analysis.mean_curve([r.history for r in runs if r.variant == v], key)
-                          for v in config.variants}
+                          for v in summary["variants"]}  # the tables' order
                 plots.training_curves(curves, tmp / file, label,
                                       f"{label} per epoch (mean over seeds {list(config.train.seeds)})")
                 summary.setdefault("curve_figures", []).append(file)
@@ -81,7 +81,7 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
         summary["error_analysis"] = errors
         # Feature maps (Figs. 5-7): every conv block's output, every channel, for each variant.
         feature_figures = {}
-        for variant in config.variants:
+        for variant in summary["variants"]:
             model = load_model_file(paths.run_files(variant, first_seed).model, MODEL_REMEDY)
             for class_name in config.analyse.feature_map_classes:
                 index = analysis.first_of_class(data.y_test, config.class_index(class_name))

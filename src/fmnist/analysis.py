@@ -204,8 +204,12 @@ def convergence(histories: dict[str, list[list[dict[str, float]]]], reference_va
 def summarise(config: Config, runs: list[TrainedRun], baseline: dict[str, Any],
               data_info: dict[str, Any]) -> dict[str, Any]:
     """The analysis (reports/analysis/analysis.json; the analyse stage adds the error analysis
-    and figures): per-variant spread over seeds, comparisons, convergence, the paper's numbers."""
-    by_variant = {v: [r for r in runs if r.variant == v] for v in config.variants}
+    and figures): per-variant spread over seeds, comparisons, convergence, the paper's numbers.
+    Variants in the order of every table: the paper's rows (analyse.paper_models), then the
+    others in params order."""
+    paper_rows = config.analyse.paper_models
+    order = [*paper_rows, *(v for v in config.variants if v not in paper_rows)]
+    by_variant = {v: [r for r in runs if r.variant == v] for v in order}
     variants = {}
     spreads = {}
     for variant, variant_runs in by_variant.items():
@@ -270,9 +274,9 @@ def error_analysis(evaluation: Evaluation, class_names: tuple[str, ...], k: int,
 def convergence_claim(summary: dict[str, Any]) -> dict[str, Any] | None:
     """The paper's "batch norm converges ~4x faster" against our runs (None with fewer epochs
     than the check needs): the variants of the paper's claims, each one's first epoch
-    at the reference's loss, and how many times faster the batch-norm ones are (mean curves
-    and every seed); ``verdict``: supported (3x or more), partly (faster), not supported, or
-    cannot tell (no batch-norm variant)."""
+    at the reference's loss, and how many times faster the batch-norm ones among the paper's
+    rows (analyse.paper_models) are (mean curves and every seed); ``verdict``: supported (3x
+    or more), partly (faster), not supported, or cannot tell (no batch-norm paper row)."""
     check = summary["convergence"].get("paper_check")
     if not check:
         return None
@@ -287,7 +291,8 @@ def convergence_claim(summary: dict[str, Any]) -> dict[str, Any] | None:
             continue
         seeds = check.get("per_seed", {}).get(variant, [])
         variants.append({"variant": variant, "epoch": epoch, "per_seed": seeds})
-        if summary["variants"][variant]["batch_norm"]:
+        entry = summary["variants"][variant]
+        if entry["batch_norm"] and "paper_model" in entry:
             factors.append(reference / epoch if epoch else 0.0)
             factors += [reference / e if e else 0.0 for e in seeds]
     if not factors:

@@ -93,10 +93,10 @@ def _claims(claims: dict[str, Any]) -> list[str]:
                     if len(seeds) > 1 else "")
         parts.append((f"{variant} at epoch {epoch}" if epoch else f"{variant} never") + per_seed)
     low, high = convergence["factors"] or (None, None)
-    word = {"cannot tell": "cannot tell (no batch-norm variant)",
+    word = {"cannot tell": "cannot tell (no batch-norm variant among the paper's rows)",
             "supported": f"supported ({low or 0:.1f}x or more faster)",
             "partly": (f"partly: faster, but only {low or 0:.1f}x to {high or 0:.1f}x "
-                       "(mean curves and every seed), not ~4x"),
+                       "(the paper's rows with batch norm: mean curves and every seed), not ~4x"),
             "not supported": "not supported"}[convergence["verdict"]]
     reference = convergence["reference_variant"]
     lines.append(f"- Batch normalization reaches in ~10 epochs the training loss CNN2 has after "
@@ -155,18 +155,17 @@ def markdown(config: Config, summary: dict[str, Any], claims: dict[str, Any], ru
              architectures: dict[str, str]) -> str:
     """reports/report.md, top to bottom: data, Tables I-II, claims, Figs. 1-9, Tables III-IV.
     ``claims``: analysis.check_claims; ``runs``: analysis.TrainedRun of every run;
-    ``architectures``: each variant's layer table (paths.RunFiles.architecture). The paper's
-    rows (analyse.paper_models) come first in Tables I-II, then the others in params order."""
+    ``architectures``: each variant's layer table (paths.RunFiles.architecture). Rows in the
+    summary's order (the paper's first: analysis.summarise)."""
     paper_rows = [v for v in summary["variants"] if v in config.analyse.paper_models]
-    rows = {v: summary["variants"][v] for v in [*paper_rows, *summary["variants"]]}
     return _environment().get_template(TEMPLATE).render(
         data=summary["data"], seeds=summary["seeds"], epochs=summary["epochs"],
         batch_size=config.train.batch_size, learning_rate=config.train.learning_rate,
         paper_baselines=paper.BASELINES, baseline=summary["baseline"],
-        variants=rows, paper_rows=paper_rows, claims=_claims(claims),
+        variants=summary["variants"], paper_rows=paper_rows, claims=_claims(claims),
         curve_figures=summary.get("curve_figures", []), loss_levels=config.analyse.loss_levels,
         convergence_levels=summary["convergence"]["levels"],
-        architectures={variant: architectures[variant] for variant in config.variants},
+        architectures={variant: architectures[variant] for variant in summary["variants"]},
         feature_maps=summary["feature_maps"], errors=summary["error_analysis"],
         paper_top_errors=paper.TOP_ERRORS, paper_table_iv=paper.TABLE_IV,
         class_names=config.evaluate.class_names, runs=runs, beyond_paper=_beyond_paper(config))
