@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fmnist import analysis, plots, report
+from fmnist import analysis, evaluation, plots, report
+from fmnist.analyse import read_errors
 from fmnist.config import load_params, parse_params
 from fmnist.evaluation import run_metrics, score
 from fmnist.models import build_model
+from fmnist.paths import RunRecord
 from tests.conftest import REPO, real_params
 
 CLASSES = tuple(f"c{i}" for i in range(10))
@@ -62,8 +64,25 @@ def test_top_errors_are_the_highest_cross_entropy_misclassifications():
         (1, 0.50),  # wrong, p(true) = 0.5/9
         (6, 0.91),  # wrong, p(true) = 0.09/9
     ])
-    assert analysis.top_errors(probabilities, labels, k=3).tolist() == [2, 5, 1]
-    assert analysis.top_errors(probabilities, labels, k=10).tolist() == [2, 5, 1, 4]
+    assert evaluation.top_errors(probabilities, labels, k=3).tolist() == [2, 5, 1]
+    assert evaluation.top_errors(probabilities, labels).tolist() == [2, 5, 1, 4]
+
+
+def test_the_run_record_keeps_every_error_and_the_analysis_reads_the_top_k(tmp_path):
+    labels = np.array([0, 1, 2, 3, 4, 5])
+    probabilities = _probabilities([(0, 0.99), (2, 0.70), (5, 0.95), (3, 0.40), (1, 0.50), (6, 0.91)])
+    scored = score(probabilities, labels, CLASSES)
+    record = RunRecord(tmp_path)
+    evaluation.write_errors_csv(scored, CLASSES, record.errors)
+    errors = read_errors(record)
+    assert [(e["index"], e["actual"], e["predicted"]) for e in errors] == [
+        (2, "c2", "c5"), (5, "c5", "c6"), (1, "c1", "c2"), (4, "c4", "c1")]
+    assert errors[0]["probability_predicted"] == pytest.approx(0.95)
+    assert errors[0]["probability_actual"] == pytest.approx(0.05 / 9, rel=1e-5)
+    assert errors[0]["cross_entropy"] == pytest.approx(-math.log(0.05 / 9), rel=1e-5)
+    result = analysis.error_analysis(errors, scored.confusion, scored.report, CLASSES, 2, "r")
+    assert [e["index"] for e in result["top_errors"]] == [2, 5]
+    assert result["per_class"]["c3"]["recall"] == 1.0 and result["run"] == "r"
 
 
 def test_confused_pairs_are_the_largest_off_diagonal_cells():
@@ -80,18 +99,18 @@ def test_feature_maps_have_one_channel_per_filter_and_come_from_the_named_class(
     config = load_params(REPO / "params.yaml")
     labels = np.array([3, 8, 2, 8, 2])
     images = np.random.default_rng(0).integers(0, 255, (5, 28, 28)).astype(np.uint8)
-    index = analysis.first_of_class(labels, config.class_index("Bag"))
+    index = evaluation.first_of_class(labels, config.class_index("Bag"))
     assert index == 1 and labels[index] == 8
-    maps = analysis.feature_maps(build_model(config.variant("cnn2"), "cnn2"), images[index])
+    maps = evaluation.feature_maps(build_model(config.variant("cnn2"), "cnn2"), images[index])
     assert {name: m.shape for name, m in maps.items()} == {"block1_relu": (32, 26, 26),
                                                           "block2_relu": (32, 11, 11)}
     assert (maps["block1_relu"] >= 0).all()  # after ReLU
-    skip_maps = analysis.feature_maps(build_model(config.variant("cnn2_bn_skip"), "s"), images[index])
+    skip_maps = evaluation.feature_maps(build_model(config.variant("cnn2_bn_skip"), "s"), images[index])
     # ReLU after the skip sum (ours): the activated sum is what each block pools
     assert {name: m.shape for name, m in skip_maps.items()} == {"block1_relu": (32, 28, 28),
                                                                "block2_relu": (32, 14, 14)}
     with pytest.raises(ValueError, match="no image of class 5"):
-        analysis.first_of_class(labels, 5)
+        evaluation.first_of_class(labels, 5)
 
 
 def _judged(comparison: dict) -> dict:

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from fmnist import analysis, cli, data, download, plots, tracking, training
+from fmnist import cli, data, download, evaluation, plots, tracking, training
 from fmnist.config import ConfigError, load_params
 from fmnist.download import DownloadError
 from fmnist.idx import write_idx
@@ -442,7 +442,7 @@ def test_5_npm_failures_are_npms_own_words(tmp_path):
 def test_5_a_model_without_test_errors_gets_its_figure(tmp_path):
     labels = np.arange(10)
     perfect = np.eye(10)[labels]
-    worst = analysis.top_errors(perfect, labels, k=6)
+    worst = evaluation.top_errors(perfect, labels, k=6)
     assert len(worst) == 0
     images = np.zeros((10, 28, 28), np.uint8)
     plots.error_grid(images[worst], [], tmp_path / "top_errors.png", "t")  # was ZeroDivisionError

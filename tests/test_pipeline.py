@@ -120,6 +120,28 @@ def test_nothing_changed_nothing_runs(pipeline):
 
 
 @pytest.mark.slow
+def test_a_clone_without_the_dvc_cache_makes_the_same_report(pipeline, tmp_path):
+    """The analyse stage reads only what git holds of each run (paths.RunRecord): a clone
+    whose DVC cache of models is gone (another machine, a lost cache) makes the report again."""
+    repo, _, _ = pipeline
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "first repro"], repo)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    run(["dvc", "repro", "prepare"], clone)  # the data again, from data/local
+    remade = run(["dvc", "repro", "--single-item", "--force", "analyse"], clone)
+    assert _ran(remade.stdout) == {"analyse"}
+    assert not (clone / paths.MODELS).exists() and not (clone / paths.PREDICTIONS).exists()
+    for made in (paths.REPORT, paths.SUMMARY, paths.CURVES):
+        assert (clone / made).read_text() == (repo / made).read_text(), made
+    report = (clone / paths.REPORT).read_text()
+    for variant in VARIANTS:  # the first seed's feature maps, drawn by evaluate, kept in git
+        figure = paths.run_record(variant, 0).feature_maps("Bag")
+        assert (clone / figure).read_bytes().startswith(b"\x89PNG")
+        assert f"]({figure.relative_to(paths.REPORT.parent).as_posix()})" in report
+
+
+@pytest.mark.slow
 def test_a_corrupted_raw_file_is_named_and_restored(pipeline):
     """prepare names the file; `dvc repro` restores it by re-running download (or from its cache)."""
     repo, _, _ = pipeline

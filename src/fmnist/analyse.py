@@ -1,11 +1,12 @@
-"""The analyse stage: read what train and evaluate left, have analysis compute, plots draw
-and report write every table and figure of the paper; metrics/summary.json; one MLflow run."""
+"""The analyse stage: read what evaluate kept of every run in git (paths.RunRecord, the
+metrics files), have analysis compute, plots draw and report write every table and figure of
+the paper; metrics/summary.json; one MLflow run. It reads no model: the report can be made
+again from a clone whose DVC cache of models is gone."""
 
 from __future__ import annotations
 
 import csv
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -14,26 +15,33 @@ import numpy as np
 from fmnist import analysis, paths, plots, report, tracking
 from fmnist.config import Config
 from fmnist.data import Dataset
-from fmnist.evaluation import MODEL_REMEDY, score
 from fmnist.files import atomic_path, read_json, write_json, write_text
-from fmnist.models import load_model_file
+
+RECORD_REMEDY = "written by the evaluate stage: run `dvc repro`"
 
 
 def load_runs(config: Config) -> list[analysis.TrainedRun]:
     runs = []
     for variant in config.variants:
         for seed in config.train.seeds:
-            files = paths.run_files(variant, seed)
+            record = paths.run_record(variant, seed)
             runs.append(analysis.TrainedRun(
                 variant, seed,
-                history=read_json(files.history, "written by the train stage"),
-                metrics=read_json(paths.metrics_file(variant, seed), "written by the evaluate stage"),
-                run_info=read_json(files.run_info, "written by the train stage")))
+                history=read_json(record.history, RECORD_REMEDY),
+                metrics=read_json(paths.metrics_file(variant, seed), RECORD_REMEDY),
+                run_info=read_json(record.run_info, RECORD_REMEDY)))
     return runs
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+def read_errors(record: paths.RunRecord) -> list[dict[str, Any]]:
+    """A run's misclassified test images, highest cross-entropy first (evaluation.ERROR_COLUMNS)."""
+    if not record.errors.is_file():
+        raise FileNotFoundError(f"{record.errors} is missing ({RECORD_REMEDY})")
+    with record.errors.open(newline="") as f:
+        return [{"index": int(row["index"]), "actual": row["actual"], "predicted": row["predicted"],
+                 **{key: float(row[key]) for key in
+                    ("probability_predicted", "probability_actual", "cross_entropy")}}
+                for row in csv.DictReader(f)]
 
 
 def write_curves_csv(runs: list[analysis.TrainedRun], path: Path) -> None:
@@ -47,6 +55,15 @@ def write_curves_csv(runs: list[analysis.TrainedRun], path: Path) -> None:
             for record in run.history:
                 writer.writerow([run.name, run.variant, run.seed, int(record["epoch"]),
                                  *(record.get(k, "") for k in present)])
+
+
+def feature_map_figure(variant: str, seed: int, class_name: str) -> str:
+    """The evaluate stage's figure, as a path relative to the report's folder."""
+    figure = paths.run_record(variant, seed).feature_maps(class_name)
+    if not figure.is_file():
+        raise FileNotFoundError(f"{figure} is missing ({RECORD_REMEDY}; the first seed's "
+                                "evaluate stages draw the feature maps)")
+    return figure.relative_to(paths.REPORT.parent).as_posix()
 
 
 def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: dict[str, Any],
@@ -69,31 +86,25 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
                 summary.setdefault("curve_figures", []).append(file)
         # Error analysis (Fig. 8, Table III, Fig. 9) of the variant the paper analyses.
         error_run = paths.run_name(config.analyse.error_variant, first_seed)
-        predictions = np.load(paths.predictions_file(config.analyse.error_variant, first_seed))
-        evaluation = score(predictions["probabilities"], predictions["labels"], class_names)
-        worst, errors = analysis.error_analysis(evaluation, class_names, config.analyse.top_errors,
-                                                error_run)
+        record = paths.run_record(config.analyse.error_variant, first_seed)
+        errors = analysis.error_analysis(
+            read_errors(record), np.loadtxt(record.confusion_matrix, delimiter=",", dtype=int),
+            read_json(record.classification_report, RECORD_REMEDY), class_names,
+            config.analyse.top_errors, error_run)
+        worst = [error["index"] for error in errors["top_errors"]]
         plots.error_grid(data.x_test[worst], [
             f"({chr(97 + n)}) predicted {e['predicted']} ({e['probability_predicted']:.2f})\n"
             f"actual {e['actual']} ({e['probability_actual']:.1e})"
             for n, e in enumerate(errors["top_errors"])],
             tmp / "top_errors.png", f"Highest cross-entropy errors: {error_run}")
         summary["error_analysis"] = errors
-        # Feature maps (Figs. 5-7): every conv block's output, every channel, for each variant.
-        feature_figures = {}
-        for variant in summary["variants"]:
-            model = load_model_file(paths.run_files(variant, first_seed).model, MODEL_REMEDY)
-            for class_name in config.analyse.feature_map_classes:
-                index = analysis.first_of_class(data.y_test, config.class_index(class_name))
-                maps = analysis.feature_maps(model, data.x_test[index])
-                file = f"feature_maps_{_slug(variant)}_{_slug(class_name)}.png"
-                plots.feature_maps(data.x_test[index], list(maps.values()), list(maps), tmp / file,
-                                   f"{variant}: conv block outputs for the first test {class_name} "
-                                   f"(test image {index})")
-                feature_figures.setdefault(variant, {})[class_name] = file
-        summary["feature_maps"] = feature_figures
+        # Feature maps (Figs. 5-7), drawn by evaluate for the first seed: paths from reports/
+        summary["feature_maps"] = {
+            variant: {class_name: feature_map_figure(variant, first_seed, class_name)
+                      for class_name in config.analyse.feature_map_classes}
+            for variant in summary["variants"]}
         write_json(tmp / "analysis.json", summary)
-    architectures = {variant: paths.run_files(variant, first_seed).architecture.read_text()
+    architectures = {variant: paths.run_record(variant, first_seed).architecture.read_text()
                      for variant in config.variants}
     claims = analysis.check_claims(summary)
     write_text(report_file, report.markdown(config, summary, claims, runs, architectures))

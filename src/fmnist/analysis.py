@@ -1,4 +1,4 @@
-"""The analyse stage's computations: errors, confusions, feature maps, convergence, and
+"""The analyse stage's computations: errors, confusions, convergence, and
 statistics over seeds set beside the paper's numbers; the summary they make up. Reading
 and writing files lives in analyse, drawing in plots, the Markdown in report."""
 
@@ -9,14 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import keras
 import numpy as np
 from scipy import stats
 
 from fmnist import paper, paths
 from fmnist.config import Config
-from fmnist.evaluation import Evaluation, cross_entropy
-from fmnist.models import feature_layer_names
 
 
 @dataclass(frozen=True)
@@ -34,14 +31,6 @@ class TrainedRun:
         return paths.run_name(self.variant, self.seed)
 
 
-def top_errors(probabilities: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k misclassified examples with the highest cross-entropy, highest first."""
-    losses = cross_entropy(probabilities, labels)
-    wrong = np.flatnonzero(probabilities.argmax(axis=1) != labels)
-    order = np.argsort(-losses[wrong], kind="stable")
-    return wrong[order[:k]]
-
-
 def confused_pairs(confusion: np.ndarray, class_names: Sequence[str], n: int = 6) -> list[dict]:
     """The n largest off-diagonal cells: (actual, predicted, count), largest first."""
     off = confusion.copy()
@@ -54,27 +43,6 @@ def confused_pairs(confusion: np.ndarray, class_names: Sequence[str], n: int = 6
             pairs.append({"actual": class_names[actual], "predicted": class_names[predicted],
                           "count": int(off[actual, predicted])})
     return pairs
-
-
-def first_of_class(labels: np.ndarray, label: int) -> int:
-    matches = np.flatnonzero(labels == label)
-    if not len(matches):
-        raise ValueError(f"the test set has no image of class {label}")
-    return int(matches[0])
-
-
-def feature_maps(model: keras.Model, image: np.ndarray) -> dict[str, np.ndarray]:
-    """Each conv block's activated output for one (28, 28) uint8 image, as (channels, h, w),
-    by its layer's name (block1_relu, block1_skip, ...: what the block pools)."""
-    names = feature_layer_names(model)
-    probe = keras.Model(model.inputs[0], [model.get_layer(name).output for name in names])
-    # a direct call, not predict(): no step function is compiled for one image
-    outputs = probe(image[np.newaxis], training=False)
-    if not isinstance(outputs, list | tuple):
-        outputs = [outputs]
-    # (1, h, w, channels) -> (channels, h, w); float32 also for a model trained in bfloat16
-    return {name: np.transpose(keras.ops.convert_to_numpy(output)[0].astype("float32"), (2, 0, 1))
-            for name, output in zip(names, outputs, strict=True)}
 
 
 def first_epoch_at_or_below(losses: Sequence[float], level: float) -> int | None:
@@ -254,21 +222,13 @@ def summarise(config: Config, runs: list[TrainedRun], baseline: dict[str, Any],
     }
 
 
-def error_analysis(evaluation: Evaluation, class_names: tuple[str, ...], k: int, run: str
-                   ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The k highest cross-entropy errors (their test indices, highest first), the most confused
-    pairs and the per-class scores of one run (Fig. 8, Tables III and IV)."""
-    worst = top_errors(evaluation.probabilities, evaluation.labels, k)
-    errors = [{"index": int(i), "actual": class_names[evaluation.labels[i]],
-               "predicted": class_names[evaluation.predictions[i]],
-               "probability_predicted": float(evaluation.probabilities[i].max()),
-               "probability_actual": float(evaluation.probabilities[i, evaluation.labels[i]]),
-               "cross_entropy": float(cross_entropy(
-                   evaluation.probabilities[i:i + 1], evaluation.labels[i:i + 1])[0])}
-              for i in worst]
-    return worst, {"run": run, "top_errors": errors,
-                   "confused_pairs": confused_pairs(evaluation.confusion, class_names),
-                   "per_class": {name: evaluation.report[name] for name in class_names}}
+def error_analysis(errors: list[dict[str, Any]], confusion: np.ndarray, report: dict[str, Any],
+                   class_names: tuple[str, ...], k: int, run: str) -> dict[str, Any]:
+    """One run's k highest cross-entropy errors (``errors``: its misclassified images,
+    highest first), most confused pairs and per-class scores (Fig. 8, Tables III and IV)."""
+    return {"run": run, "top_errors": errors[:k],
+            "confused_pairs": confused_pairs(confusion, class_names),
+            "per_class": {name: report[name] for name in class_names}}
 
 
 def convergence_claim(summary: dict[str, Any]) -> dict[str, Any] | None:

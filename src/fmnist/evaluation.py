@@ -1,25 +1,31 @@
 """The evaluate stage: the final model (after the last epoch) on the test set.
 
 Accuracy and loss, scikit-learn's per-class precision/recall/F1 (the paper's Table IV),
-the confusion matrix (Fig. 9), and the class probabilities the analyse stage reads.
+the confusion matrix (Fig. 9), every misclassified image ranked by cross-entropy (Fig. 8),
+and, for the first seed's runs, the feature maps (Figs. 5-7). They go to the run's record
+in git (paths.RunRecord) beside copies of what the train stage left, so that the analyse
+stage needs no model; the class probabilities go to predictions/ (cached by DVC).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
 from fmnist import plots, tracking
 from fmnist.files import atomic_path, read_json, write_json
-from fmnist.models import load_model_file
-from fmnist.paths import RunFiles
+from fmnist.models import feature_layer_names, load_model_file
+from fmnist.paths import RunFiles, RunRecord
 
 # models/ is a cached DVC output: DVC puts back what the train stage wrote, or trains again.
 MODEL_REMEDY = "run `dvc repro` (DVC restores it from its cache or re-runs the train stage)"
@@ -46,6 +52,36 @@ def cross_entropy(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per-example categorical cross-entropy, -log p(true class)."""
     true_class = probabilities[np.arange(len(labels)), labels]
     return -np.log(np.clip(true_class, _EPSILON, 1.0))
+
+
+def top_errors(probabilities: np.ndarray, labels: np.ndarray, k: int | None = None) -> np.ndarray:
+    """Indices of the k (default: all) misclassified examples with the highest cross-entropy,
+    highest first."""
+    losses = cross_entropy(probabilities, labels)
+    wrong = np.flatnonzero(probabilities.argmax(axis=1) != labels)
+    order = np.argsort(-losses[wrong], kind="stable")
+    return wrong[order[:k]]
+
+
+def first_of_class(labels: np.ndarray, label: int) -> int:
+    matches = np.flatnonzero(labels == label)
+    if not len(matches):
+        raise ValueError(f"the test set has no image of class {label}")
+    return int(matches[0])
+
+
+def feature_maps(model: keras.Model, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Each conv block's activated output for one (28, 28) uint8 image, as (channels, h, w),
+    by its layer's name (block1_relu, block1_skip, ...: what the block pools)."""
+    names = feature_layer_names(model)
+    probe = keras.Model(model.inputs[0], [model.get_layer(name).output for name in names])
+    # a direct call, not predict(): no step function is compiled for one image
+    outputs = probe(image[np.newaxis], training=False)
+    if not isinstance(outputs, list | tuple):
+        outputs = [outputs]
+    # (1, h, w, channels) -> (channels, h, w); float32 also for a model trained in bfloat16
+    return {name: np.transpose(keras.ops.convert_to_numpy(output)[0].astype("float32"), (2, 0, 1))
+            for name, output in zip(names, outputs, strict=True)}
 
 
 def score(probabilities: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]) -> Evaluation:
@@ -109,10 +145,43 @@ def write_confusion_csv(evaluation: Evaluation, class_names: tuple[str, ...], pa
             writer.writerow([class_names[actual], class_names[predicted]])
 
 
+ERROR_COLUMNS = ("index", "actual", "predicted", "probability_predicted", "probability_actual",
+                 "cross_entropy")
+
+
+def write_errors_csv(evaluation: Evaluation, class_names: tuple[str, ...], path: Path) -> None:
+    """Every misclassified test image, highest cross-entropy first (ERROR_COLUMNS)."""
+    losses = cross_entropy(evaluation.probabilities, evaluation.labels)
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(ERROR_COLUMNS)
+        for i in top_errors(evaluation.probabilities, evaluation.labels):
+            writer.writerow([int(i), class_names[evaluation.labels[i]],
+                             class_names[evaluation.predictions[i]],
+                             f"{evaluation.probabilities[i].max():.6g}",
+                             f"{evaluation.probabilities[i, evaluation.labels[i]]:.6g}",
+                             f"{losses[i]:.6g}"])
+
+
+def draw_feature_maps(model: keras.Model, x_test: np.ndarray, y_test: np.ndarray,
+                      class_names: tuple[str, ...], classes: Sequence[str], record: RunRecord,
+                      title: str) -> None:
+    """Figs. 5-7: every conv block's output for the first test image of each of ``classes``."""
+    for class_name in classes:
+        index = first_of_class(y_test, class_names.index(class_name))
+        maps = feature_maps(model, x_test[index])
+        plots.feature_maps(x_test[index], list(maps.values()), list(maps),
+                           record.feature_maps(class_name),
+                           f"{title}: conv block outputs for the first test {class_name} "
+                           f"(test image {index})")
+
+
 def evaluate_model(model_dir: Path, x_test: np.ndarray, y_test: np.ndarray,
-                   class_names: tuple[str, ...], metrics_file: Path, report_dir: Path,
-                   confusion_csv: Path, predictions_file: Path, title: str) -> dict[str, Any]:
-    """Evaluate models/<variant>/seed<k>/ and write every output; log them to its MLflow run."""
+                   class_names: tuple[str, ...], metrics_file: Path, record_dir: Path,
+                   confusion_csv: Path, predictions_file: Path, title: str,
+                   feature_map_classes: Sequence[str] = ()) -> dict[str, Any]:
+    """Evaluate models/<variant>/seed<k>/ and write every output (the run's record in
+    ``record_dir``, feature maps of ``feature_map_classes``); log them to its MLflow run."""
     files = RunFiles(Path(model_dir))
     model = load_model_file(files.model, MODEL_REMEDY)
     history = read_json(files.history, "written by the train stage")
@@ -123,13 +192,19 @@ def evaluate_model(model_dir: Path, x_test: np.ndarray, y_test: np.ndarray,
     evaluation = score(probabilities, y_test, class_names)
     metrics = run_metrics(evaluation, history)
 
-    with atomic_path(report_dir) as tmp:
+    with atomic_path(Path(record_dir)) as tmp:
         tmp.mkdir()
-        (tmp / "classification_report.json").write_text(json.dumps(evaluation.report, indent=1))
-        (tmp / "classification_report.md").write_text(report_table(evaluation, class_names))
-        np.savetxt(tmp / "confusion_matrix.csv", evaluation.confusion, fmt="%d", delimiter=",")
-        plots.confusion_matrix(evaluation.confusion, class_names, tmp / "confusion_matrix.png",
+        record = RunRecord(tmp)
+        record.classification_report.write_text(json.dumps(evaluation.report, indent=1))
+        record.classification_table.write_text(report_table(evaluation, class_names))
+        np.savetxt(record.confusion_matrix, evaluation.confusion, fmt="%d", delimiter=",")
+        plots.confusion_matrix(evaluation.confusion, class_names, record.confusion_figure,
                                title=f"Confusion matrix: {title}")
+        write_errors_csv(evaluation, class_names, record.errors)
+        draw_feature_maps(model, x_test, y_test, class_names, feature_map_classes, record, title)
+        for source, copy in ((files.history, record.history), (files.run_info, record.run_info),
+                             (files.architecture, record.architecture)):
+            shutil.copyfile(source, copy)
     write_confusion_csv(evaluation, class_names, confusion_csv)
     with atomic_path(predictions_file) as tmp, tmp.open("wb") as f:
         np.savez_compressed(f, probabilities=probabilities.astype("float32"), labels=y_test)
@@ -141,5 +216,5 @@ def evaluate_model(model_dir: Path, x_test: np.ndarray, y_test: np.ndarray,
             if SELECTED_ON_TEST in metrics:
                 results[SELECTED_ON_TEST] = metrics[SELECTED_ON_TEST]
             tracking.log_results(results)
-            tracking.log_artifacts(report_dir, folder="evaluation")
+            tracking.log_artifacts(record_dir, folder="evaluation")
     return metrics

@@ -7,6 +7,7 @@ as their working directory (DVC runs them there).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,56 @@ class CheckpointFiles:
         return self.folder / "state.json"
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """What the evaluate stage keeps of one trained model in git, in ``folder``
+    (reports/eval/<run name>/, not cached): its test-set results, and copies of the train
+    stage's history, run facts and layer table. The analyse stage reads only these (and the
+    metrics files), so the report can be made again where DVC's cache of models is gone."""
+
+    folder: Path
+
+    @property
+    def history(self) -> Path:
+        return self.folder / RunFiles(self.folder).history.name
+
+    @property
+    def run_info(self) -> Path:
+        return self.folder / RunFiles(self.folder).run_info.name
+
+    @property
+    def architecture(self) -> Path:
+        return self.folder / RunFiles(self.folder).architecture.name
+
+    @property
+    def classification_report(self) -> Path:
+        """scikit-learn's per-class precision, recall, F1 and support (Table IV), as JSON."""
+        return self.folder / "classification_report.json"
+
+    @property
+    def classification_table(self) -> Path:
+        return self.folder / "classification_report.md"
+
+    @property
+    def confusion_matrix(self) -> Path:
+        """10 x 10 counts, rows actual, columns predicted."""
+        return self.folder / "confusion_matrix.csv"
+
+    @property
+    def confusion_figure(self) -> Path:
+        return self.folder / "confusion_matrix.png"
+
+    @property
+    def errors(self) -> Path:
+        """Every misclassified test image, highest cross-entropy first (Fig. 8, Table III)."""
+        return self.folder / "errors.csv"
+
+    def feature_maps(self, class_name: str) -> Path:
+        """Figs. 5-7 for the first test image of a class: drawn for the first seed's runs."""
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", class_name).strip("_").lower()
+        return self.folder / f"feature_maps_{slug}.png"
+
+
 def model_dir(variant: str, seed: int) -> Path:
     return MODELS / variant / f"seed{seed}"
 
@@ -114,8 +165,8 @@ def metrics_file(variant: str, seed: int) -> Path:
     return METRICS / "runs" / f"{run_name(variant, seed)}.json"
 
 
-def eval_dir(variant: str, seed: int) -> Path:
-    return EVAL_REPORTS / run_name(variant, seed)
+def run_record(variant: str, seed: int) -> RunRecord:
+    return RunRecord(EVAL_REPORTS / run_name(variant, seed))
 
 
 def confusion_csv(variant: str, seed: int) -> Path:
