@@ -85,6 +85,15 @@ def test_the_run_record_keeps_every_error_and_the_analysis_reads_the_top_k(tmp_p
     assert result["per_class"]["c3"]["recall"] == 1.0 and result["run"] == "r"
 
 
+def test_each_variant_is_tagged_with_the_papers_model_it_stands_for_or_as_ours():
+    config = load_params(REPO / "params.yaml")
+    tags = {variant: analysis.paper_model_tag(config, variant) for variant in config.variants}
+    assert tags["authors_cnn2"] == "CNN2" and tags["authors_cnn2_bn"] == "CNN2+BN"
+    assert tags["authors_cnn2_bn_skip"] == "CNN2+BN+Skip"
+    assert tags["cnn2_bn"] == tags["ablation_cnn2_same"] == "none: ours"
+    assert tags["cnn4_bn_aug"] == "none: ours, beyond the paper"
+
+
 def test_confused_pairs_are_the_largest_off_diagonal_cells():
     confusion = np.diag([50] * 10)
     confusion[6, 0] = 105

@@ -57,6 +57,16 @@ def write_curves_csv(runs: list[analysis.TrainedRun], path: Path) -> None:
                                  *(record.get(k, "") for k in present)])
 
 
+def tag_model_runs(config: Config, runs: list[analysis.TrainedRun]) -> None:
+    """Mark each model run in the MLflow store with the paper's model it stands for (or
+    ours), so that the UI can filter `tags.paper_model = 'CNN2+BN'` or `LIKE 'none%'`."""
+    missing = [run.name for run in runs if not tracking.tag_run(
+        run.run_info["mlflow_run_id"],
+        {analysis.PAPER_MODEL_TAG: analysis.paper_model_tag(config, run.variant)})]
+    if missing:
+        print(f"Not in this MLflow store (trained on another machine), not tagged: {', '.join(missing)}")
+
+
 def feature_map_figure(variant: str, seed: int, class_name: str) -> str:
     """The evaluate stage's figure, as a path relative to the report's folder."""
     figure = paths.run_record(variant, seed).feature_maps(class_name)
@@ -113,6 +123,7 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
     # Its own experiment: the summary numbers would otherwise fill the model runs' chart view
     # with one-bar charts and join every legend; there, each run is one pipeline execution.
     experiment_id = tracking.connect(tracking.analysis_experiment(config.tracking.experiment))
+    tag_model_runs(config, runs)
     with tracking.run(experiment_id, "analysis", {
             "kind": "analysis", "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
             "model_experiment": config.tracking.experiment}):

@@ -222,6 +222,17 @@ def summarise(config: Config, runs: list[TrainedRun], baseline: dict[str, Any],
     }
 
 
+PAPER_MODEL_TAG = "paper_model"
+
+
+def paper_model_tag(config: Config, variant: str) -> str:
+    """What a variant's MLflow runs stand for: the paper's model it reproduces
+    (analyse.paper_models), else ours, beside or beyond the paper (analyse.beyond_paper)."""
+    if variant in config.analyse.paper_models:
+        return config.analyse.paper_models[variant]
+    return "none: ours, beyond the paper" if variant in config.analyse.beyond_paper else "none: ours"
+
+
 def error_analysis(errors: list[dict[str, Any]], confusion: np.ndarray, report: dict[str, Any],
                    class_names: tuple[str, ...], k: int, run: str) -> dict[str, Any]:
     """One run's k highest cross-entropy errors (``errors``: its misclassified images,

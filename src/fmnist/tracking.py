@@ -206,6 +206,18 @@ def mark_failed(run_id: str) -> None:
         MlflowClient().set_terminated(run_id, status="FAILED")
 
 
+@_guarded("tagging a run")
+def tag_run(run_id: str, tags: dict[str, str]) -> bool:
+    """Set ``tags`` on a run, finished or not, without reopening it (its status and end time
+    stay); False where the run is not in this store (trained on another machine)."""
+    if not run_is_usable(run_id):
+        return False
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    return True
+
+
 def run_key(name: str) -> str:
     """The same stage's run in the same workspace (a `dvc exp run --queue` copy is another)."""
     return f"{Path.cwd().resolve()}#{name}"
