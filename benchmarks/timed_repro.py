@@ -1,7 +1,7 @@
 """Run the pipeline one stage at a time and record each stage's wall time.
 
     python benchmarks/timed_repro.py [--out benchmarks/results/repro_timing.json]
-                                     [--variants cnn2 cnn2_bn ...]
+                                     [--variants cnn2 cnn2_bn ...] [--skip-cache-lost]
 
 Equivalent to `dvc repro` (each stage runs through `dvc repro --single-item`, so DVC still
 skips stages that are up to date), but seed-major: every variant of seed 0, then of seed 1,
@@ -10,11 +10,17 @@ timing file is rewritten after every stage; stages DVC skipped are recorded as s
 With --variants, only those variants' train and evaluate stages run (after the first
 stages), so that a long reference run goes group by group: the stages after them (analyse,
 register) need every variant and run in the call without --variants.
+
+With --skip-cache-lost, a stage whose only change is outputs missing from DVC's cache (run
+on another machine, its dvc.lock entry and git-tracked outputs committed) is not run again:
+a reference run can go on over machines that share git but no DVC cache or remote. The
+report needs none of those outputs (README "Changing things"); `dvc repro` would run them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -51,6 +57,30 @@ def stage_order(names: list[str], variants: list[str], only: list[str] | None = 
     return sorted(filter(wanted, names), key=key)
 
 
+def cache_lost_outputs(status: list, lost: set[str]) -> list[str] | None:
+    """From `dvc status --json <stage>`'s entry for one stage: the outputs it would restore
+    from a cache that does not hold them, when that is all that is out of date (deps, params
+    and command as recorded; a dep missing only if it is such an output of an earlier stage,
+    in ``lost``); else None. [] when the stage is up to date."""
+    outputs = []
+    for entry in status:
+        if not isinstance(entry, dict):
+            return None  # e.g. "changed command", "always changed"
+        for kind, changes in entry.items():
+            if kind == "changed outs" and all(state == "not in cache" for state in changes.values()):
+                outputs += list(changes)
+            elif not (kind == "changed deps" and all(
+                    state == "deleted" and path in lost for path, state in changes.items())):
+                return None
+    return outputs
+
+
+def stage_status(name: str) -> list:
+    listed = subprocess.run([*DVC, "status", "--json", name], capture_output=True, text=True,
+                            check=True, env=ENV).stdout
+    return json.loads(listed or "{}").get(name, [])
+
+
 def run_stage(name: str) -> tuple[float, bool, int]:
     """`dvc repro --single-item name`, its output passed through; (seconds, whether it ran,
     DVC's exit code)."""
@@ -70,6 +100,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/repro_timing.json"))
     parser.add_argument("--variants", nargs="+", metavar="VARIANT",
                         help="only these variants' train and evaluate stages (default: all stages)")
+    parser.add_argument("--skip-cache-lost", action="store_true",
+                        help="do not re-run a stage whose only change is outputs missing from DVC's cache")
     args = parser.parse_args()
     config = load_params(paths.PARAMS)
     unknown = sorted(set(args.variants or ()) - set(config.variants))
@@ -79,8 +111,16 @@ def main() -> None:
     listed = subprocess.run([*DVC, "stage", "list", "--name-only"], capture_output=True,
                             text=True, check=True, env=ENV).stdout.split()
     timings = read_json(args.out, "a previous timing")["stages"] if args.out.exists() else {}
+    lost: set[str] = set()
     for name in stage_order(listed, list(config.variants), args.variants):
         print(f"== {name}", flush=True)
+        outputs = cache_lost_outputs(stage_status(name), lost) if args.skip_cache_lost else None
+        if outputs:
+            lost.update(outputs)
+            timings.setdefault(name, {"seconds": None, "note": "ran elsewhere: outputs not in this cache"})
+            print(f"== {name}: ran elsewhere, not again ({', '.join(outputs)} not in DVC's cache)",
+                  flush=True)
+            continue
         seconds, ran, code = run_stage(name)
         if code != 0:
             sys.exit(f"ERROR: stage {name} failed (exit {code}); fix it and re-run this script: "

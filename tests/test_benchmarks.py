@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from benchmarks.speed import positive_int, thread_setting
-from benchmarks.timed_repro import stage_order
+from benchmarks.timed_repro import cache_lost_outputs, stage_order
 from tests.conftest import REPO, only_variants, run, venv_env
 
 
@@ -25,6 +25,20 @@ def test_timed_repro_runs_seed_major_with_train_before_evaluate():
     assert stage_order(listed, ["cnn2", "cnn2_bn"], only=["cnn2_bn"]) == [
         "check_params", "download", "prepare", "baseline",
         "train@cnn2_bn-0", "evaluate@cnn2_bn-0", "train@cnn2_bn-1", "evaluate@cnn2_bn-1"]
+
+
+def test_timed_repro_skips_only_stages_whose_sole_change_is_a_lost_cache():
+    lost_model = [{"changed outs": {"models/a/seed0": "not in cache"}}]
+    assert cache_lost_outputs(lost_model, set()) == ["models/a/seed0"]
+    assert cache_lost_outputs([], set()) == []  # up to date
+    evaluate = [{"changed deps": {"models/a/seed0": "deleted"}},
+                {"changed outs": {"predictions/a-seed0.npz": "not in cache"}}]
+    assert cache_lost_outputs(evaluate, {"models/a/seed0"}) == ["predictions/a-seed0.npz"]
+    for changed in ([{"changed deps": {"src/fmnist/training.py": "modified"}}, *lost_model],
+                    [{"changed params": {"params.yaml": {"train.epochs": "modified"}}}, *lost_model],
+                    [{"changed outs": {"metrics/runs/a-seed0.json": "deleted"}}],  # a record in git
+                    ["changed command"], evaluate):  # evaluate: its model not lost, only missing
+        assert cache_lost_outputs(changed, set()) is None
 
 
 def test_speed_thread_settings_are_default_or_two_positive_counts():

@@ -15,6 +15,7 @@ import sys
 import pytest
 import yaml
 
+from benchmarks.timed_repro import cache_lost_outputs
 from fmnist import paths
 from fmnist.files import file_digest
 from tests.conftest import (
@@ -144,6 +145,12 @@ def test_a_clone_without_the_dvc_cache_makes_the_same_report(pipeline, tmp_path)
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     run(["dvc", "repro", "prepare"], clone)  # the data again, from data/local
+    # benchmarks/timed_repro.py --skip-cache-lost: these ran elsewhere, not to be run again
+    status = json.loads(run(["dvc", "status", "--json"], clone).stdout)
+    assert cache_lost_outputs(status["train@cnn2-0"], set()) == ["models/cnn2/seed0"]
+    assert cache_lost_outputs(status["evaluate@cnn2-0"], {"models/cnn2/seed0"}) == [
+        "predictions/cnn2-seed0.npz"]
+    assert cache_lost_outputs(status["evaluate@cnn2-0"], set()) is None  # its model is not lost
     remade = run(["dvc", "repro", "--single-item", "--force", "analyse"], clone)
     assert _ran(remade.stdout) == {"analyse"}
     assert not (clone / paths.MODELS).exists() and not (clone / paths.PREDICTIONS).exists()
