@@ -75,6 +75,21 @@ def cache_lost_outputs(status: list, lost: set[str]) -> list[str] | None:
     return outputs
 
 
+def skip_reason(name: str, status: list, lost: set[str]) -> str | None:
+    """Why --skip-cache-lost does not run ``name`` (None: run it). A train or evaluate stage
+    whose only change is its outputs missing from the cache ran elsewhere (they join
+    ``lost``); register needs every model, so not while some are lost. The first stages
+    (download, prepare, ...) run: the later ones need their outputs here."""
+    if "@" in name:
+        outputs = cache_lost_outputs(status, lost)
+        if status and outputs is not None:
+            lost.update(outputs)
+            return f"ran elsewhere ({', '.join(outputs) or 'its inputs'} not in DVC's cache)"
+    elif name == "register" and lost:
+        return f"needs every model; {len(lost)} outputs are not in DVC's cache (`dvc pull` them first)"
+    return None
+
+
 def stage_status(name: str) -> list:
     listed = subprocess.run([*DVC, "status", "--json", name], capture_output=True, text=True,
                             check=True, env=ENV).stdout
@@ -114,22 +129,20 @@ def main() -> None:
     lost: set[str] = set()
     for name in stage_order(listed, list(config.variants), args.variants):
         print(f"== {name}", flush=True)
-        outputs = cache_lost_outputs(stage_status(name), lost) if args.skip_cache_lost else None
-        if outputs:
-            lost.update(outputs)
-            timings.setdefault(name, {"seconds": None, "note": "ran elsewhere: outputs not in this cache"})
-            print(f"== {name}: ran elsewhere, not again ({', '.join(outputs)} not in DVC's cache)",
-                  flush=True)
-            continue
-        seconds, ran, code = run_stage(name)
-        if code != 0:
-            sys.exit(f"ERROR: stage {name} failed (exit {code}); fix it and re-run this script: "
-                     "finished stages are not run again")
-        if ran:
-            timings[name] = {"seconds": round(seconds, 1), "finished": time.strftime("%FT%T")}
+        reason = skip_reason(name, stage_status(name), lost) if args.skip_cache_lost else None
+        if reason:
+            timings.setdefault(name, {"seconds": None, "note": f"not run: {reason}"})
+            print(f"== {name}: not run: {reason}", flush=True)
         else:
-            timings.setdefault(name, {"seconds": None, "note": "up to date, not run here"})
-        print(f"== {name}: {seconds:.1f} s ({'ran' if ran else 'up to date'})", flush=True)
+            seconds, ran, code = run_stage(name)
+            if code != 0:
+                sys.exit(f"ERROR: stage {name} failed (exit {code}); fix it and re-run this script: "
+                         "finished stages are not run again")
+            if ran:
+                timings[name] = {"seconds": round(seconds, 1), "finished": time.strftime("%FT%T")}
+            else:
+                timings.setdefault(name, {"seconds": None, "note": "up to date, not run here"})
+            print(f"== {name}: {seconds:.1f} s ({'ran' if ran else 'up to date'})", flush=True)
         write_json(args.out, {"command": "dvc repro --single-item <stage>", "stages": timings})
 
 

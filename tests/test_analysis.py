@@ -265,7 +265,7 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
         {"index": 7, "actual": "Sneaker", "predicted": "Ankle boot", "probability_predicted": 0.99,
          "probability_actual": 0.001}], "per_class": {
         name: evaluation.report[c] for name, c in zip(config.evaluate.class_names, CLASSES, strict=True)}}
-    summary["feature_maps"] = {"cnn2": {"Bag": "feature_maps_cnn2_bag.png"}}
+    summary["feature_maps"] = {"cnn2": {"Bag": "eval/cnn2-seed0/feature_maps_bag.png"}}
     summary["curve_figures"] = ["training_loss.png"]
     text = report.markdown(config, summary, analysis.check_claims(summary), runs,
                            {v: f'Model: "{v}"\n' for v in config.variants})
@@ -289,6 +289,7 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
     assert "**cnn4_bn_aug**" in beyond and "convs_per_block 2" in beyond and "optimizer adamw" in beyond
     assert "cnn2_bn" not in beyond and config.analyse.beyond_paper["cnn4_bn_aug"] in beyond
     assert "![training_loss.png](analysis/training_loss.png)" in text
+    assert "![cnn2, Bag](eval/cnn2-seed0/feature_maps_bag.png)" in text  # evaluate's, from reports/
     assert "SVC (C=10, rbf) [1] | 89.70 | 85.00" in text
     assert "**Caveat:** NOT the canonical split" in text
     # Welch: +0.50 points, se 0.163, 4 dof: 95% CI [+0.05, +0.95], the paper's +1.05 outside

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from benchmarks.speed import positive_int, thread_setting
-from benchmarks.timed_repro import cache_lost_outputs, stage_order
+from benchmarks.timed_repro import cache_lost_outputs, skip_reason, stage_order
 from tests.conftest import REPO, only_variants, run, venv_env
 
 
@@ -35,10 +35,22 @@ def test_timed_repro_skips_only_stages_whose_sole_change_is_a_lost_cache():
                 {"changed outs": {"predictions/a-seed0.npz": "not in cache"}}]
     assert cache_lost_outputs(evaluate, {"models/a/seed0"}) == ["predictions/a-seed0.npz"]
     for changed in ([{"changed deps": {"src/fmnist/training.py": "modified"}}, *lost_model],
-                    [{"changed params": {"params.yaml": {"train.epochs": "modified"}}}, *lost_model],
+                    [{"changed deps": {"params.yaml": {"train.epochs": "modified"}}}, *lost_model],
                     [{"changed outs": {"metrics/runs/a-seed0.json": "deleted"}}],  # a record in git
                     ["changed command"], evaluate):  # evaluate: its model not lost, only missing
         assert cache_lost_outputs(changed, set()) is None
+
+
+def test_timed_repro_skips_runs_that_ran_elsewhere_and_register_without_their_models():
+    lost: set[str] = set()
+    assert skip_reason("train@a-0", [{"changed outs": {"models/a/seed0": "not in cache"}}], lost)
+    assert lost == {"models/a/seed0"}
+    assert skip_reason("train@b-0", [], lost) is None  # up to date: DVC says so itself
+    # the first stages run even with their outputs not in the cache: the rest need them
+    assert skip_reason("prepare", [{"changed outs": {"data/prepared": "not in cache"}}], lost) is None
+    assert "needs every model" in skip_reason("register", [{"changed deps": {"models": "modified"}}], lost)
+    assert skip_reason("register", [], set()) is None
+    assert skip_reason("analyse", [{"changed deps": {"reports/eval": "modified"}}], lost) is None
 
 
 def test_speed_thread_settings_are_default_or_two_positive_counts():

@@ -111,10 +111,9 @@ def test_1_params_mistakes_stop_dvc_repro_before_any_stage_and_no_output_is_lost
     assert _ran(run(["dvc", "repro"], repo).stdout) == {"check_params"}
 
     # A stage failing for another reason keeps its outputs that DVC cannot restore from
-    # its cache (`persist`): analyse on unreadable predictions.
-    predictions = repo / "predictions" / "cnn2-seed0.npz"
-    predictions.chmod(0o644)
-    predictions.write_bytes(b"not an npz")
+    # its cache (`persist`): analyse on a run's unreadable history (its record in git).
+    history = repo / "reports" / "eval" / "cnn2-seed0" / "history.json"
+    history.write_text("{not json")
     failed = run(["dvc", "repro", "--single-item", "analyse"], repo, check=False)
     assert failed.returncode != 0 and _ran(failed.stdout) == {"analyse"}
     for path in ["reports/analysis", "reports/report.md", "metrics/summary.json"]:

@@ -67,13 +67,13 @@ def tag_model_runs(config: Config, runs: list[analysis.TrainedRun]) -> None:
         print(f"Not in this MLflow store (trained on another machine), not tagged: {', '.join(missing)}")
 
 
-def feature_map_figure(variant: str, seed: int, class_name: str) -> str:
+def feature_map_figure(variant: str, seed: int, class_name: str, report_dir: Path) -> str:
     """The evaluate stage's figure, as a path relative to the report's folder."""
     figure = paths.run_record(variant, seed).feature_maps(class_name)
     if not figure.is_file():
         raise FileNotFoundError(f"{figure} is missing ({RECORD_REMEDY}; the first seed's "
                                 "evaluate stages draw the feature maps)")
-    return figure.relative_to(paths.REPORT.parent).as_posix()
+    return Path(os.path.relpath(figure, report_dir)).as_posix()
 
 
 def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: dict[str, Any],
@@ -110,7 +110,7 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
         summary["error_analysis"] = errors
         # Feature maps (Figs. 5-7), drawn by evaluate for the first seed: paths from reports/
         summary["feature_maps"] = {
-            variant: {class_name: feature_map_figure(variant, first_seed, class_name)
+            variant: {class_name: feature_map_figure(variant, first_seed, class_name, report_file.parent)
                       for class_name in config.analyse.feature_map_classes}
             for variant in summary["variants"]}
         write_json(tmp / "analysis.json", summary)

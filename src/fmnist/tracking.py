@@ -209,10 +209,13 @@ def mark_failed(run_id: str) -> None:
 @_guarded("tagging a run")
 def tag_run(run_id: str, tags: dict[str, str]) -> bool:
     """Set ``tags`` on a run, finished or not, without reopening it (its status and end time
-    stay); False where the run is not in this store (trained on another machine)."""
+    stay); False where the run is not in this store (trained on another machine) or was
+    deleted (MLflow refuses to tag it)."""
     if not run_is_usable(run_id):
         return False
     client = MlflowClient()
+    if client.get_run(run_id).info.lifecycle_stage != "active":
+        return False
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     return True
