@@ -17,12 +17,9 @@ def main() -> None:
     data = load_prepared(paths.PREPARED_ARRAYS)
     # the paper shows one model per variant: the feature maps of the first seed's
     first_seed = args.seed == config.train.seeds[0]
-    metrics = evaluate_model(
-        paths.model_dir(args.variant, args.seed), data.x_test, data.y_test,
-        config.evaluate.class_names, paths.metrics_file(args.variant, args.seed),
-        paths.run_record(args.variant, args.seed).folder, paths.confusion_csv(args.variant, args.seed),
-        paths.predictions_file(args.variant, args.seed), paths.run_name(args.variant, args.seed),
-        config.analyse.feature_map_classes if first_seed else ())
+    metrics = evaluate_model(args.variant, args.seed, data.x_test, data.y_test,
+                             config.evaluate.class_names,
+                             config.analyse.feature_map_classes if first_seed else ())
     print(f"{paths.run_name(args.variant, args.seed)}: test accuracy {metrics['test_accuracy']:.4f}, "
           f"macro F1 {metrics['test_macro_f1']:.4f}")
 

@@ -22,10 +22,10 @@ import keras
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
-from fmnist import plots, tracking
+from fmnist import paths, plots, tracking
 from fmnist.files import atomic_path, read_json, write_json
 from fmnist.models import feature_layer_names, load_model_file
-from fmnist.paths import RunFiles, RunRecord
+from fmnist.paths import RunRecord
 
 # models/ is a cached DVC output: DVC puts back what the train stage wrote, or trains again.
 MODEL_REMEDY = "run `dvc repro` (DVC restores it from its cache or re-runs the train stage)"
@@ -176,13 +176,15 @@ def draw_feature_maps(model: keras.Model, x_test: np.ndarray, y_test: np.ndarray
                            f"(test image {index})")
 
 
-def evaluate_model(model_dir: Path, x_test: np.ndarray, y_test: np.ndarray,
-                   class_names: tuple[str, ...], metrics_file: Path, record_dir: Path,
-                   confusion_csv: Path, predictions_file: Path, title: str,
-                   feature_map_classes: Sequence[str] = ()) -> dict[str, Any]:
-    """Evaluate models/<variant>/seed<k>/ and write every output (the run's record in
-    ``record_dir``, feature maps of ``feature_map_classes``); log them to its MLflow run."""
-    files = RunFiles(Path(model_dir))
+def evaluate_model(variant: str, seed: int, x_test: np.ndarray, y_test: np.ndarray,
+                   class_names: tuple[str, ...], feature_map_classes: Sequence[str] = ()
+                   ) -> dict[str, Any]:
+    """Evaluate the run's model (paths.model_dir) and write every output where `paths` puts
+    it: the metrics file, the run's record (feature maps of ``feature_map_classes``), the
+    confusion CSV, the predictions; log them to its MLflow run."""
+    files = paths.run_files(variant, seed)
+    record_dir = paths.run_record(variant, seed).folder
+    title = paths.run_name(variant, seed)
     model = load_model_file(files.model, MODEL_REMEDY)
     history = read_json(files.history, "written by the train stage")
     run_info = read_json(files.run_info, "written by the train stage")
@@ -192,7 +194,7 @@ def evaluate_model(model_dir: Path, x_test: np.ndarray, y_test: np.ndarray,
     evaluation = score(probabilities, y_test, class_names)
     metrics = run_metrics(evaluation, history)
 
-    with atomic_path(Path(record_dir)) as tmp:
+    with atomic_path(record_dir) as tmp:
         tmp.mkdir()
         record = RunRecord(tmp)
         record.classification_report.write_text(json.dumps(evaluation.report, indent=1))
@@ -205,10 +207,10 @@ def evaluate_model(model_dir: Path, x_test: np.ndarray, y_test: np.ndarray,
         for source, copy in ((files.history, record.history), (files.run_info, record.run_info),
                              (files.architecture, record.architecture)):
             shutil.copyfile(source, copy)
-    write_confusion_csv(evaluation, class_names, confusion_csv)
-    with atomic_path(predictions_file) as tmp, tmp.open("wb") as f:
+    write_confusion_csv(evaluation, class_names, paths.confusion_csv(variant, seed))
+    with atomic_path(paths.predictions_file(variant, seed)) as tmp, tmp.open("wb") as f:
         np.savez_compressed(f, probabilities=probabilities.astype("float32"), labels=y_test)
-    write_json(metrics_file, metrics)
+    write_json(paths.metrics_file(variant, seed), metrics)
 
     with tracking.resume(run_info["mlflow_run_id"]) as found:
         if found:
