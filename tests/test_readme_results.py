@@ -11,9 +11,8 @@ import pytest
 
 from fmnist import paths
 from fmnist.files import read_json
+from fmnist.results import pct
 from tests.conftest import REPO
-
-NUMBER = r"[+-]?\d+\.\d+"
 
 
 def _results_section() -> str:
@@ -36,15 +35,11 @@ def _variant_rows() -> dict[str, list[str]]:
     return rows
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.2f}"
-
-
 def _points(value: float) -> str:
     return f"{100 * value:+.2f}"
 
 
-ANALYSIS = REPO / "reports" / "analysis" / "analysis.json"
+ANALYSIS = REPO / paths.ANALYSIS / "analysis.json"
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +53,12 @@ def test_every_variant_of_the_analysis_has_its_row_and_its_numbers(analysis):
     for variant, entry in analysis["variants"].items():
         accuracy = entry["test_accuracy"]
         cells = " | ".join(rows[variant][2:])
-        expected = [f"{_pct(accuracy['mean'])} ± {_pct(accuracy['std'])}",
-                    f"[{_pct(accuracy['ci95'][0])}, {_pct(accuracy['ci95'][1])}]",
-                    " / ".join(_pct(v) for v in accuracy["values"])]
+        expected = [f"{pct(accuracy['mean'])} ± {pct(accuracy['std'])}",
+                    f"[{pct(accuracy['ci95'][0])}, {pct(accuracy['ci95'][1])}]",
+                    " / ".join(pct(v) for v in accuracy["values"])]
         best = entry.get("best_epoch_test_accuracy_selected_on_test")
         if best:
-            expected.append(f"{_pct(best['mean'])} ± {_pct(best['std'])}")
+            expected.append(f"{pct(best['mean'])} ± {pct(best['std'])}")
         for text in expected:
             assert text in cells, f"{variant}: README says {cells!r}, the analysis {text!r}"
 
@@ -71,7 +66,7 @@ def test_every_variant_of_the_analysis_has_its_row_and_its_numbers(analysis):
 def test_the_svc_row_is_the_committed_baseline():
     baseline = read_json(REPO / paths.BASELINE_METRICS, "written by the baseline stage")
     svc = next(line for line in _results_section().splitlines() if line.startswith("| SVC"))
-    assert f"| {_pct(baseline['test_accuracy'])} " in svc
+    assert f"| {pct(baseline['test_accuracy'])} " in svc
 
 
 def test_each_claims_difference_and_interval_is_the_analysis(analysis):
