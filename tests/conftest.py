@@ -19,6 +19,58 @@ from fmnist.config import parse_params
 from fmnist.idx import write_idx
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_global_state():
+    """Every test starts from the same process state, whatever ran before it on this CPU:
+    Keras' global dtype policy (``precision: auto`` resolves to bfloat16 on AMX CPUs) and
+    distribution, the environment, the working directory. A test (or the code it calls)
+    that changes one and does not restore it fails here, and the state is restored so that
+    later tests are not failed by it too."""
+    import keras
+
+    policy = keras.mixed_precision.global_policy().name
+    distribution = keras.distribution.distribution()
+    environment = dict(os.environ)
+    cwd = os.getcwd()
+    yield
+    leaked = []
+    if keras.mixed_precision.global_policy().name != policy:
+        leaked.append(f"Keras' global dtype policy ({keras.mixed_precision.global_policy().name}, "
+                      f"was {policy})")
+        keras.mixed_precision.set_global_policy(policy)
+    if keras.distribution.distribution() is not distribution:
+        leaked.append("Keras' global distribution")
+        keras.distribution.set_distribution(distribution)
+    if os.getcwd() != cwd:
+        leaked.append(f"the working directory ({os.getcwd()}, was {cwd})")
+        os.chdir(cwd)
+    changed = {key for key in set(environment) | set(os.environ)
+               if environment.get(key) != os.environ.get(key)}
+    if changed:
+        os.environ.clear()
+        os.environ.update(environment)
+    # MLflow's set_tracking_uri exports the store (fmnist.tracking.use_store calls it in every
+    # stage): put back quietly; any other variable is a leak
+    changed -= {"MLFLOW_TRACKING_URI", "_MLFLOW_TELEMETRY_SESSION_ID", "PYTEST_CURRENT_TEST"}
+    if changed:
+        leaked.append(f"environment variables {sorted(changed)}")
+    assert not leaked, "the test left global state changed: " + "; ".join(leaked)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A subprocess that timed out: the report shows what it was doing (its last output)."""
+    report = yield
+    error = call.excinfo.value if call.excinfo is not None else None
+    if isinstance(error, subprocess.TimeoutExpired):
+        for name, output in (("stdout", error.stdout), ("stderr", error.stderr)):
+            if isinstance(output, bytes):
+                output = output.decode(errors="replace")
+            report.sections.append((f"last {name} of the timed-out {error.cmd!r}",
+                                    (output or "(nothing)")[-3000:]))
+    return report
 TINY_TRAIN_PER_CLASS = 24
 TINY_TEST_PER_CLASS = 6
 

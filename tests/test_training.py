@@ -69,6 +69,37 @@ def test_tiny_training_writes_outputs_and_an_mlflow_run(tiny_config, tiny_data, 
 
 
 @pytest.mark.slow
+def test_auto_precision_on_an_amx_cpu_trains_in_bfloat16_and_leaves_keras_at_float32(
+        tiny_config, tiny_data, mlflow_store, monkeypatch):
+    """What an Intel CPU with AMX does, on any CPU: ``precision: auto`` resolves to
+    mixed_bfloat16 for the run, and the process is back at Keras' float32 policy afterwards,
+    so that a model built next (another seed, the next test) is float32."""
+    import keras
+
+    from fmnist.models import build_model
+
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx512f", "amx_bf16", "amx_tile"})
+    assert device.resolve_precision("auto") == "mixed_bfloat16"
+    result = _train(tiny_config, tiny_data, mlflow_store)
+    assert result.precision == "mixed_bfloat16"
+    assert "mixed_bfloat16" in {layer.dtype_policy.name for layer in result.model.layers}
+    assert keras.mixed_precision.global_policy().name == "float32"
+    after = build_model(tiny_config.variant("cnn2"), "cnn2")
+    assert {layer.dtype_policy.name for layer in after.layers} == {"float32"}
+
+
+def test_training_setup_restores_keras_globals_when_training_fails():
+    import keras
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with device.training_setup("mixed_bfloat16") as (policy, devices):
+            assert (policy, devices) == ("mixed_bfloat16", 1)
+            assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+            raise RuntimeError("inside")
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+@pytest.mark.slow
 def test_the_logged_model_is_complete_and_takes_only_pixels(tiny_config, tiny_data, mlflow_store):
     """Named after its run, uint8 (n, 28, 28) in, class names and an input example inside;
     uint8 and whole-number float pixels agree, and pixels scaled to 0-1 are refused."""

@@ -16,6 +16,8 @@ import glob
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fmnist.config import ConfigError
@@ -107,7 +109,7 @@ def accelerator() -> str:
     return "cpu"
 
 
-def use_all_devices() -> int:
+def _use_all_devices() -> int:
     """Under JAX with several devices (GPUs, or CPU devices that
     XLA_FLAGS=--xla_force_host_platform_device_count=N makes), train data-parallel on all of
     them: Keras' DataParallel distribution keeps a replica of the variables on each device and
@@ -152,7 +154,7 @@ def resolve_precision(name: str) -> str:
     TensorFlow backend on CPUs with AMX (Intel Sapphire Rapids and later: 1.5x for CNN2,
     91.06 vs 90.91 % after 15 epochs). Everywhere else float32: on AVX2-only CPUs (AMD EPYC
     Milan) bfloat16 is emulated and was 4x slower; AVX512-BF16 CPUs and GPUs are not yet
-    measured with this model (benchmarks/precision.py and benchmarks/gpu_check.sh measure them).
+    measured with this model (benchmarks/gpu_check.sh measures them on a GPU).
     """
     if name != "auto":
         return name
@@ -161,13 +163,25 @@ def resolve_precision(name: str) -> str:
     return "float32"
 
 
-def set_precision(name: str) -> str:
-    """Resolve ``train.precision`` and make it Keras' global dtype policy; return the policy."""
+@contextmanager
+def training_setup(precision: str) -> Iterator[tuple[str, int]]:
+    """Within: ``train.precision`` resolved and made Keras' global dtype policy, and under JAX
+    with several devices the data-parallel distribution (see ``_use_all_devices``); yields
+    (policy, devices). Both are Keras globals of the process: they are restored on exit, so
+    that what trains next in the same process (another seed, a test) starts from Keras'
+    defaults whatever ``auto`` resolved to on this CPU.
+    """
     import keras
 
-    policy = resolve_precision(name)
-    keras.mixed_precision.set_global_policy(policy)
-    return policy
+    previous_policy = keras.mixed_precision.global_policy()
+    previous_distribution = keras.distribution.distribution()
+    try:
+        policy = resolve_precision(precision)
+        keras.mixed_precision.set_global_policy(policy)
+        yield policy, _use_all_devices()  # before the model (and its variables) is built
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+        keras.distribution.set_distribution(previous_distribution)
 
 
 def describe() -> str:

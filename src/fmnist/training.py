@@ -159,7 +159,7 @@ def fit(model: keras.Model, data: Dataset, train: TrainConfig, callbacks: list,
     call per epoch, the monitored test set evaluated in the same call). Under TensorFlow and
     torch: ``model.fit`` on whole arrays in memory (on the CPUs measured each step is
     compute-bound, so there is no per-step overhead to remove; see README "Speed"). Under JAX
-    on several devices (``device.use_all_devices``): ``model.fit``, whose trainer splits each
+    on several devices (``device.training_setup``): ``model.fit``, whose trainer splits each
     batch across them.
     """
     if device.backend() == "jax" and device.data_parallel_devices() == 1:
@@ -187,13 +187,19 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
     tracking failure): the same MLflow run, the epochs it lacks logged again, the training
     time summed over the attempts.
     """
+    experiment_id = tracking.connect(config.tracking.experiment)
+    keras.utils.set_random_seed(seed)
+    with device.training_setup(config.train.precision) as (precision, devices):
+        return _train(config, variant, seed, data, data_info, out_dir, checkpoint_dir,
+                      experiment_id, precision, devices)
+
+
+def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: dict[str, Any],
+           out_dir: Path, checkpoint_dir: Path, experiment_id: str, precision: str,
+           devices: int) -> TrainedModel:
     spec: ModelSpec = config.variant(variant)
     recipe = config.recipe(variant)
     name = paths.run_name(variant, seed)
-    experiment_id = tracking.connect(config.tracking.experiment)
-    keras.utils.set_random_seed(seed)
-    precision = device.set_precision(config.train.precision)
-    devices = device.use_all_devices()  # before the model (and its variables) is built
     # train's keys, the variant's own recipe keys overriding
     train_settings = {k: v for k, v in {**asdict(config.train), **asdict(recipe)}.items() if k != "seeds"}
     checkpoint = Checkpoint(checkpoint_dir, _fingerprint(
