@@ -57,7 +57,7 @@ ifeq ($(PG_CTL),)
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql
 endif
 
-# A shared MLflow server on PostgreSQL (README "Working as a team"); prints the
+# A shared MLflow server on PostgreSQL (docs/team.md); prints the
 # MLFLOW_TRACKING_URI to export. State, database and artifacts in .tracking-server/.
 tracking-server: $(VENV)/.installed deps-system
 	python -m fmnist.tracking_server start
@@ -65,7 +65,7 @@ tracking-server: $(VENV)/.installed deps-system
 tracking-server-stop: $(VENV)/.installed
 	python -m fmnist.tracking_server stop
 
-# docs/images/mlflow-*.png for the README: a real small run (the tests' tiny pipeline), `mlflow ui`
+# docs/images/mlflow-*.png for docs/mlflow.md: a real small run (the tests' tiny pipeline), `mlflow ui`
 # on its store, headless Chromium (Debian's chromium; apt needs root) driven by npm's playwright-core
 screenshots: $(VENV)/.installed-dev
 	command -v chromium >/dev/null || $(SUDO) apt-get install -y chromium

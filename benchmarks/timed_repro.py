@@ -14,7 +14,7 @@ register) need every variant and run in the call without --variants.
 With --skip-cache-lost, a stage whose only change is outputs missing from DVC's cache (run
 on another machine, its dvc.lock entry and git-tracked outputs committed) is not run again:
 a reference run can go on over machines that share git but no DVC cache or remote. The
-report needs none of those outputs (README "Changing things"); `dvc repro` would run them.
+report needs none of those outputs (docs/pipeline.md); `dvc repro` would run them.
 """
 
 from __future__ import annotations

@@ -176,7 +176,7 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None,
 def make_dvc_repo(dest: Path, params: dict, local_data: Path | None = None) -> Path:
     """A temporary git + DVC repository holding this project's pipeline and ``params``;
     the files of ``local_data`` go to its data/local/, force-added to git (the project's
-    .gitignore ignores them) as the README advises for queued experiments."""
+    .gitignore ignores them) as docs/pipeline.md advises for queued experiments."""
     dest.mkdir(parents=True, exist_ok=True)
     for item in ("dvc.yaml", "stages", "src", "plot_templates", "data/local/README.md"):
         source = REPO / item

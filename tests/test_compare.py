@@ -1,6 +1,6 @@
 """Comparing variants: one vocabulary of MLflow metrics across every model run, true run
-durations, the data set and the report in MLflow, the terminal table, and the README's
-`dvc exp show` readable in 160 columns after two experiments; on the real tiny pipeline."""
+durations, the data set and the report in MLflow, the terminal table, and the docs'
+`dvc exp show` (docs/usage.md) readable in 160 columns after two experiments; on the real tiny pipeline."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from fmnist import report, results, tracking
 from fmnist.progress import EpochLine, stage_label
 from tests.conftest import REPO, make_dvc_repo, only_variants, run, venv_env
 
-VARIANTS = ["authors_cnn2", "authors_cnn2_bn"]  # the paper's rows: the README's `dvc exp show` keeps them
+VARIANTS = ["authors_cnn2", "authors_cnn2_bn"]  # the paper's rows: the docs' `dvc exp show` keeps them
 EPOCH_KEYS = {"loss", "accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
               "epoch_seconds", "learning_rate"}
 
@@ -50,9 +50,9 @@ def _model_runs(db: sqlite3.Connection, experiment: str) -> dict[str, dict]:
     return runs
 
 
-def _readme_exp_show() -> list[str]:
-    """The README's `dvc exp show` command (the line of its code block that starts with it)."""
-    text = (REPO / "README.md").read_text()
+def _docs_exp_show() -> list[str]:
+    """The `dvc exp show` command of docs/usage.md (the line of its code block that starts with it)."""
+    text = (REPO / "docs" / "usage.md").read_text()
     (line,) = [line for line in text.splitlines() if line.startswith("dvc exp show ")]
     return shlex.split(line.split("#")[0])
 
@@ -168,7 +168,7 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
     # two experiments that move the tiny models' accuracy
     run(["dvc", "exp", "run", "-S", "train.epochs=1"], repo)
     run(["dvc", "exp", "run", "-S", "train.learning_rate=0.0002"], repo)
-    command = _readme_exp_show()
+    command = _docs_exp_show()
     shown = run(command, repo, env={**venv_env(), "COLUMNS": "160"}).stdout
     assert max(len(line) for line in shown.splitlines()) <= 160, shown
     assert "…" not in shown, shown  # no cell or header cut

@@ -1,7 +1,11 @@
-"""The README's Results section says what the committed analysis says: each variant's row
-(mean ± std, interval, seeds, best epoch) and the SVC's against reports/analysis/analysis.json
-and metrics/baseline.json, each claim's difference and interval against the same analysis.
-The README is written by hand; this keeps it from drifting when a stage is re-run."""
+"""The results the README and docs/results.md state are what the committed analysis says.
+
+README's "Results" table: each variant's mean ± std and interval, and the SVC's accuracy;
+docs/results.md's table: the same plus each seed and the best-epoch number; docs/results.md's
+claims table: each comparison's and each factor's difference and interval; and every
+difference with an interval that the README's summary quotes. Both are written by hand;
+this keeps them from drifting from reports/analysis/analysis.json and metrics/baseline.json
+when a stage is re-run."""
 
 from __future__ import annotations
 
@@ -14,29 +18,37 @@ from fmnist.files import read_json
 from fmnist.results import pct
 from tests.conftest import REPO
 
+README = REPO / "README.md"
+RESULTS_PAGE = REPO / "docs" / "results.md"
 
-def _results_section() -> str:
-    text = (REPO / "README.md").read_text()
+
+def _readme_results() -> str:
+    text = README.read_text()
     start = text.index("## Results (three seeds)")
     return text[start:text.index("\n## ", start + 1)]
 
 
-def _variant_rows() -> dict[str, list[str]]:
+def _variant_rows(text: str) -> dict[str, list[str]]:
     """The results table's rows (from its "| model |" header to its end; not the claims
     table's) that name one variant in backticks: variant -> its cells."""
     rows: dict[str, list[str]] = {}
     in_table = False
-    for line in _results_section().splitlines():
+    for line in text.splitlines():
         in_table = line.startswith("| model |") or (in_table and line.startswith("|"))
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if in_table and (name := re.search(r"`(\w+)`", cells[0])):
-            assert name.group(1) not in rows, f"two README rows for {name.group(1)}"
+            assert name.group(1) not in rows, f"two rows for {name.group(1)}"
             rows[name.group(1)] = cells
     return rows
 
 
 def _points(value: float) -> str:
     return f"{100 * value:+.2f}"
+
+
+def _effect_text(effect: dict) -> str:
+    low, high = effect["ci95"]
+    return f"{_points(effect['difference'])}, [{_points(low)}, {_points(high)}]"
 
 
 ANALYSIS = REPO / paths.ANALYSIS / "analysis.json"
@@ -47,32 +59,53 @@ def analysis() -> dict:
     return read_json(ANALYSIS, "written by the analyse stage")
 
 
-def test_every_variant_of_the_analysis_has_its_row_and_its_numbers(analysis):
-    rows = _variant_rows()
+def _mean_and_interval(entry: dict) -> list[str]:
+    accuracy = entry["test_accuracy"]
+    return [f"{pct(accuracy['mean'])} ± {pct(accuracy['std'])}",
+            f"[{pct(accuracy['ci95'][0])}, {pct(accuracy['ci95'][1])}]"]
+
+
+def test_the_readme_has_every_variants_mean_and_interval(analysis):
+    rows = _variant_rows(_readme_results())
     assert set(rows) == set(analysis["variants"]), "README rows and the analysed variants differ"
+    for variant, entry in analysis["variants"].items():
+        cells = " | ".join(rows[variant][2:])
+        for text in _mean_and_interval(entry):
+            assert text in cells, f"{variant}: README says {cells!r}, the analysis {text!r}"
+
+
+def test_the_results_page_has_every_variants_numbers(analysis):
+    rows = _variant_rows(RESULTS_PAGE.read_text())
+    assert set(rows) == set(analysis["variants"]), "docs/results.md rows and the analysed variants differ"
     for variant, entry in analysis["variants"].items():
         accuracy = entry["test_accuracy"]
         cells = " | ".join(rows[variant][2:])
-        expected = [f"{pct(accuracy['mean'])} ± {pct(accuracy['std'])}",
-                    f"[{pct(accuracy['ci95'][0])}, {pct(accuracy['ci95'][1])}]",
-                    " / ".join(pct(v) for v in accuracy["values"])]
+        expected = [*_mean_and_interval(entry), " / ".join(pct(v) for v in accuracy["values"])]
         best = entry.get("best_epoch_test_accuracy_selected_on_test")
         if best:
             expected.append(f"{pct(best['mean'])} ± {pct(best['std'])}")
         for text in expected:
-            assert text in cells, f"{variant}: README says {cells!r}, the analysis {text!r}"
+            assert text in cells, f"{variant}: docs/results.md says {cells!r}, the analysis {text!r}"
 
 
-def test_the_svc_row_is_the_committed_baseline():
+@pytest.mark.parametrize("text", [_readme_results(), RESULTS_PAGE.read_text()],
+                         ids=["README", "docs/results.md"])
+def test_the_svc_row_is_the_committed_baseline(text):
     baseline = read_json(REPO / paths.BASELINE_METRICS, "written by the baseline stage")
-    svc = next(line for line in _results_section().splitlines() if line.startswith("| SVC"))
+    svc = next(line for line in text.splitlines() if line.startswith("| SVC"))
     assert f"| {pct(baseline['test_accuracy'])} " in svc
 
 
-def test_each_claims_difference_and_interval_is_the_analysis(analysis):
-    section = _results_section()
-    effects = {**analysis["comparisons"], **analysis.get("factors", {})}
-    for name, effect in effects.items():
-        low, high = effect["ci95"]
-        text = f"{_points(effect['difference'])}, [{_points(low)}, {_points(high)}]"
-        assert text in section, f"the README's claims table lacks {name}: {text}"
+def test_each_claims_difference_and_interval_is_on_the_results_page(analysis):
+    page = RESULTS_PAGE.read_text()
+    for name, effect in {**analysis["comparisons"], **analysis.get("factors", {})}.items():
+        text = _effect_text(effect)
+        assert text in page, f"docs/results.md's claims table lacks {name}: {text}"
+
+
+def test_every_difference_the_readme_quotes_is_one_of_the_analysis(analysis):
+    known = {_effect_text(e) for e in {**analysis["comparisons"], **analysis.get("factors", {})}.values()}
+    quoted = re.findall(r"[+-]\d+\.\d\d, \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", _readme_results())
+    assert quoted, "the README's summary quotes no difference"
+    for text in quoted:
+        assert text in known, f"the README quotes {text}, which no comparison of the analysis gives"

@@ -312,7 +312,7 @@ def test_jax_loop_drives_the_schedule_and_advances_the_augmentation_seed_every_s
 @pytest.mark.slow
 def test_a_candidate_recipe_is_tuned_on_the_validation_split_without_touching_the_test_set(
         tmp_path, tiny_params, tiny_idx_dir):
-    """README "Choosing a recipe honestly", step 1, on the tiny pipeline: only the candidate's
+    """docs/recipes.md "Choosing a recipe honestly", step 1, on the tiny pipeline: only the candidate's
     training runs, on the training set less the validation split; no test number is made."""
     import sqlite3
 

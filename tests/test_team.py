@@ -226,7 +226,7 @@ def test_two_queued_experiments_on_the_sqlite_store(tmp_path, tiny_params, tiny_
 @pytest.mark.slow
 def test_a_fresh_clone_pulls_from_the_dvc_remote_and_reruns_nothing(tmp_path, tiny_params, tiny_idx_dir):
     repo = make_dvc_repo(tmp_path / "repo", only_variants(tiny_params, ["cnn2"]), local_data=tiny_idx_dir)
-    remote = tmp_path / "remote"  # a team's would be s3://, ssh:// or https:// (see README)
+    remote = tmp_path / "remote"  # a team's would be s3://, ssh:// or https:// (see docs/team.md)
     run(["dvc", "remote", "add", "-d", "team", str(remote)], repo)
     run(["dvc", "repro"], repo)
     run(["git", "add", "-A"], repo)

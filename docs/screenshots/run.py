@@ -1,9 +1,9 @@
-"""Screenshots of the README's "Compare the variants in MLflow", from a real small run.
+"""Screenshots for docs/mlflow.md, "Compare the variants in MLflow", from a real small run.
 
 Builds the tests' tiny pipeline (tests/conftest.py: tiny fabricated images, the real
 params.yaml shrunk) with 3 variants x 2 seeds and a few more epochs than the tests, runs
 the real `dvc repro` in a temporary repository, starts `mlflow ui` on its store and drives
-headless Chromium (shoot.mjs, npm's playwright-core) through the views the README shows.
+headless Chromium (shoot.mjs, npm's playwright-core) through the views docs/mlflow.md shows.
 PNGs go to docs/images/. `make screenshots` installs Chromium and playwright-core first.
 
     python docs/screenshots/run.py [--keep DIR]   # DIR: keep the repository (and reuse it)

@@ -1,5 +1,5 @@
-// Drives headless Chromium through MLflow 3.17's UI as the README's "Compare the variants in
-// MLflow" walks a user through it, and saves each view as a PNG. Run by run.py, which starts
+// Drives headless Chromium through MLflow 3.17's UI as docs/mlflow.md ("Compare the variants in
+// MLflow") walks a user through it, and saves each view as a PNG. Run by run.py, which starts
 // `mlflow ui` on a store from a real small run: MLFLOW_URL, EXPERIMENT, OUT_DIR.
 import { chromium } from "playwright-core";
 

@@ -240,7 +240,7 @@ class TrainConfig(Recipe):
         _check(self.backend in BACKENDS, "train.backend", self.backend,
                f"{', '.join(BACKENDS)} (auto: jax when it sees a GPU, else tensorflow)")
         _check(self.precision in PRECISIONS, "train.precision", self.precision,
-               f"{', '.join(PRECISIONS)} (auto: what this hardware trains fastest, see README)")
+               f"{', '.join(PRECISIONS)} (auto: what this hardware trains fastest, see docs/gpu.md)")
 
 
 @dataclass(frozen=True)

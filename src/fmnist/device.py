@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fmnist.config import ConfigError
 
-# The extra that installs each backend's GPU build (pyproject.toml); see README "GPU".
+# The extra that installs each backend's GPU build (pyproject.toml); see docs/gpu.md.
 GPU_INSTALL_HINT = "make gpu   (pip install -e '.[gpu]': JAX with CUDA)"
 
 
@@ -47,7 +47,7 @@ def _jax_sees_gpu() -> bool:
 def resolve_backend(name: str) -> str:
     """``train.backend`` -> the backend to use: ``auto`` is jax where JAX sees a GPU (its
     compiled epoch loop is this project's GPU path), else tensorflow (the fastest on the CPUs
-    measured, see README)."""
+    measured, see docs/timing.md)."""
     if name != "auto":
         if not _installed(name):
             raise ConfigError(f"params.yaml: train.backend = {name!r}, but the {name} package is not "

@@ -66,7 +66,7 @@ def make_epoch_functions(model: keras.Model, n_train: int, batch_size: int, comp
     ``compiled_epochs``: each epoch (each evaluation) is one compiled call with a
     ``lax.scan`` over the batches: what a GPU needs. Otherwise a Python loop calls the same
     compiled step per batch: on XLA's CPU backend, convolutions inside a scan ran 4x slower
-    than the same step called from Python (measured here; see README "Speed").
+    than the same step called from Python (measured here; see docs/timing.md).
     """
     optimizer = model.optimizer
     full_steps, remainder = divmod(n_train, batch_size)

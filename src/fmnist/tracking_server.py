@@ -118,7 +118,7 @@ def _start_postgres(data: Path, port: int) -> None:
         data.chmod(0o700)
         if os.geteuid() == 0:
             shutil.chown(data, "postgres", "postgres")
-        # trust: only 127.0.0.1 can connect (listen_addresses below); see README for a team server
+        # trust: only 127.0.0.1 can connect (listen_addresses below); see docs/team.md for a team server
         _run(_as_postgres_user([str(postgres_bin() / "initdb"), "-D", str(data), "-U", DB_USER,
                                 "--auth=trust", "-E", "UTF8", "--no-instructions"]),
              "creating the PostgreSQL cluster")

@@ -158,7 +158,7 @@ def fit(model: keras.Model, data: Dataset, train: TrainConfig, callbacks: list,
     Under JAX on one device: the compiled epoch loop (fmnist.jax_loop: data on the device, one
     call per epoch, the monitored test set evaluated in the same call). Under TensorFlow and
     torch: ``model.fit`` on whole arrays in memory (on the CPUs measured each step is
-    compute-bound, so there is no per-step overhead to remove; see README "Speed"). Under JAX
+    compute-bound, so there is no per-step overhead to remove; see docs/timing.md). Under JAX
     on several devices (``device.training_setup``): ``model.fit``, whose trainer splits each
     batch across them.
     """
