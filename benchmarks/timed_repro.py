@@ -4,8 +4,8 @@
                                      [--variants cnn2 cnn2_bn ...] [--skip-cache-lost]
 
 Equivalent to `dvc repro` (each stage runs through `dvc repro --single-item`, so DVC still
-skips stages that are up to date), but seed-major: every variant of seed 0, then of seed 1,
-... so an interrupted run leaves whole seeds, and a re-run resumes where it stopped. The
+skips stages that are up to date): each variant's train then evaluate stage (all its seeds),
+so a re-run resumes where it stopped. The
 timing file is rewritten after every stage; stages DVC skipped are recorded as skipped.
 With --variants, only those variants' train and evaluate stages run (after the first
 stages), so that a long reference run goes group by group: the stages after them (analyse,
@@ -38,21 +38,20 @@ ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.envi
 
 
 def stage_order(names: list[str], variants: list[str], only: list[str] | None = None) -> list[str]:
-    """check_params, download, prepare, baseline, then per seed each variant's train and
-    evaluate, then the rest; with ``only``, no rest and only those variants' stages."""
+    """check_params, download, prepare, baseline, then each variant's train and evaluate (all
+    its seeds), then the rest; with ``only``, no rest and only those variants' stages."""
     def wanted(name: str) -> bool:
-        _, _, item = name.partition("@")
+        _, _, variant = name.partition("@")
         if only is None:
             return True
-        return item.rpartition("-")[0] in only if item else name in FIRST
+        return variant in only if variant else name in FIRST
 
     def key(name: str) -> tuple:
-        base, _, item = name.partition("@")
+        base, _, variant = name.partition("@")
         if name in FIRST:
             return (0, FIRST.index(name))
-        if item:
-            variant, _, seed = item.rpartition("-")
-            return (1, int(seed), variants.index(variant), base != "train")
+        if variant:
+            return (1, variants.index(variant), base != "train")
         return (2, names.index(name))
     return sorted(filter(wanted, names), key=key)
 

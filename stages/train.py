@@ -1,28 +1,32 @@
-"""DVC stage `train@<variant>-<seed>`: train one variant under one seed (see fmnist.training)."""
+"""DVC stage `train@<variant>`: train one variant under every seed of train.seeds, one after
+the other in this process (see fmnist.training.train_seeds)."""
+
+import json
 
 from fmnist import device, paths
-from fmnist.cli import parse_run_args, stage_main
+from fmnist.cli import parse_variant_args, stage_main
 from fmnist.config import load_params
 from fmnist.data import data_info, load_prepared
-from fmnist.progress import stage_label
+from fmnist.files import tree_digest
 
 
 def main() -> None:
-    args = parse_run_args(__doc__)
+    args = parse_variant_args(__doc__)
     config = load_params(paths.PARAMS)
     config.variant(args.variant)  # an unknown name fails before the data is loaded
-    print(stage_label("train", config.variants, config.train.seeds, args.variant, args.seed),
-          flush=True)
     device.select_backend(config.train.backend)  # before Keras is first imported
-    from fmnist.training import train_variant  # noqa: PLC0415 (imports Keras: after the backend)
+    from fmnist.training import train_seeds  # noqa: PLC0415 (imports Keras: after the backend)
 
-    result = train_variant(config, args.variant, args.seed, load_prepared(paths.PREPARED_ARRAYS),
-                           data_info(paths.PREPARED_INFO), paths.model_dir(args.variant, args.seed),
-                           paths.checkpoint_dir(args.variant, args.seed))
-    last = result.history[-1]
-    print(f"{args.variant} seed {args.seed}: {len(result.history)} epochs in "
-          f"{result.train_seconds:.0f} s on {result.device} ({result.backend}, {result.precision}); "
-          "last epoch " + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "epoch"))
+    data = load_prepared(paths.PREPARED_ARRAYS)
+    # what DVC re-runs this stage for, params aside (each seed's settings are compared apart)
+    inputs = tree_digest([dep for dep in paths.stage_deps("train") if dep != paths.PARAMS_CHECKED])
+    for result in train_seeds(config, args.variant, data, data_info(paths.PREPARED_INFO), inputs):
+        last = result.history[-1]
+        print(f"{result.name}: {len(result.history)} epochs in {result.train_seconds:.0f} s on "
+              f"{result.device} ({result.backend}, {result.precision}); last epoch "
+              + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "epoch"))
+        # for benchmarks/stage_cost.py: the stage's time less the loops is its fixed cost
+        print("[timing] " + json.dumps({"run": result.name, "loop": round(result.train_seconds, 2)}))
 
 
 if __name__ == "__main__":

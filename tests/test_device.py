@@ -133,7 +133,7 @@ def test_backend_and_precision_params_retrain_only_what_depends_on_them(dvc_repo
     run(["git", "add", "-A"], dvc_repo)
     run(["git", "commit", "-qm", "first run"], dvc_repo)
 
-    downstream = {"check_params", "train@cnn2-0", "evaluate@cnn2-0", "analyse",  # the check: any edit
+    downstream = {"check_params", "train@cnn2", "evaluate@cnn2", "analyse",  # the check: any edit
                   "register"}
     jax_run = run(["dvc", "exp", "run", "-S", "train.backend=jax"], dvc_repo)
     assert _ran(jax_run.stdout) == downstream

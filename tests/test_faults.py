@@ -60,7 +60,7 @@ def _one_variant(params: dict) -> dict:
 # --- 1. params mistakes stop `dvc repro` before any stage runs; outputs survive ---------
 
 KEPT_OUTPUTS = ["data/raw", "data/prepared", "reports/figures/dataset.png", "models/cnn2/seed0",
-                "predictions/cnn2-seed0.npz", "metrics/runs/cnn2-seed0.json", "reports/eval/cnn2-seed0",
+                "predictions/cnn2/seed0.npz", "metrics/runs/cnn2/seed0.json", "reports/eval/cnn2/seed0",
                 "metrics/baseline.json", "reports/analysis", "reports/report.md", "metrics/summary.json"]
 
 
@@ -112,7 +112,7 @@ def test_1_params_mistakes_stop_dvc_repro_before_any_stage_and_no_output_is_lost
 
     # A stage failing for another reason keeps its outputs that DVC cannot restore from
     # its cache (`persist`): analyse on a run's unreadable history (its record in git).
-    history = repo / "reports" / "eval" / "cnn2-seed0" / "history.json"
+    history = repo / "reports" / "eval" / "cnn2" / "seed0" / "history.json"
     history.write_text("{not json")
     failed = run(["dvc", "repro", "--single-item", "analyse"], repo, check=False)
     assert failed.returncode != 0 and _ran(failed.stdout) == {"analyse"}
@@ -390,7 +390,7 @@ def test_5_garbage_prepared_data_and_a_damaged_model_are_one_line_errors(tmp_pat
     prepared.mkdir(parents=True)
     (prepared / "fashion_mnist.npz").write_bytes(b"garbage" * 100)
     (prepared / "info.json").write_text(json.dumps(tiny_data[1]))
-    result = _stage(tmp_path, "train.py", "--variant", "cnn2", "--seed", "0")
+    result = _stage(tmp_path, "train.py", "--variant", "cnn2")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (  # after TensorFlow's start-up chatter
         "ERROR: data/prepared/fashion_mnist.npz cannot be read as the prepare stage's arrays (not a "
@@ -401,7 +401,7 @@ def test_5_garbage_prepared_data_and_a_damaged_model_are_one_line_errors(tmp_pat
     model_dir = tmp_path / "models" / "cnn2" / "seed0"
     model_dir.mkdir(parents=True)
     (model_dir / "model.keras").write_bytes(b"PK\x03\x04 damaged")
-    result = _stage(tmp_path, "evaluate.py", "--variant", "cnn2", "--seed", "0")
+    result = _stage(tmp_path, "evaluate.py", "--variant", "cnn2")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert sum(line.startswith("ERROR") for line in result.stderr.splitlines()) == 1
@@ -409,7 +409,7 @@ def test_5_garbage_prepared_data_and_a_damaged_model_are_one_line_errors(tmp_pat
     assert line.endswith("run `dvc repro` (DVC restores it from its cache or re-runs the train stage)")
 
     # Tracebacks when asked for.
-    debug = _stage(tmp_path, "evaluate.py", "--variant", "cnn2", "--seed", "0", FMNIST_DEBUG="1")
+    debug = _stage(tmp_path, "evaluate.py", "--variant", "cnn2", FMNIST_DEBUG="1")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 

@@ -56,8 +56,8 @@ def pipeline(tmp_path_factory):
 @pytest.mark.slow
 def test_the_first_repro_runs_every_stage_once(pipeline):
     _, _, output = pipeline
-    assert _ran(output) == {"check_params", "download", "prepare", "train@cnn2-0", "train@cnn2_bn_skip-0",
-                            "evaluate@cnn2-0", "evaluate@cnn2_bn_skip-0", "baseline", "analyse",
+    assert _ran(output) == {"check_params", "download", "prepare", "train@cnn2", "train@cnn2_bn_skip",
+                            "evaluate@cnn2", "evaluate@cnn2_bn_skip", "baseline", "analyse",
                             "register"}
 
 
@@ -103,7 +103,7 @@ def test_dvc_shows_the_metrics_and_plots(pipeline):
 
     plots = run(["dvc", "plots", "show", "-o", "plots_html"], repo)
     html = (repo / "plots_html" / "index.html").read_text()
-    assert "Training loss" in html and "Confusion matrix cnn2-seed0" in html, plots.stdout
+    assert "Training loss" in html and paths.confusion_csv("cnn2", 0).as_posix() in html, plots.stdout
 
 
 @pytest.mark.slow
@@ -147,10 +147,9 @@ def test_a_clone_without_the_dvc_cache_makes_the_same_report(pipeline, tmp_path)
     run(["dvc", "repro", "prepare"], clone)  # the data again, from data/local
     # benchmarks/timed_repro.py --skip-cache-lost: these ran elsewhere, not to be run again
     status = json.loads(run(["dvc", "status", "--json"], clone).stdout)
-    assert cache_lost_outputs(status["train@cnn2-0"], set()) == ["models/cnn2/seed0"]
-    assert cache_lost_outputs(status["evaluate@cnn2-0"], {"models/cnn2/seed0"}) == [
-        "predictions/cnn2-seed0.npz"]
-    assert cache_lost_outputs(status["evaluate@cnn2-0"], set()) is None  # its model is not lost
+    assert cache_lost_outputs(status["train@cnn2"], set()) == ["models/cnn2"]
+    assert cache_lost_outputs(status["evaluate@cnn2"], {"models/cnn2"}) == ["predictions/cnn2"]
+    assert cache_lost_outputs(status["evaluate@cnn2"], set()) is None  # its model is not lost
     remade = run(["dvc", "repro", "--single-item", "--force", "analyse"], clone)
     assert _ran(remade.stdout) == {"analyse"}
     assert not (clone / paths.MODELS).exists() and not (clone / paths.PREDICTIONS).exists()
@@ -191,7 +190,7 @@ def test_a_new_variant_is_an_edit_of_params_and_only_it_trains(pipeline):
                                      "wide3": {"blocks": 3, "filters": 16, "padding": "same"}}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     added = _ran(run(["dvc", "repro"], repo).stdout)
-    assert {s for s in added if s.startswith("train")} == {"train@wide3-0"}
+    assert {s for s in added if s.startswith("train")} == {"train@wide3"}
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "wide3"], repo)
     # the report lists it, but not among the paper's claims
@@ -205,7 +204,7 @@ def test_an_experiment_on_one_variant_retrains_only_it(pipeline):
     # (a key the variant does not set yet takes a leading +, as in Hydra)
     repo, _, _ = pipeline
     experiment = run(["dvc", "exp", "run", "-S", "+variants.cnn2.dropout_rate=0.3"], repo)
-    assert {s for s in _ran(experiment.stdout) if s.startswith("train")} == {"train@cnn2-0"}
+    assert {s for s in _ran(experiment.stdout) if s.startswith("train")} == {"train@cnn2"}
     names = [name for name, _ in _runs_in_store(repo)]
     assert names.count("cnn2-seed0") == 2
 
@@ -223,3 +222,43 @@ def test_a_queued_experiment_lands_in_this_repositorys_store(pipeline):
             "SELECT artifact_uri FROM runs WHERE name = 'cnn2-seed0' ORDER BY start_time")]
     assert len(uris) == before + 1
     assert uris[-1].startswith((repo / "mlartifacts").as_uri())
+
+
+@pytest.mark.slow
+def test_a_seed_added_trains_alone_and_a_seed_removed_leaves_the_others(pipeline):
+    """train@<variant> trains every seed in one process, but keeps a seed made by the same
+    settings, code and data: adding a seed trains only it; removing one deletes its outputs
+    (model, records, metrics) and keeps the rest untouched."""
+    repo, params, _ = pipeline
+    run(["git", "reset", "-q", "--hard"], repo)
+    run(["git", "clean", "-qfd", "models", "reports", "metrics", "predictions"], repo)
+    run(["dvc", "checkout", "-q"], repo)
+    seed0 = repo / paths.run_files("cnn2", 0).model
+    before = file_digest(seed0)
+    runs_before = _runs_in_store(repo)
+    two_seeds = {**params, "train": {**params["train"], "seeds": [0, 1]}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(two_seeds, sort_keys=False))
+    added = run(["dvc", "repro"], repo).stdout
+    assert {"train@cnn2", "train@cnn2_bn_skip"} <= _ran(added)
+    assert "cnn2-seed0: kept" in added and "cnn2_bn_skip-seed0: kept" in added
+    assert file_digest(seed0) == before
+    new_runs = [name for name, _ in _runs_in_store(repo)[len(runs_before):] if "-seed" in name]
+    assert sorted(new_runs) == ["cnn2-seed1", "cnn2_bn_skip-seed1"]
+    for variant in VARIANTS:
+        assert (repo / paths.metrics_file(variant, 1)).is_file()
+        assert (repo / paths.run_record(variant, 1).history).is_file()
+
+    only_seed1 = {**params, "train": {**params["train"], "seeds": [1]},
+                  "registry": {**params["registry"], "champion_seed": 1}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(only_seed1, sort_keys=False))
+    removed = run(["dvc", "repro"], repo).stdout
+    assert "cnn2-seed1: kept" in removed
+    assert [name for name, _ in _runs_in_store(repo) if "-seed" in name] == [
+        name for name, _ in runs_before if "-seed" in name] + new_runs  # nothing trained
+    for path in (paths.model_dir("cnn2", 0), paths.metrics_file("cnn2", 0),
+                 paths.run_record("cnn2", 0).folder, paths.confusion_csv("cnn2", 0)):
+        assert not (repo / path).exists(), path
+    assert (repo / paths.run_files("cnn2", 1).model).is_file()
+    summary = json.loads((repo / paths.SUMMARY).read_text())
+    assert summary["variants"]["cnn2"]["test_accuracy_mean"] == json.loads(
+        (repo / paths.metrics_file("cnn2", 1)).read_text())["test_accuracy"]

@@ -323,9 +323,9 @@ def test_a_candidate_recipe_is_tuned_on_the_validation_split_without_touching_th
     params = only_variants(tiny_params, ["cnn2", "cnn4_bn_aug"])
     repo = make_dvc_repo(tmp_path / "repo", params, local_data=tiny_idx_dir)
     result = run(["dvc", "exp", "run", "-S", "data.validation_size=40", "-S", "train.monitor_test=false",
-                  "-S", "variants.cnn4_bn_aug.weight_decay=0.1", "train@cnn4_bn_aug-0"], repo)
+                  "-S", "variants.cnn4_bn_aug.weight_decay=0.1", "train@cnn4_bn_aug"], repo)
     ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"check_params", "download", "prepare", "train@cnn4_bn_aug-0"}
+    assert ran == {"check_params", "download", "prepare", "train@cnn4_bn_aug"}
     history = json.loads((repo / "models" / "cnn4_bn_aug" / "seed0" / "history.json").read_text())
     assert all("val_accuracy" in r and not any(k.startswith("test_") for k in r) for r in history)
     assert not (repo / "metrics" / "runs").exists() and not (repo / "predictions").exists()

@@ -240,7 +240,7 @@ def test_a_fresh_clone_pulls_from_the_dvc_remote_and_reruns_nothing(tmp_path, ti
     run(["dvc", "pull"], clone)
     model = Path("models/cnn2/seed0/model.keras")
     assert (clone / model).read_bytes() == (repo / model).read_bytes()
-    assert (clone / "predictions" / "cnn2-seed0.npz").is_file()
+    assert (clone / "predictions" / "cnn2" / "seed0.npz").is_file()
     assert "Data and pipelines are up to date" in run(["dvc", "status"], clone).stdout
     again = run(["dvc", "repro"], clone)
     assert "Running stage" not in again.stdout, again.stdout

@@ -141,6 +141,24 @@ def test_same_seed_gives_the_same_history(tiny_config, tiny_data, mlflow_store):
     assert [r["loss"] for r in other.history] != losses[0]
 
 
+@pytest.mark.slow
+def test_seeds_trained_in_one_process_match_each_seed_trained_alone(tiny_config, tiny_data, mlflow_store,
+                                                                     monkeypatch):
+    """The train stage's shape: every seed one after the other in one process; the second
+    seed's run is the one it would be alone, and a seed already made is kept, not retrained."""
+    from dataclasses import replace
+
+    monkeypatch.chdir(mlflow_store)  # train_seeds writes where paths puts it, under the cwd
+    config = replace(tiny_config, train=replace(tiny_config.train, seeds=(3, 4)))
+    together = training.train_seeds(config, "cnn2", *tiny_data, inputs="code+data")
+    assert [result.name for result in together] == ["cnn2-seed3", "cnn2-seed4"]
+    alone = _train(tiny_config, tiny_data, mlflow_store / "alone", seed=4)
+    assert [r["loss"] for r in together[1].history] == [r["loss"] for r in alone.history]
+    assert training.train_seeds(config, "cnn2", *tiny_data, inputs="code+data") == []  # both kept
+    again = training.train_seeds(config, "cnn2", *tiny_data, inputs="other code")
+    assert [result.name for result in again] == ["cnn2-seed3", "cnn2-seed4"]
+
+
 def model_state(model) -> dict[str, Any]:
     """A model's weights and its optimizer's state (step count, Adam's moments) as arrays."""
     optimizer = {v.path: np.array(v) for v in model.optimizer.variables}
@@ -306,8 +324,8 @@ def test_unreachable_tracking_server_fails_before_training(tiny_config, tiny_dat
 
 
 def test_the_train_stage_script_reports_bad_input_without_a_traceback(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), "--variant", "cnn9",
-                             "--seed", "0"], cwd=REPO, env=venv_env(), capture_output=True,
+    result = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), "--variant", "cnn9"],
+                            cwd=REPO, env=venv_env(), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 1
     assert "ERROR: unknown variant 'cnn9'; params.yaml defines: cnn2, cnn2_bn," in result.stderr

@@ -46,11 +46,10 @@ def debugging() -> bool:
     return os.environ.get(DEBUG_VARIABLE, "").strip() not in ("", "0")
 
 
-def parse_run_args(description: str) -> argparse.Namespace:
-    """``--variant`` and ``--seed``: the trained model a per-run stage (train, evaluate) is for."""
+def parse_variant_args(description: str) -> argparse.Namespace:
+    """``--variant``: the variant a per-variant stage (train, evaluate) is for, all its seeds."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--variant", required=True, help="a key of `variants` in params.yaml")
-    parser.add_argument("--seed", type=int, required=True)
     return parser.parse_args()
 
 

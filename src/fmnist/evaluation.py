@@ -22,8 +22,9 @@ import keras
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
-from fmnist import paths, plots, tracking
-from fmnist.files import atomic_path, read_json, write_json
+from fmnist import paths, plots, progress, tracking
+from fmnist.config import Config
+from fmnist.files import atomic_path, read_json, remove, write_json
 from fmnist.models import feature_layer_names, load_model_file
 from fmnist.paths import RunRecord
 
@@ -220,3 +221,22 @@ def evaluate_model(variant: str, seed: int, x_test: np.ndarray, y_test: np.ndarr
             tracking.log_results(results)
             tracking.log_artifacts(record_dir, folder="evaluation")
     return metrics
+
+
+def evaluate_variant(config: Config, variant: str, x_test: np.ndarray, y_test: np.ndarray
+                     ) -> dict[int, dict[str, Any]]:
+    """The evaluate stage of one variant: ``evaluate_model`` for every seed of train.seeds in
+    this process (the first seed's runs draw the feature maps: the paper shows one model per
+    variant); the outputs of seeds no longer listed are removed. Returns each seed's metrics."""
+    seeds = config.train.seeds
+    results = {}
+    for seed in seeds:
+        print(progress.stage_label("evaluate", config.variants, seeds, variant, seed), flush=True)
+        results[seed] = evaluate_model(variant, seed, x_test, y_test, config.evaluate.class_names,
+                                       config.analyse.feature_map_classes if seed == seeds[0] else ())
+    for folder in paths.variant_outputs(variant).values():
+        if folder != paths.variant_outputs(variant)["models"]:  # the train stage's
+            for entry in paths.stale_seed_entries(folder, seeds):
+                print(f"Removing {entry}: its seed is no longer in train.seeds")
+                remove(entry)
+    return results

@@ -25,6 +25,17 @@ def file_digest(path: Path, algorithm: str = "md5") -> str:
     return digest.hexdigest()
 
 
+def tree_digest(paths: list[Path]) -> str:
+    """One sha256 over the names and contents of ``paths`` (folders: every file inside, in
+    name order): what a stage read, to tell later whether its inputs changed."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        for file in files:
+            digest.update(f"{file.as_posix()}\0{file_digest(file, 'sha256')}\0".encode())
+    return digest.hexdigest()[:16]
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success rename it onto ``path``.
@@ -42,6 +53,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
+PIPELINE = Path("dvc.yaml")
 # Written by the check_params stage when params.yaml is valid; every other stage depends on
 # it, so DVC runs that check before any stage (and before deleting any output).
 PARAMS_CHECKED = Path(".params_checked")
@@ -47,15 +48,21 @@ def run_name(variant: str, seed: int) -> str:
     return f"{variant}-seed{seed}"
 
 
-def stage_name(stage: str, variant: str, seed: int) -> str:
-    """A per-run stage as dvc.yaml's matrix names it: ``train@cnn2-0``."""
-    return f"{stage}@{variant}-{seed}"
+def stage_name(stage: str, variant: str) -> str:
+    """A per-variant stage as dvc.yaml's foreach names it: ``train@cnn2`` (all its seeds)."""
+    return f"{stage}@{variant}"
+
+
+def seed_name(seed: int) -> str:
+    """A seed's entry in a variant's folder of a per-variant stage: ``seed0`` (or ``seed0.json``)."""
+    return f"seed{seed}"
 
 
 @dataclass(frozen=True)
 class RunFiles:
     """The files the train stage leaves for one trained model, in ``folder``
-    (models/<variant>/seed<k>/, a DVC output); every stage reads them through here."""
+    (models/<variant>/seed<k>/, in the train stage's DVC output models/<variant>); every
+    stage reads them through here."""
 
     folder: Path
 
@@ -102,7 +109,7 @@ class CheckpointFiles:
 @dataclass(frozen=True)
 class RunRecord:
     """What the evaluate stage keeps of one trained model in git, in ``folder``
-    (reports/eval/<run name>/, not cached): its test-set results, and copies of the train
+    (reports/eval/<variant>/seed<k>/, not cached): its test-set results, and copies of the train
     stage's history, run facts and layer table. The analyse stage reads only these (and the
     metrics files), so the report can be made again where DVC's cache of models is gone."""
 
@@ -149,8 +156,16 @@ class RunRecord:
         return self.folder / f"feature_maps_{slug}.png"
 
 
+# The per-variant stages' outputs (dvc.yaml's `outs`: one folder per variant, a file or
+# folder per seed inside): train -> models/<variant>/seed<k>/, evaluate -> the rest.
+def variant_outputs(variant: str) -> dict[str, Path]:
+    return {"models": MODELS / variant, "predictions": PREDICTIONS / variant,
+            "records": EVAL_REPORTS / variant, "metrics": METRICS / "runs" / variant,
+            "confusion": REPORTS / "confusion" / variant}
+
+
 def model_dir(variant: str, seed: int) -> Path:
-    return MODELS / variant / f"seed{seed}"
+    return variant_outputs(variant)["models"] / seed_name(seed)
 
 
 def run_files(variant: str, seed: int) -> RunFiles:
@@ -162,20 +177,41 @@ def checkpoint_dir(variant: str, seed: int) -> Path:
 
 
 def metrics_file(variant: str, seed: int) -> Path:
-    return METRICS / "runs" / f"{run_name(variant, seed)}.json"
+    return variant_outputs(variant)["metrics"] / f"{seed_name(seed)}.json"
 
 
 def run_record(variant: str, seed: int) -> RunRecord:
-    return RunRecord(EVAL_REPORTS / run_name(variant, seed))
+    return RunRecord(variant_outputs(variant)["records"] / seed_name(seed))
 
 
 def confusion_csv(variant: str, seed: int) -> Path:
     """(actual, predicted) per test image, for DVC's confusion plot template."""
-    return REPORTS / "confusion" / f"{run_name(variant, seed)}.csv"
+    return variant_outputs(variant)["confusion"] / f"{seed_name(seed)}.csv"
 
 
 def predictions_file(variant: str, seed: int) -> Path:
-    return PREDICTIONS / f"{run_name(variant, seed)}.npz"
+    return variant_outputs(variant)["predictions"] / f"{seed_name(seed)}.npz"
+
+
+def stale_seed_entries(folder: Path, seeds: list[int]) -> list[Path]:
+    """The entries (``seed<k>`` or ``seed<k>.<ext>``) of a per-variant output folder whose
+    seed is not in ``seeds``: a seed removed from train.seeds, for its stage to delete."""
+    if not folder.is_dir():
+        return []
+    kept = {seed_name(seed) for seed in seeds}
+    return sorted(entry for entry in folder.iterdir()
+                  if re.fullmatch(r"seed\d+(\.\w+)?", entry.name) and entry.name.split(".")[0] not in kept)
+
+
+def stage_deps(stage: str) -> list[Path]:
+    """The files and folders dvc.yaml lists as a stage's deps (templated ones left out): what
+    DVC re-runs it for, and so what a stage that keeps some earlier outputs must compare."""
+    import yaml
+
+    definition = yaml.safe_load(PIPELINE.read_text())["stages"][stage]
+    deps = definition.get("do", definition).get("deps", [])
+    names = [dep if isinstance(dep, str) else next(iter(dep)) for dep in deps]
+    return [Path(name) for name in names if "${" not in name]
 
 
 def project_root() -> Path:

@@ -26,7 +26,7 @@ from fmnist import device, paths, progress, recipes, tracking
 from fmnist.cli import Interrupted
 from fmnist.config import Config, ModelSpec, TrainConfig, flatten
 from fmnist.data import NUM_CLASSES, Dataset
-from fmnist.files import atomic_path, error_reason, write_json, write_text
+from fmnist.files import atomic_path, error_reason, remove, write_json, write_text
 from fmnist.models import build_model, summary_text
 
 
@@ -145,6 +145,7 @@ class TrainedModel:
     precision: str
     device: str
     train_seconds: float
+    name: str  # the run's name (paths.run_name)
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -179,31 +180,84 @@ def fit(model: keras.Model, data: Dataset, train: TrainConfig, callbacks: list,
               callbacks=callbacks, shuffle=True, verbose=progress.keras_verbosity())
 
 
+def seed_settings(config: Config, variant: str, seed: int, data_info: dict[str, Any], precision: str,
+                  devices: int) -> str:
+    """A fingerprint of everything that shapes one seed's training but the code and the data
+    files: the variant's model and recipe, train's keys, the seed, the data's facts, the
+    resolved backend, precision and device count. A checkpoint of other settings is discarded."""
+    spec = config.variant(variant)
+    # train's keys, the variant's own recipe keys overriding
+    train_settings = {k: v for k, v in {**asdict(config.train), **asdict(config.recipe(variant))}.items()
+                      if k != "seeds"}
+    return _fingerprint(asdict(spec), train_settings, seed, data_info, device.backend(), precision,
+                        devices)
+
+
+def train_seeds(config: Config, variant: str, data: Dataset, data_info: dict[str, Any],
+                inputs: str) -> list[TrainedModel]:
+    """The train stage of one variant: every seed of ``train.seeds`` in this process, one
+    after the other (each with its own folder models/<variant>/seed<k>/, MLflow run and
+    checkpoint). A seed whose folder was made by the same settings and the same ``inputs``
+    (a digest of the stage's code and data files) is kept, so adding a seed to
+    ``train.seeds`` trains only that seed; folders of seeds no longer listed are removed.
+    Returns the models trained now."""
+    trained = []
+    for seed in config.train.seeds:
+        with device.training_setup(config.train.precision) as (precision, devices):
+            expected = _fingerprint(seed_settings(config, variant, seed, data_info, precision, devices),
+                                    inputs)
+        out_dir = paths.model_dir(variant, seed)
+        if _made_by(out_dir) == expected:
+            print(f"{paths.run_name(variant, seed)}: kept (trained earlier with these settings, code "
+                  "and data)", flush=True)
+            continue
+        print(progress.stage_label("train", config.variants, config.train.seeds, variant, seed),
+              flush=True)
+        trained.append(train_variant(config, variant, seed, data, data_info, out_dir,
+                                     paths.checkpoint_dir(variant, seed), inputs))
+    for entry in paths.stale_seed_entries(paths.variant_outputs(variant)["models"], config.train.seeds):
+        print(f"Removing {entry}: its seed is no longer in train.seeds")
+        remove(entry)
+    return trained
+
+
+def _made_by(out_dir: Path) -> str | None:
+    """The fingerprint a complete models/<variant>/seed<k>/ folder was made with, else None."""
+    files = paths.RunFiles(out_dir)
+    if not all(path.is_file() for path in (files.model, files.history, files.history_csv,
+                                           files.architecture, files.run_info)):
+        return None
+    try:
+        return json.loads(files.run_info.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_info: dict[str, Any],
-                  out_dir: Path, checkpoint_dir: Path) -> TrainedModel:
+                  out_dir: Path, checkpoint_dir: Path, inputs: str = "") -> TrainedModel:
     """Train ``variant`` under ``seed``; write model, history, summary and run id to ``out_dir``.
 
     Resumes from ``checkpoint_dir`` when an earlier attempt stopped (Ctrl-C, a kill, a
     tracking failure): the same MLflow run, the epochs it lacks logged again, the training
-    time summed over the attempts.
+    time summed over the attempts. Keras' global dtype policy and distribution are set for
+    the run and restored after it (``device.training_setup``).
     """
     experiment_id = tracking.connect(config.tracking.experiment)
     keras.utils.set_random_seed(seed)
     with device.training_setup(config.train.precision) as (precision, devices):
         return _train(config, variant, seed, data, data_info, out_dir, checkpoint_dir,
-                      experiment_id, precision, devices)
+                      experiment_id, precision, devices, inputs)
 
 
 def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: dict[str, Any],
            out_dir: Path, checkpoint_dir: Path, experiment_id: str, precision: str,
-           devices: int) -> TrainedModel:
+           devices: int, inputs: str) -> TrainedModel:
     spec: ModelSpec = config.variant(variant)
     recipe = config.recipe(variant)
     name = paths.run_name(variant, seed)
-    # train's keys, the variant's own recipe keys overriding
     train_settings = {k: v for k, v in {**asdict(config.train), **asdict(recipe)}.items() if k != "seeds"}
-    checkpoint = Checkpoint(checkpoint_dir, _fingerprint(
-        asdict(spec), train_settings, seed, data_info, device.backend(), precision, devices))
+    settings = seed_settings(config, variant, seed, data_info, precision, devices)
+    checkpoint = Checkpoint(checkpoint_dir, settings)
     resumed = checkpoint.load()
     state: dict[str, Any] = resumed[0] if resumed else {}
     history: list[dict[str, float]] = list(state.get("history", []))
@@ -218,7 +272,7 @@ def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: di
     tags = {
         "kind": "cnn", "variant": variant, "seed": str(seed),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
-        "dvc_stage": paths.stage_name("train", variant, seed),
+        "dvc_stage": paths.stage_name("train", variant),
         "data_source": data_info["source"], "canonical_split": str(data_info["canonical_split"]),
         "keras_backend": device.backend(), "precision": precision, "device": device.describe(),
     }
@@ -254,8 +308,9 @@ def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: di
             recorder = EpochRecorder(on_epoch, test, config.train.batch_size)
             fit(model, data, config.train, [recorder], initial_epoch=len(history), seed=seed)
             result = TrainedModel(model, history, run_id, device.backend(), precision,
-                                  device.describe(), elapsed())
-            write_outputs(result, out_dir, data_info, config.evaluate.class_names)
+                                  device.describe(), elapsed(), name)
+            write_outputs(result, out_dir, data_info, config.evaluate.class_names,
+                          _fingerprint(settings, inputs))
             files = paths.RunFiles(out_dir)
             tracking.log_results({"train_seconds": round(result.train_seconds, 1)})
             tracking.log_artifacts(files.history, files.architecture)
@@ -277,9 +332,10 @@ def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: di
 
 
 def write_outputs(result: TrainedModel, out_dir: Path, data_info: dict[str, Any],
-                  class_names: tuple[str, ...]) -> None:
+                  class_names: tuple[str, ...], fingerprint: str) -> None:
     """models/<variant>/seed<k>/: every file of paths.RunFiles (its run_info also names the
-    classes in the model's output order, for fmnist.predict)."""
+    classes in the model's output order, for fmnist.predict, and the fingerprint of the
+    settings and inputs that made it, for ``train_seeds``)."""
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         files = paths.RunFiles(tmp)
@@ -297,5 +353,5 @@ def write_outputs(result: TrainedModel, out_dir: Path, data_info: dict[str, Any]
             "train_seconds": round(result.train_seconds, 1),
             "epochs": len(result.history), "parameters": result.model.count_params(),
             "canonical_split": data_info["canonical_split"], "data_source": data_info["source"],
-            "class_names": list(class_names),
+            "class_names": list(class_names), "fingerprint": fingerprint,
         })
