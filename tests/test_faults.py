@@ -554,3 +554,21 @@ def test_the_check_params_stage_writes_a_constant_file(tmp_path, tiny_params):
     bad = _stage(tmp_path, "check_params.py")
     assert bad.returncode == 1 and bad.stderr.startswith("ERROR: params.yaml: unknown key train.epoch;")
     assert os.environ.get("FMNIST_DEBUG") is None
+
+
+@pytest.mark.slow
+def test_a_failed_params_check_keeps_params_checked_for_the_other_stages(tmp_path, tiny_params):
+    # .params_checked is in git; were it deleted by a failed check, `dvc repro -s <stage>`
+    # after the fix would fail on the missing dependency (and git shows it deleted)
+    params = _one_variant(tiny_params)
+    repo = make_dvc_repo(tmp_path / "repo", params)
+    run(["dvc", "repro", "-s", "check_params"], repo)
+    checked = (repo / ".params_checked").read_bytes()
+    for what, change in [("unknown key", lambda p: p["train"].update(epoch=5)),
+                         ("removed champion", lambda p: p["registry"].update(champion_variant="cnn9"))]:
+        broken = yaml.safe_load(yaml.safe_dump(params))
+        change(broken)
+        (repo / "params.yaml").write_text(yaml.safe_dump(broken, sort_keys=False))
+        failed = run(["dvc", "repro", "-s", "check_params"], repo, check=False)
+        assert failed.returncode != 0 and "ERROR: params.yaml:" in failed.stderr, what
+        assert (repo / ".params_checked").read_bytes() == checked, what
