@@ -572,3 +572,37 @@ def test_a_failed_params_check_keeps_params_checked_for_the_other_stages(tmp_pat
         failed = run(["dvc", "repro", "-s", "check_params"], repo, check=False)
         assert failed.returncode != 0 and "ERROR: params.yaml:" in failed.stderr, what
         assert (repo / ".params_checked").read_bytes() == checked, what
+
+
+STOP_INSIDE_GC = """
+import gc, os, signal, sys, time
+from fmnist import cli
+
+def main():
+    def stop_inside_gc(phase, info):  # as JAX's _xla_gc_callback: Python code the gc runs
+        if phase == "start" and not stopped:
+            stopped.append(True)
+            os.kill(os.getpid(), getattr(signal, sys.argv[1]))  # the handler runs in here
+
+    stopped = []
+    gc.callbacks.append(stop_inside_gc)
+    gc.collect()
+    gc.callbacks.remove(stop_inside_gc)
+    time.sleep(30)
+    print("went on")
+
+cli.stage_main(main)
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_that_lands_in_a_gc_callback_still_stops_the_stage(tmp_path, signal_name):
+    # a KeyboardInterrupt raised there is printed ("Exception ignored in") and dropped
+    (tmp_path / "stage.py").write_text(STOP_INSIDE_GC)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "stage.py", signal_name], cwd=tmp_path, env=_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130, (result.stdout, result.stderr)
+    assert "went on" not in result.stdout and time.monotonic() - started < 20
+    assert result.stderr.strip().splitlines() == [
+        "ERROR: interrupted; run `dvc repro` again to go on (finished stages do not run again)"]
