@@ -4,6 +4,7 @@ them: tiny data, real DVC, real MLflow stores, servers on 127.0.0.1 only."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from fmnist import cli, data, download, evaluation, plots, tracking, training
+from fmnist import cli, data, download, evaluation, files, plots, tracking, training
 from fmnist.config import ConfigError, load_params
 from fmnist.download import DownloadError
 from fmnist.idx import write_idx
@@ -606,3 +607,34 @@ def test_a_stop_signal_that_lands_in_a_gc_callback_still_stops_the_stage(tmp_pat
     assert "went on" not in result.stdout and time.monotonic() - started < 20
     assert result.stderr.strip().splitlines() == [
         "ERROR: interrupted; run `dvc repro` again to go on (finished stages do not run again)"]
+
+
+def test_a_full_disk_names_the_output_and_says_to_free_space(tmp_path, monkeypatch, capsys):
+    # was: "unexpected OSError: [Errno 28] No space left on device", naming no file
+    metrics = tmp_path / "metrics" / "run.json"
+    files.write_json(metrics, {"accuracy": 0.9})
+    record = tmp_path / "reports" / "eval" / "run"
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(files.DiskFullError) as error:
+        files.write_json(metrics, {"accuracy": 0.5})
+    assert str(error.value) == (f"cannot write {metrics}: No space left on device; free some space "
+                                "on its disk and run `dvc repro` again")
+    with pytest.raises(files.DiskFullError, match=f"^cannot write {record}: No space left on device;"):
+        with files.atomic_path(record) as tmp:  # a folder: named, not the file inside it
+            tmp.mkdir()
+            files.write_json(tmp / "metrics.json", {})
+    monkeypatch.undo()
+    assert json.loads(metrics.read_text()) == {"accuracy": 0.9}  # the earlier output is kept
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "metrics/run.json"]  # no temporary files left
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.stage_main(lambda: files.write_json(metrics, {}))
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == f"ERROR: {error.value}\n"

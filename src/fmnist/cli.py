@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from fmnist.config import ConfigError
-from fmnist.files import CorruptFileError
+from fmnist.files import CorruptFileError, DiskFullError
 
 # TensorFlow's C++ start-up chatter is noise in a stage's output: warnings and errors only.
 # The one place the level is set: stage scripts import this module before Keras, and tests
@@ -63,7 +63,7 @@ _deferring = False
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ConfigError, CorruptFileError, FileNotFoundError]
+    errors: list[type[BaseException]] = [ConfigError, CorruptFileError, DiskFullError, FileNotFoundError]
     for module_name, names in _USER_ERRORS.items():
         module = sys.modules.get(module_name)
         if module is not None:
