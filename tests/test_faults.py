@@ -179,6 +179,34 @@ def test_3_the_local_folder_decides_whether_download_reruns_and_garbage_fails_th
         download.copy_local(local, tmp_path / "x")
 
 
+@pytest.mark.slow
+def test_3_local_files_deleted_after_the_download_keep_data_raw_and_repro_goes_on(
+        tmp_path, tiny_params, tiny_idx_dir):
+    # DVC saw data/local change, deleted data/raw and re-ran download, which failed: every
+    # later `dvc repro` stopped there
+    repo = make_dvc_repo(tmp_path / "repo", _one_variant(tiny_params), local_data=tiny_idx_dir)
+    run(["dvc", "repro", "download"], repo)
+    raw = _digest(repo / "data" / "raw")
+    for file in (repo / "data" / "local").glob("*.gz"):
+        file.unlink()
+    kept = run(["dvc", "repro", "download"], repo)
+    assert "download" in _ran(kept.stdout) and _digest(repo / "data" / "raw") == raw
+    assert ("NOTE: data/local/ no longer holds the four files: data/raw/ keeps the copy made from "
+            "them") in kept.stdout
+    assert "Data and pipelines are up to date" in run(["dvc", "status", "download"], repo).stdout
+
+
+def test_3_a_copy_of_deleted_local_files_is_kept_only_while_intact(tmp_path, tiny_config, tiny_idx_dir):
+    raw = tmp_path / "raw"
+    copied = download.download(tiny_config.data, raw, local_dir=tiny_idx_dir)
+    for file in tiny_idx_dir.glob("*.gz"):
+        file.unlink()
+    assert download.download(tiny_config.data, raw, local_dir=tiny_idx_dir) == copied
+    (raw / data.TEST_LABELS).write_bytes(b"damaged")
+    with pytest.raises(DownloadError, match=r"data\.source is local, but .* lacks"):
+        download.download(tiny_config.data, raw, local_dir=tiny_idx_dir)
+
+
 def test_3_garbage_local_files_fail_at_download_naming_the_file(tmp_path, tiny_config, tiny_idx_dir):
     images = tiny_idx_dir / data.TEST_IMAGES
     write_idx(images, np.zeros((60, 28, 27), np.uint8))
