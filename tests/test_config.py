@@ -80,6 +80,31 @@ def test_bad_values_name_the_key(path, value, named):
         parse_params(_with(path, value))
 
 
+@pytest.mark.parametrize("path, value, allowed", [
+    ("train.epochs", 10**20, "a whole number from 1 to 10000"),
+    ("train.batch_size", 10**20, "a whole number from 1 to 60000"),
+    ("train.step_epochs", 10**20, "a whole number from 1 to 10000"),
+    ("train.seeds", [10**20], "a non-empty list of whole numbers from 0 to 4294967295"),
+    ("data.split_seed", 2**32, "a whole number from 0 to 4294967295"),
+    ("data.validation_size", 10**20, "a whole number from 0 to 59999 (smaller than the training set)"),
+    ("baseline.train_size", 10**20, "a whole number from 10 to 60000"),
+    ("baseline.seed", -1, "a whole number from 0 to 4294967295"),
+    ("analyse.top_errors", 10**20, "a whole number from 1 to 10000"),
+    ("model_defaults.blocks", 10**20, "a whole number from 1 to 64"),
+    ("model_defaults.filters", 10**20, "whole numbers from 1 to 65536"),
+    ("model_defaults.dense_units", 10**20, "a whole number from 1 to 65536"),
+    ("model_defaults.kernel_size", 10**20, "a whole number from 1 to 28"),
+    ("train.learning_rate", float("inf"), "a number > 0"),
+])
+def test_absurd_numbers_are_refused_naming_the_key_and_the_allowed_range(path, value, allowed):
+    # 10**20 epochs passed once and failed in the middle of training (a TypeError from
+    # TensorFlow's cosine schedule), after the stages before it had run
+    key = path.replace("model_defaults.", "variants.cnn2.")
+    with pytest.raises(ConfigError) as error:
+        parse_params(_with(path, value))
+    assert str(error.value) == f"params.yaml: {key} = {value!r} is invalid; allowed: {allowed}"
+
+
 def test_unknown_keys_and_sections_are_rejected_with_the_allowed_ones():
     with pytest.raises(ConfigError, match=r"unknown key train\.epoch;.*epochs"):
         parse_params(_with("train.epoch", 3))

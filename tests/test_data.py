@@ -41,6 +41,16 @@ def test_idx_writes_the_same_bytes_every_time(tmp_path):
     assert (tmp_path / "a.gz").read_bytes() == (tmp_path / "b.gz").read_bytes()
 
 
+def test_idx_reads_gzip_by_its_content_whatever_the_name(tmp_path):
+    array = np.arange(2 * 28 * 28, dtype=np.uint32).astype(np.uint8).reshape(2, 28, 28)
+    write_idx(tmp_path / "a.gz", array)
+    write_idx(tmp_path / "b", array)
+    (tmp_path / "a.gz").rename(tmp_path / "gzipped")
+    (tmp_path / "b").rename(tmp_path / "plain.gz")
+    np.testing.assert_array_equal(read_idx(tmp_path / "gzipped"), array)
+    np.testing.assert_array_equal(read_idx(tmp_path / "plain.gz"), array)
+
+
 def test_idx_rejects_truncated_and_foreign_files(tmp_path):
     write_idx(tmp_path / "x.gz", np.zeros((5, 28, 28), np.uint8))
     raw = gzip.decompress((tmp_path / "x.gz").read_bytes())

@@ -4,6 +4,7 @@ them: tiny data, real DVC, real MLflow stores, servers on 127.0.0.1 only."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from fmnist import cli, data, download, evaluation, plots, tracking, training
+from fmnist import cli, data, download, evaluation, files, plots, tracking, training
 from fmnist.config import ConfigError, load_params
 from fmnist.download import DownloadError
 from fmnist.idx import write_idx
@@ -176,6 +177,34 @@ def test_3_the_local_folder_decides_whether_download_reruns_and_garbage_fails_th
     assert baseline.returncode == 0, baseline.stderr[-2000:]
     with pytest.raises(DownloadError, match=r"data\.source is local, but .*local/ lacks"):
         download.copy_local(local, tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_3_local_files_deleted_after_the_download_keep_data_raw_and_repro_goes_on(
+        tmp_path, tiny_params, tiny_idx_dir):
+    # DVC saw data/local change, deleted data/raw and re-ran download, which failed: every
+    # later `dvc repro` stopped there
+    repo = make_dvc_repo(tmp_path / "repo", _one_variant(tiny_params), local_data=tiny_idx_dir)
+    run(["dvc", "repro", "download"], repo)
+    raw = _digest(repo / "data" / "raw")
+    for file in (repo / "data" / "local").glob("*.gz"):
+        file.unlink()
+    kept = run(["dvc", "repro", "download"], repo)
+    assert "download" in _ran(kept.stdout) and _digest(repo / "data" / "raw") == raw
+    assert ("NOTE: data/local/ no longer holds the four files: data/raw/ keeps the copy made from "
+            "them") in kept.stdout
+    assert "Data and pipelines are up to date" in run(["dvc", "status", "download"], repo).stdout
+
+
+def test_3_a_copy_of_deleted_local_files_is_kept_only_while_intact(tmp_path, tiny_config, tiny_idx_dir):
+    raw = tmp_path / "raw"
+    copied = download.download(tiny_config.data, raw, local_dir=tiny_idx_dir)
+    for file in tiny_idx_dir.glob("*.gz"):
+        file.unlink()
+    assert download.download(tiny_config.data, raw, local_dir=tiny_idx_dir) == copied
+    (raw / data.TEST_LABELS).write_bytes(b"damaged")
+    with pytest.raises(DownloadError, match=r"data\.source is local, but .* lacks"):
+        download.download(tiny_config.data, raw, local_dir=tiny_idx_dir)
 
 
 def test_3_garbage_local_files_fail_at_download_naming_the_file(tmp_path, tiny_config, tiny_idx_dir):
@@ -554,3 +583,86 @@ def test_the_check_params_stage_writes_a_constant_file(tmp_path, tiny_params):
     bad = _stage(tmp_path, "check_params.py")
     assert bad.returncode == 1 and bad.stderr.startswith("ERROR: params.yaml: unknown key train.epoch;")
     assert os.environ.get("FMNIST_DEBUG") is None
+
+
+@pytest.mark.slow
+def test_a_failed_params_check_keeps_params_checked_for_the_other_stages(tmp_path, tiny_params):
+    # .params_checked is in git; were it deleted by a failed check, `dvc repro -s <stage>`
+    # after the fix would fail on the missing dependency (and git shows it deleted)
+    params = _one_variant(tiny_params)
+    repo = make_dvc_repo(tmp_path / "repo", params)
+    run(["dvc", "repro", "-s", "check_params"], repo)
+    checked = (repo / ".params_checked").read_bytes()
+    for what, change in [("unknown key", lambda p: p["train"].update(epoch=5)),
+                         ("removed champion", lambda p: p["registry"].update(champion_variant="cnn9"))]:
+        broken = yaml.safe_load(yaml.safe_dump(params))
+        change(broken)
+        (repo / "params.yaml").write_text(yaml.safe_dump(broken, sort_keys=False))
+        failed = run(["dvc", "repro", "-s", "check_params"], repo, check=False)
+        assert failed.returncode != 0 and "ERROR: params.yaml:" in failed.stderr, what
+        assert (repo / ".params_checked").read_bytes() == checked, what
+
+
+STOP_INSIDE_GC = """
+import gc, os, signal, sys, time
+from fmnist import cli
+
+def main():
+    def stop_inside_gc(phase, info):  # as JAX's _xla_gc_callback: Python code the gc runs
+        if phase == "start" and not stopped:
+            stopped.append(True)
+            os.kill(os.getpid(), getattr(signal, sys.argv[1]))  # the handler runs in here
+
+    stopped = []
+    gc.callbacks.append(stop_inside_gc)
+    gc.collect()
+    gc.callbacks.remove(stop_inside_gc)
+    time.sleep(30)
+    print("went on")
+
+cli.stage_main(main)
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_that_lands_in_a_gc_callback_still_stops_the_stage(tmp_path, signal_name):
+    # a KeyboardInterrupt raised there is printed ("Exception ignored in") and dropped
+    (tmp_path / "stage.py").write_text(STOP_INSIDE_GC)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "stage.py", signal_name], cwd=tmp_path, env=_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130, (result.stdout, result.stderr)
+    assert "went on" not in result.stdout and time.monotonic() - started < 20
+    assert result.stderr.strip().splitlines() == [
+        "ERROR: interrupted; run `dvc repro` again to go on (finished stages do not run again)"]
+
+
+def test_a_full_disk_names_the_output_and_says_to_free_space(tmp_path, monkeypatch, capsys):
+    # was: "unexpected OSError: [Errno 28] No space left on device", naming no file
+    metrics = tmp_path / "metrics" / "run.json"
+    files.write_json(metrics, {"accuracy": 0.9})
+    record = tmp_path / "reports" / "eval" / "run"
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(files.DiskFullError) as error:
+        files.write_json(metrics, {"accuracy": 0.5})
+    assert str(error.value) == (f"cannot write {metrics}: No space left on device; free some space "
+                                "on its disk and run `dvc repro` again")
+    with pytest.raises(files.DiskFullError, match=f"^cannot write {record}: No space left on device;"):
+        with files.atomic_path(record) as tmp:  # a folder: named, not the file inside it
+            tmp.mkdir()
+            files.write_json(tmp / "metrics.json", {})
+    monkeypatch.undo()
+    assert json.loads(metrics.read_text()) == {"accuracy": 0.9}  # the earlier output is kept
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "metrics/run.json"]  # no temporary files left
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.stage_main(lambda: files.write_json(metrics, {}))
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == f"ERROR: {error.value}\n"

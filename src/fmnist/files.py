@@ -7,6 +7,7 @@ finished output.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -36,21 +37,46 @@ def tree_digest(paths: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """An output could not be written for want of disk space (or quota)."""
+
+    def __init__(self, path: Path, error: OSError):
+        # a DiskFullError of a file inside a folder being written: the folder's, same reason
+        self.reason = getattr(error, "reason", None) or error.strerror or str(error)
+        super().__init__(f"cannot write {path}: {self.reason}; free some space on its disk and "
+                         "run `dvc repro` again")
+        self.path = path
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success rename it onto ``path``.
 
-    Works for files and for directories (the caller creates whichever it needs).
+    Works for files and for directories (the caller creates whichever it needs). A full
+    disk, while the caller writes or here, is a DiskFullError naming ``path`` (not the
+    temporary path, nor a file inside a folder being written).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as error:
+        if not _disk_full(error):
+            raise
+        raise DiskFullError(path, error) from error
     target = tmp / path.name
     try:
         yield target
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(target, path)
+    except OSError as error:
+        if not _disk_full(error):
+            raise
+        raise DiskFullError(path, error) from error
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -61,6 +87,10 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def _disk_full(error: OSError) -> bool:
+    return isinstance(error, DiskFullError) or error.errno in DISK_FULL
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 _UBYTE = 0x08
+GZIP_MAGIC = b"\x1f\x8b"
+IDX_MAGIC = b"\x00\x00"  # then the data type and the number of dimensions
 
 
 class IdxError(ValueError):
@@ -15,15 +18,18 @@ class IdxError(ValueError):
 
 
 def read_idx(path: Path) -> np.ndarray:
+    """A uint8 IDX file, gzip-compressed or not: told by its first bytes, not by its name
+    (a download may have lost the ``.gz``, or been unpacked and kept it)."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as error:  # a truncated or non-gzip file
+        raw = path.read_bytes()
+        if raw.startswith(GZIP_MAGIC):
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as error:  # a truncated or damaged gzip stream
         raise IdxError(f"{path}: cannot be read as IDX ({error})") from error
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise IdxError(f"{path}: not an IDX file (bad magic number)")
+    if len(raw) < 4 or not raw.startswith(IDX_MAGIC):
+        raise IdxError(f"{path}: cannot be read as IDX (neither gzip-compressed nor starting with "
+                       "the IDX magic number)")
     if raw[2] != _UBYTE:
         raise IdxError(f"{path}: IDX data type 0x{raw[2]:02x}, expected 0x08 (unsigned byte)")
     ndim = raw[3]

@@ -13,14 +13,16 @@ are the Keras objects ``model.fit`` would train, save and resume; the loss and a
 the compiled ones (categorical cross-entropy on probabilities with the compiled loss' label
 smoothing, categorical accuracy), each
 epoch's value the mean over its images, as in ``model.fit``'s logs. Callbacks get the
-epoch-level calls only (train begin/end, epoch begin/end); batch-level hooks are not called.
+epoch-level calls (train begin/end, epoch begin/end) and, where each batch is a call from
+Python (``compiled_epochs`` off), ``on_train_batch_begin``; the other batch-level hooks are
+not called.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,13 +62,15 @@ def _padded_chunks(images: np.ndarray, labels: np.ndarray) -> tuple[jax.Array, j
             jnp.asarray(y.reshape(chunks, size)), jnp.asarray(mask.reshape(chunks, size)))
 
 
-def make_epoch_functions(model: keras.Model, n_train: int, batch_size: int, compiled_epochs: bool):
+def make_epoch_functions(model: keras.Model, n_train: int, batch_size: int, compiled_epochs: bool,
+                         before_step: Callable[[int], None] | None = None):
     """(train_epoch, evaluate) for the model's state and device arrays.
 
     ``compiled_epochs``: each epoch (each evaluation) is one compiled call with a
     ``lax.scan`` over the batches: what a GPU needs. Otherwise a Python loop calls the same
     compiled step per batch: on XLA's CPU backend, convolutions inside a scan ran 4x slower
-    than the same step called from Python (measured here; see docs/timing.md).
+    than the same step called from Python (measured here; see docs/timing.md); that loop
+    calls ``before_step(batch)`` before each step.
     """
     optimizer = model.optimizer
     full_steps, remainder = divmod(n_train, batch_size)
@@ -141,7 +145,9 @@ def make_epoch_functions(model: keras.Model, n_train: int, batch_size: int, comp
     def train_epoch_stepwise(state, x_all, y_all, key):
         order = jax.random.permutation(key, n_train)
         loss_sum, correct = 0.0, 0
-        for begin in range(0, n_train, batch_size):
+        for batch, begin in enumerate(range(0, n_train, batch_size)):
+            if before_step is not None:
+                before_step(batch)
             state, (loss, batch_correct) = step_once(state, x_all, y_all, order[begin:begin + batch_size])
             loss_sum, correct = loss_sum + loss, correct + batch_correct
         return state, epoch_logs(loss_sum, correct)
@@ -170,13 +176,14 @@ def fit(model: keras.Model, images: np.ndarray, labels: np.ndarray, *, batch_siz
         model.optimizer.build(model.trainable_variables)
     if compiled_epochs is None:
         compiled_epochs = jax.default_backend() != "cpu"
-    train_epoch, evaluate = make_epoch_functions(model, len(labels), batch_size, compiled_epochs)
+    callback_list = keras.callbacks.CallbackList(list(callbacks), model=model)
+    train_epoch, evaluate = make_epoch_functions(model, len(labels), batch_size, compiled_epochs,
+                                                 before_step=callback_list.on_train_batch_begin)
     x_all, y_all = jnp.asarray(images), jnp.asarray(labels.astype(np.int32))
     monitored = {prefix: _padded_chunks(*arrays)
                  for prefix, arrays in (("val_", validation), ("test_", test))
                  if arrays is not None and len(arrays[1])}
     base_key = jax.random.PRNGKey(seed)
-    callback_list = keras.callbacks.CallbackList(list(callbacks), model=model)
     model.stop_training = False
     callback_list.on_train_begin()
     for epoch in range(initial_epoch, epochs):

@@ -42,12 +42,12 @@ import numpy as np
 from fmnist import paths
 from fmnist.config import ConfigError
 from fmnist.data import IMAGE_SIZE
+from fmnist.idx import GZIP_MAGIC, IDX_MAGIC, IdxError, read_idx
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 TRIM_TOLERANCE = 0.05  # Zalando's trim: edges within 5 % of the corner colour are background
 _NPY_MAGIC = b"\x93NUMPY"
-_GZIP_MAGIC = b"\x1f\x8b"
 
 
 class InputError(ValueError):
@@ -131,9 +131,7 @@ def read_inputs(path: Path, invert: bool | None = None) -> np.ndarray:
         except (OSError, ValueError, EOFError) as error:
             raise InputError(f"{path}: cannot be read as a .npy array ({error})") from error
         return check_pixels(np.asarray(array), str(path))
-    if head.startswith(b"\x00\x00\x08") or (head.startswith(_GZIP_MAGIC) and _gzipped_idx(path)):
-        from fmnist.idx import IdxError, read_idx
-
+    if head.startswith(IDX_MAGIC + b"\x08") or (head.startswith(GZIP_MAGIC) and _gzipped_idx(path)):
         try:
             array = read_idx(path)
         except IdxError as error:
@@ -154,7 +152,7 @@ def read_inputs(path: Path, invert: bool | None = None) -> np.ndarray:
 def _gzipped_idx(path: Path) -> bool:
     try:
         with gzip.open(path, "rb") as f:
-            return f.read(3) == b"\x00\x00\x08"
+            return f.read(3) == IDX_MAGIC + b"\x08"
     except (OSError, EOFError):
         return False
 

@@ -22,7 +22,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from fmnist import device, paths, progress, recipes, tracking
+from fmnist import cli, device, paths, progress, recipes, tracking
 from fmnist.cli import Interrupted
 from fmnist.config import Config, ModelSpec, TrainConfig, flatten
 from fmnist.data import NUM_CLASSES, Dataset
@@ -69,6 +69,21 @@ class EpochRecorder(keras.callbacks.Callback):
             record["test_accuracy"] = float(scores["accuracy"])
         record["epoch_seconds"] = time.perf_counter() - self._started
         self.on_epoch(record)
+
+
+class StopWhenAsked(keras.callbacks.Callback):
+    """Raises a recorded stop signal (Ctrl-C, SIGTERM) between batches and epochs, from
+    ordinary code (see fmnist.cli.stop_at_safe_points): the checkpoint and the MLflow run
+    are then never stopped half-way through an epoch's bookkeeping."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        cli.check_stop()
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        cli.check_stop()
+
+    def on_test_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        cli.check_stop()
 
 
 class Checkpoint:
@@ -306,7 +321,9 @@ def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: di
                 "train", config.variants, config.train.seeds, variant, seed), config.train.epochs,
                 first_epoch=len(history))
             recorder = EpochRecorder(on_epoch, test, config.train.batch_size)
-            fit(model, data, config.train, [recorder], initial_epoch=len(history), seed=seed)
+            with cli.stop_at_safe_points():
+                fit(model, data, config.train, [StopWhenAsked(), recorder], initial_epoch=len(history),
+                    seed=seed)
             result = TrainedModel(model, history, run_id, device.backend(), precision,
                                   device.describe(), elapsed(), name)
             write_outputs(result, out_dir, data_info, config.evaluate.class_names,
