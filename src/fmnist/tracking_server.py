@@ -148,6 +148,22 @@ def _answers(uri: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def _who_answers(host: str, port: int) -> str | None:
+    """What listens on ``host:port`` in a few words, or None when nothing does."""
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/", timeout=3) as response:
+            server = response.headers.get("Server")
+    except urllib.error.HTTPError as error:  # an HTTP answer all the same
+        server = error.headers.get("Server")
+    except (urllib.error.URLError, OSError):
+        return "something that is not an HTTP server answers there"
+    return f"an HTTP server answers there{f' (Server: {server})' if server else ''}"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -201,6 +217,12 @@ def start(folder: Path = DEFAULT_DIR, port: int | None = None, workers: int = 2,
         return running
     if running is not None:  # left by a crash or a reboot: clean up what is left
         stop(folder)
+    # mlflow server cannot bind a taken port, but the other server would answer our health
+    # check: refuse before anything is started
+    taken = _who_answers("127.0.0.1", port) if port else None
+    if taken:
+        raise ServerError(f"127.0.0.1:{port} is taken: {taken}; stop it (`make mlflow-ui` uses port "
+                          "5000 too) or start on another port (--port)")
     folder.mkdir(parents=True, exist_ok=True)
     _check_reachable_by_postgres(folder)
     data, artifacts = folder / "postgres", folder / "artifacts"
@@ -224,7 +246,7 @@ def start(folder: Path = DEFAULT_DIR, port: int | None = None, workers: int = 2,
     server = Server(uri, backend, process.pid, pg_port, str(data), str(artifacts), str(log))
     (folder / STATE_FILE).write_text(json.dumps(asdict(server), indent=1) + "\n")
     deadline = time.monotonic() + timeout_s  # the first start creates the tables (tens of seconds)
-    while not _answers(uri):
+    while process.poll() is not None or not _answers(uri):
         if process.poll() is not None or time.monotonic() > deadline:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
             stop(folder)
