@@ -145,6 +145,40 @@ def test_start_refuses_a_port_another_server_answers_on_and_starts_nothing():
         shutil.rmtree(server_dir, ignore_errors=True)
 
 
+@pytest.mark.skipif(not glob.glob("/usr/lib/postgresql/*/bin/pg_ctl") and not shutil.which("pg_ctl"),
+                    reason="PostgreSQL is not installed (make deps-system)")
+def test_a_damaged_postgresql_folder_is_a_one_line_error_naming_the_cause_the_log_and_the_way_out():
+    server_dir = Path(tempfile.mkdtemp(prefix="fmnist-server-"))
+    server_dir.chmod(0o755)
+    data = server_dir / "state" / "postgres"
+    data.parent.mkdir()
+    try:
+        for lost in ("global/pg_control", "PG_VERSION"):
+            shutil.rmtree(data, ignore_errors=True)
+            tracking_server._start_postgres(data, tracking_server.free_port())  # a real cluster
+            tracking_server._stop_postgres(data)
+            (data / lost).unlink()
+            result = subprocess.run([sys.executable, "-m", "fmnist.tracking_server", "start", "--dir",
+                                     str(server_dir / "state"), "--port", "0"],
+                                    capture_output=True, text=True, env=venv_env(), timeout=300)
+            assert result.returncode == 1, result.stdout + result.stderr
+            error = result.stderr.strip()
+            assert error.startswith("ERROR: ") and "\n" not in error and "Traceback" not in error, error
+            if lost == "PG_VERSION":
+                assert f"{data} is not a PostgreSQL data folder (it holds no PG_VERSION)" in error
+            else:
+                assert f'could not open file "{data / lost}": No such file or directory' in error
+                assert f"(log: {data / 'server.log'})" in error
+            assert f"restore {data} from a backup, or remove it to start afresh" in error
+            assert "Examine the log output" not in error
+            assert (data / "base").is_dir()  # nothing was overwritten (initdb) or removed
+            assert tracking_server.read_state(server_dir / "state") is None
+            assert _processes_in(server_dir) == []
+    finally:
+        tracking_server.stop(server_dir / "state")
+        shutil.rmtree(server_dir, ignore_errors=True)
+
+
 def _queue_two_experiments(repo: Path, env: dict[str, str]) -> None:
     """Queue one experiment per learning rate, run them with two workers, wait for the workers."""
     for rate in LEARNING_RATES:
