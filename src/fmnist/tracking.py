@@ -25,7 +25,9 @@ import functools
 import hashlib
 import json
 import os
+import signal
 import subprocess
+import threading
 import time
 import types
 import urllib.error
@@ -639,6 +641,29 @@ def run_tags(run_id: str) -> dict[str, str]:
     return dict(MlflowClient().get_run(run_id).data.tags)
 
 
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while a write of several steps runs (a version with its tags and
+    description; an alias moved from one model to another), then act on them as they would
+    have: a Ctrl-C or a SIGTERM (``stage_main``: exit 130) never leaves the registry half-written,
+    e.g. with no model holding the alias. Each write takes a second or less."""
+    if threading.current_thread() is not threading.main_thread():  # only it handles signals
+        yield
+        return
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in held}
+    for signum in held:
+        signal.signal(signum, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            signal.raise_signal(received[0])  # its own handler acts now
+
+
 @_guarded("registering a model version")
 def register_version(model_name: str, run_id: str, logged_name: str, tags: dict[str, str],
                      description: str) -> str:
@@ -648,14 +673,15 @@ def register_version(model_name: str, run_id: str, logged_name: str, tags: dict[
     Returns the version."""
     client = MlflowClient()
     tags = {**tags, "git_commit": run_tags(run_id).get("git_commit", "unknown")}
-    found = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
-    if found:
-        version = str(min(int(v.version) for v in found))
-    else:
-        version = mlflow.register_model(f"runs:/{run_id}/{logged_name}", model_name, tags=tags).version
-    client.update_registered_model(model_name, description=description)
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, value)
+    with _uninterrupted():
+        found = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+        if found:
+            version = str(min(int(v.version) for v in found))
+        else:
+            version = mlflow.register_model(f"runs:/{run_id}/{logged_name}", model_name, tags=tags).version
+        client.update_registered_model(model_name, description=description)
+        for key, value in tags.items():
+            client.set_model_version_tag(model_name, version, key, value)
     return str(version)
 
 
@@ -665,7 +691,8 @@ def set_alias(model_name: str, version: str, alias: str, prefix: str) -> None:
     models named ``prefix``... (the alias marks one model a user should take, not one per
     variant)."""
     client = MlflowClient()
-    for other in client.search_registered_models(filter_string=f"name LIKE '{prefix}%'"):
-        if other.name != model_name and alias in (other.aliases or {}):
-            client.delete_registered_model_alias(other.name, alias)
-    client.set_registered_model_alias(model_name, alias, version)
+    with _uninterrupted():
+        for other in client.search_registered_models(filter_string=f"name LIKE '{prefix}%'"):
+            if other.name != model_name and alias in (other.aliases or {}):
+                client.delete_registered_model_alias(other.name, alias)
+        client.set_registered_model_alias(model_name, alias, version)
