@@ -396,6 +396,50 @@ def test_4_resume_relogs_the_epoch_the_store_failed_to_log(tiny_config, tiny_dat
         assert sorted(m.step for m in client.get_metric_history(resumed.run_id, key)) == [1, 2, 3], key
 
 
+class _FillDiskAfterEpoch1(training.keras.callbacks.Callback):
+    """Fills the file system of ``folder`` when epoch 1 ends, before its metrics are logged."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = folder
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            with contextlib.suppress(OSError), (self.folder / "filler").open("wb") as filler:
+                while True:
+                    filler.write(b"\0" * 2**16)
+                    filler.flush()
+
+
+@pytest.mark.slow
+def test_4_a_store_whose_disk_fills_up_is_one_line_naming_the_cause_without_mlflows_tracebacks(
+        tiny_config, tiny_data, tmp_path, monkeypatch, capfd):
+    disk = tmp_path / "small-disk"  # a real full disk: a 16 MiB tmpfs holding the SQLite store
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
+    try:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        monkeypatch.delenv("FMNIST_DEBUG", raising=False)
+        monkeypatch.setenv("DVC_ROOT", str(disk))  # the store; models and checkpoints stay on tmp_path
+        _patch_fit(monkeypatch, _FillDiskAfterEpoch1(disk))
+        data, info = tiny_data
+        with pytest.raises(TrackingError) as error:
+            train_variant(tiny_config, "cnn2", 0, data, info, tmp_path / "models" / "cnn2",
+                          tmp_path / ".checkpoints" / "cnn2")
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)  # MLflow's pool holds mlflow.db open
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"MLflow tracking store sqlite:///{disk / 'mlflow.db'} failed while logging "
+                              "metrics: the disk is full (database or disk is full); free space on it and "
+                              "run again."), message
+    assert "The checkpoint" in message and "(after epoch 1) is kept" in message
+    stderr = capfd.readouterr().err
+    assert "Traceback" not in stderr and "SQLAlchemy database error" not in stderr, stderr[-3000:]
+
+
 def _hanging_registry() -> tuple[socket.socket, list]:
     """Accepts connections, never answers."""
     listener = socket.socket()

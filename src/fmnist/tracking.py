@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -74,9 +76,33 @@ _STORE_ERRORS = (mlflow.exceptions.MlflowException, requests.exceptions.RequestE
 
 
 def _reason(error: BaseException) -> str:
+    """The cause, in one line: the database's own words (SQLAlchemy's first line may be only
+    "(raised as a result of Query-invoked autoflush ...)"), and a full disk said as such."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return f"the disk is full ({cause.strerror}); free space on it and run again"
+        original = getattr(cause, "orig", None)  # the DB-API error under SQLAlchemy's
+        if original is not None:
+            if "disk is full" in str(original):
+                return f"the disk is full ({original}); free space on it and run again"
+            error = original
+            break
+        cause = cause.__cause__
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     text = lines[0] if lines else type(error).__name__
     return text if len(text) <= 400 else text[:400] + " ..."
+
+
+class _DropStoreTracebacks(logging.Filter):
+    """MLflow logs each database error with its traceback (mlflow.store.db.utils) before it
+    raises it; the TrackingError that follows says the same in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("SQLAlchemy database error")
+
+
+_STORE_LOGGER = "mlflow.store.db.utils"
 
 
 def _store_error(error: BaseException, doing: str) -> TrackingError:
@@ -130,6 +156,10 @@ def use_store(root: Path | None = None, create: bool = True) -> str:
     uri = tracking_uri(root)
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
+    store_logger = logging.getLogger(_STORE_LOGGER)
+    debugging = os.environ.get("FMNIST_DEBUG", "").strip() not in ("", "0")  # as fmnist.cli
+    if not debugging and not any(isinstance(f, _DropStoreTracebacks) for f in store_logger.filters):
+        store_logger.addFilter(_DropStoreTracebacks())
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///").split("?")[0])
         if not create and not db.is_file():
