@@ -310,6 +310,60 @@ def test_4_a_run_that_could_not_be_ended_is_marked_failed_at_the_next_start(mlfl
     assert client.get_run(second).info.status == "FINISHED"
 
 
+class _Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def test_4_sigterm_during_a_registry_write_lets_it_finish_then_exits_130(mlflow_store, monkeypatch, capsys):
+    """The register stage's writes of several steps (a version and its tags; the alias moved
+    from one model to another) finish before a SIGTERM acts: one line, exit 130, nothing half-done."""
+    experiment_id = tracking.connect("faults", root=mlflow_store)
+    run_ids = []
+    for name in ("cnn2-seed0", "cnn2_bn-seed0"):
+        with tracking.run(experiment_id, name, {}) as run_id:
+            mlflow.pyfunc.log_model(name=name, python_model=_Echo(), pip_requirements=[])
+        run_ids.append(run_id)
+    tags = {"variant": "cnn2", "seed": "0", "data_source": "local", "canonical_split": "False"}
+    monkeypatch.delenv("FMNIST_DEBUG", raising=False)
+    client = MlflowClient()
+
+    def terminated_during(method: str, step) -> tuple[int, str]:
+        """Run ``step`` as a stage whose MlflowClient.``method`` is sent SIGTERM as it starts."""
+        real = getattr(MlflowClient, method)
+
+        def write(self, *args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a CI timeout would, mid-write
+            return real(self, *args, **kwargs)
+
+        previous = signal.getsignal(signal.SIGTERM)
+        capsys.readouterr()  # MLflow's messages so far
+        with monkeypatch.context() as patch:
+            patch.setattr(MlflowClient, method, write)
+            try:
+                with pytest.raises(SystemExit) as exit_info:
+                    cli.stage_main(step)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+        err = capsys.readouterr().err  # MLflow's own lines ("Created version '1' ..."), then ours
+        assert "Traceback" not in err
+        return exit_info.value.code, err.strip().splitlines()[-1]
+
+    assert terminated_during("update_registered_model", lambda: tracking.register_version(
+        "fashion-mnist-cnn2", run_ids[0], "cnn2-seed0", tags, "tiny")) == (
+        130, "ERROR: interrupted; run `dvc repro` again to go on (finished stages do not run again)")
+    assert client.get_registered_model("fashion-mnist-cnn2").description == "tiny"
+    assert set(client.get_model_version("fashion-mnist-cnn2", "1").tags) == {*tags, "git_commit"}
+
+    tracking.set_alias("fashion-mnist-cnn2", "1", "champion", "fashion-mnist-")
+    tracking.register_version("fashion-mnist-cnn2_bn", run_ids[1], "cnn2_bn-seed0", tags, "tiny")
+    assert terminated_during("delete_registered_model_alias", lambda: tracking.set_alias(
+        "fashion-mnist-cnn2_bn", "1", "champion", "fashion-mnist-"))[0] == 130
+    # moved, not lost: the alias is on the other model
+    assert "champion" not in client.get_registered_model("fashion-mnist-cnn2").aliases
+    assert str(client.get_model_version_by_alias("fashion-mnist-cnn2_bn", "champion").version) == "1"
+
+
 @pytest.fixture
 def tiny_data(tmp_path, tiny_config, tiny_idx_dir):
     download.download(tiny_config.data, tmp_path / "raw", local_dir=tiny_idx_dir)
@@ -369,6 +423,50 @@ def test_4_resume_relogs_the_epoch_the_store_failed_to_log(tiny_config, tiny_dat
     assert client.get_run(resumed.run_id).info.status == "FINISHED"
     for key in ("loss", "monitor_test_accuracy", "epoch_seconds"):
         assert sorted(m.step for m in client.get_metric_history(resumed.run_id, key)) == [1, 2, 3], key
+
+
+class _FillDiskAfterEpoch1(training.keras.callbacks.Callback):
+    """Fills the file system of ``folder`` when epoch 1 ends, before its metrics are logged."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = folder
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            with contextlib.suppress(OSError), (self.folder / "filler").open("wb") as filler:
+                while True:
+                    filler.write(b"\0" * 2**16)
+                    filler.flush()
+
+
+@pytest.mark.slow
+def test_4_a_store_whose_disk_fills_up_is_one_line_naming_the_cause_without_mlflows_tracebacks(
+        tiny_config, tiny_data, tmp_path, monkeypatch, capfd):
+    disk = tmp_path / "small-disk"  # a real full disk: a 16 MiB tmpfs holding the SQLite store
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
+    try:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        monkeypatch.delenv("FMNIST_DEBUG", raising=False)
+        monkeypatch.setenv("DVC_ROOT", str(disk))  # the store; models and checkpoints stay on tmp_path
+        _patch_fit(monkeypatch, _FillDiskAfterEpoch1(disk))
+        data, info = tiny_data
+        with pytest.raises(TrackingError) as error:
+            train_variant(tiny_config, "cnn2", 0, data, info, tmp_path / "models" / "cnn2",
+                          tmp_path / ".checkpoints" / "cnn2")
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)  # MLflow's pool holds mlflow.db open
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"MLflow tracking store sqlite:///{disk / 'mlflow.db'} failed while logging "
+                              "metrics: the disk is full (database or disk is full); free space on it and "
+                              "run again."), message
+    assert "The checkpoint" in message and "(after epoch 1) is kept" in message
+    stderr = capfd.readouterr().err
+    assert "Traceback" not in stderr and "SQLAlchemy database error" not in stderr, stderr[-3000:]
 
 
 def _hanging_registry() -> tuple[socket.socket, list]:

@@ -3,6 +3,8 @@ file and a tracking server on PostgreSQL), and a DVC remote that a fresh clone p
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import math
 import os
@@ -12,7 +14,10 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow
@@ -89,6 +94,89 @@ def test_a_server_folder_the_postgres_user_cannot_reach_is_a_clear_error(tmp_pat
     assert not (hidden / "server" / "postgres").exists()  # nothing was started
     assert tracking_server.main(["status", "--dir", str(hidden / "server")]) == 1
     assert "not running" in capsys.readouterr().out
+
+
+@contextlib.contextmanager
+def _another_server() -> Iterator[int]:
+    """An HTTP server on a free port of 127.0.0.1 that is not ours (as `make mlflow-ui` would be)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "another-ui/1.0"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.skipif(not glob.glob("/usr/lib/postgresql/*/bin/pg_ctl") and not shutil.which("pg_ctl"),
+                    reason="PostgreSQL is not installed (make deps-system)")
+def test_start_refuses_a_port_another_server_answers_on_and_starts_nothing():
+    # reachable by the postgres user (pytest's tmp_path is not), so that today's code would start it
+    server_dir = Path(tempfile.mkdtemp(prefix="fmnist-server-"))
+    server_dir.chmod(0o755)
+    try:
+        with _another_server() as port:
+            result = subprocess.run([sys.executable, "-m", "fmnist.tracking_server", "start", "--dir",
+                                     str(server_dir / "state"), "--port", str(port)],
+                                    capture_output=True, text=True, env=venv_env(), timeout=300)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert result.stderr.strip() == (
+            f"ERROR: 127.0.0.1:{port} is taken: an HTTP server answers there (Server: another-ui/1.0 "
+            f"Python/{sys.version.split()[0]}); stop it (`make mlflow-ui` uses port 5000 too) or start "
+            f"on another port (--port)")
+        assert "MLFLOW_TRACKING_URI" not in result.stdout
+        assert not (server_dir / "state" / "postgres").exists()  # PostgreSQL was not started
+        assert tracking_server.read_state(server_dir / "state") is None
+        assert _processes_in(server_dir) == []
+    finally:
+        tracking_server.stop(server_dir / "state")
+        shutil.rmtree(server_dir, ignore_errors=True)
+
+
+@pytest.mark.skipif(not glob.glob("/usr/lib/postgresql/*/bin/pg_ctl") and not shutil.which("pg_ctl"),
+                    reason="PostgreSQL is not installed (make deps-system)")
+def test_a_damaged_postgresql_folder_is_a_one_line_error_naming_the_cause_the_log_and_the_way_out():
+    server_dir = Path(tempfile.mkdtemp(prefix="fmnist-server-"))
+    server_dir.chmod(0o755)
+    data = server_dir / "state" / "postgres"
+    data.parent.mkdir()
+    try:
+        for lost in ("global/pg_control", "PG_VERSION"):
+            shutil.rmtree(data, ignore_errors=True)
+            tracking_server._start_postgres(data, tracking_server.free_port())  # a real cluster
+            tracking_server._stop_postgres(data)
+            (data / lost).unlink()
+            result = subprocess.run([sys.executable, "-m", "fmnist.tracking_server", "start", "--dir",
+                                     str(server_dir / "state"), "--port", "0"],
+                                    capture_output=True, text=True, env=venv_env(), timeout=300)
+            assert result.returncode == 1, result.stdout + result.stderr
+            error = result.stderr.strip()
+            assert error.startswith("ERROR: ") and "\n" not in error and "Traceback" not in error, error
+            if lost == "PG_VERSION":
+                assert f"{data} is not a PostgreSQL data folder (it holds no PG_VERSION)" in error
+            else:
+                assert f'could not open file "{data / lost}": No such file or directory' in error
+                assert f"(log: {data / 'server.log'})" in error
+            assert f"restore {data} from a backup, or remove it to start afresh" in error
+            assert "Examine the log output" not in error
+            assert (data / "base").is_dir()  # nothing was overwritten (initdb) or removed
+            assert tracking_server.read_state(server_dir / "state") is None
+            assert _processes_in(server_dir) == []
+    finally:
+        tracking_server.stop(server_dir / "state")
+        shutil.rmtree(server_dir, ignore_errors=True)
 
 
 def _queue_two_experiments(repo: Path, env: dict[str, str]) -> None:

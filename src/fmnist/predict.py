@@ -22,6 +22,11 @@ MLflow model folder (with an MLmodel file), or an MLflow URI (``models:/<name>@<
 ``runs:/...``) from the project's store (``MLFLOW_TRACKING_URI`` or ./mlflow.db). Default:
 the alias of params.yaml's ``registry`` (``models:/fashion-mnist-authors_cnn2_bn_skip@champion``).
 
+Output: a first line ``model: ...`` naming the model (for a registered one: its name and version,
+the MLflow run, DVC experiment, stage and git commit that trained it), then one line per image;
+with ``--json`` a list of records, each naming the model under ``"model"``. A model or store
+that does not exist is a one-line error listing what the store holds.
+
 Bad input: one line per file naming it and what is wrong (not found, empty, unreadable, not an
 image, wrong array shape or values), exit status 1, and nothing classified.
 """
@@ -164,6 +169,7 @@ class Classifier:
     probabilities: Callable[[np.ndarray], np.ndarray]
     class_names: tuple[str, ...]
     source: str
+    origin: str  # which model, in one line: for a registered one its version, run and DVC experiment
 
 
 def load_classifier(source: str) -> Classifier:
@@ -171,26 +177,29 @@ def load_classifier(source: str) -> Classifier:
     if "://" in source or source.startswith(("models:/", "runs:/")):
         from fmnist import tracking
 
-        tracking.use_store()
+        tracking.use_store(create=False)  # a missing store or model: an error before Keras loads
+        origin = tracking.model_origin(source).describe()
         predict, names = tracking.load_pyfunc(source)
-        return Classifier(predict, tuple(names), source)
+        return Classifier(predict, tuple(names), source, origin)
     folder = Path(source)
     if (folder / "MLmodel").is_file():
         from fmnist import tracking
 
         predict, names = tracking.load_pyfunc(str(folder))
-        return Classifier(predict, tuple(names), source)
+        return Classifier(predict, tuple(names), source, f"{source} (an MLflow model folder)")
     files = paths.RunFiles(folder)
     if files.model.is_file():
         from fmnist.files import read_json
         from fmnist.models import load_model_file
 
-        model = load_model_file(files.model, "train it again with `dvc repro`")
-        names = read_json(files.run_info, "written by the train stage").get("class_names")
+        run_info = read_json(files.run_info, "written by the train stage")
+        names = run_info.get("class_names")
         if not names:
             raise FileNotFoundError(f"{files.run_info} names no classes (a model trained before "
                                     "they were recorded); use its MLflow model (--model models:/...)")
-        return Classifier(lambda x: np.asarray(model.predict(x, verbose=0)), tuple(names), source)
+        model = load_model_file(files.model, "train it again with `dvc repro`")
+        origin = f"{source} (a train-stage model folder, MLflow run {run_info.get('mlflow_run_id', '?')})"
+        return Classifier(lambda x: np.asarray(model.predict(x, verbose=0)), tuple(names), source, origin)
     raise FileNotFoundError(f"--model {source}: not a model folder (no {files.model.name} or MLmodel) and "
                             "not an MLflow URI (models:/<name>@<alias>)")
 
@@ -208,7 +217,8 @@ def default_model() -> str:
 
 
 def classify(classifier: Classifier, inputs: dict[str, np.ndarray]) -> list[dict]:
-    """One record per image: file, index within the file, class, probability, all probabilities."""
+    """One record per image: file, index within the file, class, probability, all probabilities,
+    and the model (``Classifier.origin``)."""
     records = []
     for name, pixels in inputs.items():
         probabilities = np.asarray(classifier.probabilities(pixels), dtype=np.float64)
@@ -217,7 +227,8 @@ def classify(classifier: Classifier, inputs: dict[str, np.ndarray]) -> list[dict
             records.append({"file": name, "index": index, "class": classifier.class_names[best],
                             "class_index": best, "probability": round(float(row[best]), 6),
                             "probabilities": {c: round(float(p), 6)
-                                              for c, p in zip(classifier.class_names, row, strict=True)}})
+                                              for c, p in zip(classifier.class_names, row, strict=True)},
+                            "model": classifier.origin})
     return records
 
 
@@ -251,11 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ERROR: nothing classified; fix or leave out the {len(problems)} file(s) above",
               file=sys.stderr)
         return 1
-    import keras
-
-    keras.config.disable_interactive_logging()  # no progress bars in the output (MLflow's predict)
     try:
         classifier = load_classifier(args.model or default_model())
+        import keras
+
+        keras.config.disable_interactive_logging()  # no progress bars in the output (MLflow's predict)
         records = classify(classifier, inputs)
     except (FileNotFoundError, ConfigError, ValueError, RuntimeError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -264,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(records, indent=1))
     else:
+        print(f"model: {classifier.origin}")
         for record in records:
             several = len(inputs[record["file"]]) > 1
             where = f"{record['file']}[{record['index']}]" if several else record["file"]

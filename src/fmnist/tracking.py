@@ -19,12 +19,17 @@ workspace, so no run stays RUNNING.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
+import signal
 import subprocess
+import threading
 import time
 import types
 import urllib.error
@@ -71,9 +76,33 @@ _STORE_ERRORS = (mlflow.exceptions.MlflowException, requests.exceptions.RequestE
 
 
 def _reason(error: BaseException) -> str:
+    """The cause, in one line: the database's own words (SQLAlchemy's first line may be only
+    "(raised as a result of Query-invoked autoflush ...)"), and a full disk said as such."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return f"the disk is full ({cause.strerror}); free space on it and run again"
+        original = getattr(cause, "orig", None)  # the DB-API error under SQLAlchemy's
+        if original is not None:
+            if "disk is full" in str(original):
+                return f"the disk is full ({original}); free space on it and run again"
+            error = original
+            break
+        cause = cause.__cause__
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     text = lines[0] if lines else type(error).__name__
     return text if len(text) <= 400 else text[:400] + " ..."
+
+
+class _DropStoreTracebacks(logging.Filter):
+    """MLflow logs each database error with its traceback (mlflow.store.db.utils) before it
+    raises it; the TrackingError that follows says the same in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("SQLAlchemy database error")
+
+
+_STORE_LOGGER = "mlflow.store.db.utils"
 
 
 def _store_error(error: BaseException, doing: str) -> TrackingError:
@@ -119,14 +148,27 @@ def _check_server(uri: str, timeout_s: float = 5.0) -> None:
             "Start it, fix the variable, or unset it to use the local mlflow.db.") from error
 
 
-def use_store(root: Path | None = None) -> str:
-    """Point MLflow at the project's store (a remote server must answer); return its URI."""
+def use_store(root: Path | None = None, create: bool = True) -> str:
+    """Point MLflow at the project's store (a remote server must answer); return its URI.
+
+    ``create=False`` (reading a model): a SQLite store that does not exist is an error, not
+    a new empty file."""
     uri = tracking_uri(root)
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
-    mlflow.set_tracking_uri(uri)
+    store_logger = logging.getLogger(_STORE_LOGGER)
+    debugging = os.environ.get("FMNIST_DEBUG", "").strip() not in ("", "0")  # as fmnist.cli
+    if not debugging and not any(isinstance(f, _DropStoreTracebacks) for f in store_logger.filters):
+        store_logger.addFilter(_DropStoreTracebacks())
     if uri.startswith("sqlite:///"):
-        _open_sqlite_store(Path(uri.removeprefix("sqlite:///").split("?")[0]))
+        db = Path(uri.removeprefix("sqlite:///").split("?")[0])
+        if not create and not db.is_file():
+            raise TrackingError(f"no MLflow store here: {db} does not exist; run this from the project's "
+                                "folder after `dvc repro`, or set MLFLOW_TRACKING_URI to the store")
+        mlflow.set_tracking_uri(uri)
+        _open_sqlite_store(db)
+    else:
+        mlflow.set_tracking_uri(uri)
     return uri
 
 
@@ -516,6 +558,106 @@ def load_pyfunc(uri: str) -> tuple[Callable[[np.ndarray], np.ndarray], list[str]
     return (lambda pixels: np.asarray(model.predict(pixels))), list(names)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelOrigin:
+    """Which model a URI names: its registry entry and the run (and DVC experiment) that
+    trained it; empty strings where the URI or the store does not say."""
+
+    uri: str
+    name: str = ""
+    version: str = ""
+    run_id: str = ""
+    run_name: str = ""
+    dvc_experiment: str = ""
+    dvc_stage: str = ""
+    git_commit: str = ""
+
+    def describe(self) -> str:
+        """One line, e.g. ``fashion-mnist-cnn2 version 1 (models:/fashion-mnist-cnn2@champion),
+        trained by MLflow run cnn2-seed0 (<id>) in the workspace (no DVC experiment), stage
+        train@cnn2-0, git commit 1a2b3c4``."""
+        text = f"{self.name} version {self.version} ({self.uri})" if self.name else self.uri
+        if self.run_id:
+            text += f", trained by MLflow run {self.run_name or '?'} ({self.run_id})"
+            text += (f" in DVC experiment {self.dvc_experiment}" if self.dvc_experiment
+                     else " in the workspace (no DVC experiment)")
+            if self.dvc_stage:
+                text += f", stage {self.dvc_stage}"
+            if self.git_commit:
+                text += f", git commit {self.git_commit[:7]}"
+        return text
+
+
+def _missing(error: mlflow.exceptions.MlflowException) -> bool:
+    return error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def _registered_version(client: MlflowClient, uri: str) -> Any:
+    """The model version ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` names;
+    a name, alias or version the registry lacks is a TrackingError listing what it has.
+    None for the other forms (``models:/<name>/<stage>``, ``models:/m-<id>``)."""
+    path = uri.removeprefix("models:/")
+    name, alias = path.split("@", 1) if "@" in path else (path.rsplit("/", 1)[0], None)
+    version = None if alias is not None or "/" not in path else path.rsplit("/", 1)[1]
+    if alias is None and not (version or "").isdigit():
+        return None
+    try:
+        registered = client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException as error:
+        if not _missing(error):
+            raise
+        names = sorted(m.name for m in client.search_registered_models())
+        raise TrackingError(f"no registered model {name!r} in {mlflow.get_tracking_uri()} (it holds "
+                            f"{', '.join(names) if names else 'none'}); the register stage "
+                            "registers the trained models (`dvc repro`)") from error
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException as error:
+        if not _missing(error):
+            raise
+        if alias is not None:
+            have = f"its aliases: {', '.join(sorted(registered.aliases)) or 'none'}"
+            what = f"alias {alias!r}"
+        else:
+            versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+            have = f"its versions: {', '.join(map(str, versions)) or 'none'}"
+            what = f"version {version}"
+        raise TrackingError(f"registered model {name!r} in {mlflow.get_tracking_uri()} has no {what} "
+                            f"({have})") from error
+
+
+@_guarded("looking up the model")
+def model_origin(uri: str) -> ModelOrigin:
+    """Which registered model version and run ``uri`` (``models:/...``, ``runs:/<id>/...``)
+    names, read from the store (``use_store`` first); a model the store lacks is a
+    TrackingError naming what it holds. Other URIs and local folders: the URI alone."""
+    client = MlflowClient()
+    name = version = run_id = ""
+    if uri.startswith("models:/"):
+        found = _registered_version(client, uri)
+        if found is not None:
+            name, version, run_id = found.name, str(found.version), found.run_id or ""
+    elif uri.startswith("runs:/"):
+        run_id = uri.removeprefix("runs:/").split("/")[0]
+    if not run_id or not run_is_usable(run_id):
+        return ModelOrigin(uri, name, version)
+    trained = client.get_run(run_id)
+    tags = trained.data.tags
+    return ModelOrigin(uri, name, version, run_id, trained.info.run_name or "",
+                       tags.get("dvc_exp_name", ""), tags.get("dvc_stage", ""), tags.get("git_commit", ""))
+
+
+@_guarded("loading the model")
+def scoring_app(uri: str) -> Any:
+    """MLflow's scoring server (the ASGI app of ``mlflow models serve``: /ping, /invocations)
+    for the model ``uri``, loaded in this process."""
+    from mlflow.pyfunc import scoring_server
+
+    return scoring_server.init(mlflow.pyfunc.load_model(uri))
+
+
 def load_logged_model(run_id: str, name: str) -> Any:
     """The Keras model logged as ``name`` in run ``run_id``."""
     return mlflow.keras.load_model(f"runs:/{run_id}/{name}")
@@ -529,6 +671,29 @@ def run_tags(run_id: str) -> dict[str, str]:
     return dict(MlflowClient().get_run(run_id).data.tags)
 
 
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while a write of several steps runs (a version with its tags and
+    description; an alias moved from one model to another), then act on them as they would
+    have: a Ctrl-C or a SIGTERM (``stage_main``: exit 130) never leaves the registry half-written,
+    e.g. with no model holding the alias. Each write takes a second or less."""
+    if threading.current_thread() is not threading.main_thread():  # only it handles signals
+        yield
+        return
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in held}
+    for signum in held:
+        signal.signal(signum, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            signal.raise_signal(received[0])  # its own handler acts now
+
+
 @_guarded("registering a model version")
 def register_version(model_name: str, run_id: str, logged_name: str, tags: dict[str, str],
                      description: str) -> str:
@@ -538,14 +703,15 @@ def register_version(model_name: str, run_id: str, logged_name: str, tags: dict[
     Returns the version."""
     client = MlflowClient()
     tags = {**tags, "git_commit": run_tags(run_id).get("git_commit", "unknown")}
-    found = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
-    if found:
-        version = str(min(int(v.version) for v in found))
-    else:
-        version = mlflow.register_model(f"runs:/{run_id}/{logged_name}", model_name, tags=tags).version
-    client.update_registered_model(model_name, description=description)
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, value)
+    with _uninterrupted():
+        found = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+        if found:
+            version = str(min(int(v.version) for v in found))
+        else:
+            version = mlflow.register_model(f"runs:/{run_id}/{logged_name}", model_name, tags=tags).version
+        client.update_registered_model(model_name, description=description)
+        for key, value in tags.items():
+            client.set_model_version_tag(model_name, version, key, value)
     return str(version)
 
 
@@ -555,7 +721,8 @@ def set_alias(model_name: str, version: str, alias: str, prefix: str) -> None:
     models named ``prefix``... (the alias marks one model a user should take, not one per
     variant)."""
     client = MlflowClient()
-    for other in client.search_registered_models(filter_string=f"name LIKE '{prefix}%'"):
-        if other.name != model_name and alias in (other.aliases or {}):
-            client.delete_registered_model_alias(other.name, alias)
-    client.set_registered_model_alias(model_name, alias, version)
+    with _uninterrupted():
+        for other in client.search_registered_models(filter_string=f"name LIKE '{prefix}%'"):
+            if other.name != model_name and alias in (other.aliases or {}):
+                client.delete_registered_model_alias(other.name, alias)
+        client.set_registered_model_alias(model_name, alias, version)

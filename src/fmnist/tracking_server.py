@@ -112,7 +112,30 @@ def _pg_ctl(data: Path, *args: str) -> list[str]:
     return _as_postgres_user([str(postgres_bin() / "pg_ctl"), "-D", str(data), *args])
 
 
+def _damaged(data: Path) -> str:
+    return (f"if its data folder is damaged, restore {data} from a backup, or remove it to start "
+            "afresh (losing the runs and registered models it holds)")
+
+
+def _log_cause(log: Path, offset: int) -> str:
+    """What PostgreSQL wrote to ``log`` after ``offset`` that says why it stopped: its FATAL or
+    PANIC lines, else the lines that are not routine LOG lines, as one line."""
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    fatal = [line for line in lines if any(level in line for level in ("FATAL:", "PANIC:", "ERROR:"))]
+    cause = fatal or [line for line in lines if " LOG: " not in line and "HINT:" not in line] or lines[-1:]
+    text = " ".join(cause[-3:])
+    return text if len(text) <= 500 else text[:500] + " ..."
+
+
 def _start_postgres(data: Path, port: int) -> None:
+    if data.is_dir() and any(data.iterdir()) and not (data / "PG_VERSION").is_file():
+        raise ServerError(f"{data} is not a PostgreSQL data folder (it holds no PG_VERSION); "
+                          f"{_damaged(data)}")
     if not (data / "PG_VERSION").is_file():
         data.mkdir(parents=True, exist_ok=True)
         data.chmod(0o700)
@@ -124,8 +147,15 @@ def _start_postgres(data: Path, port: int) -> None:
              "creating the PostgreSQL cluster")
     # no Unix socket: its default folder (/var/run/postgresql) may not exist, and TCP suffices
     options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
-    _run(_pg_ctl(data, "-l", str(data / "server.log"), "-w", "-t", "60", "-o", options, "start"),
-         "starting PostgreSQL")
+    log = data / "server.log"
+    logged = log.stat().st_size if log.is_file() else 0
+    try:
+        _run(_pg_ctl(data, "-l", str(log), "-w", "-t", "60", "-o", options, "start"), "starting PostgreSQL")
+    except ServerError as error:  # pg_ctl says only "Examine the log output."
+        cause = _log_cause(log, logged)
+        if not cause:
+            raise
+        raise ServerError(f"starting PostgreSQL failed: {cause} (log: {log}); {_damaged(data)}") from error
     exists = _run([str(postgres_bin() / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", DB_USER,
                    "-d", "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"],
                   "looking up the MLflow database")
@@ -146,6 +176,22 @@ def _answers(uri: str, timeout_s: float = 2.0) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _who_answers(host: str, port: int) -> str | None:
+    """What listens on ``host:port`` in a few words, or None when nothing does."""
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/", timeout=3) as response:
+            server = response.headers.get("Server")
+    except urllib.error.HTTPError as error:  # an HTTP answer all the same
+        server = error.headers.get("Server")
+    except (urllib.error.URLError, OSError):
+        return "something that is not an HTTP server answers there"
+    return f"an HTTP server answers there{f' (Server: {server})' if server else ''}"
 
 
 def _alive(pid: int) -> bool:
@@ -201,6 +247,12 @@ def start(folder: Path = DEFAULT_DIR, port: int | None = None, workers: int = 2,
         return running
     if running is not None:  # left by a crash or a reboot: clean up what is left
         stop(folder)
+    # mlflow server cannot bind a taken port, but the other server would answer our health
+    # check: refuse before anything is started
+    taken = _who_answers("127.0.0.1", port) if port else None
+    if taken:
+        raise ServerError(f"127.0.0.1:{port} is taken: {taken}; stop it (`make mlflow-ui` uses port "
+                          "5000 too) or start on another port (--port)")
     folder.mkdir(parents=True, exist_ok=True)
     _check_reachable_by_postgres(folder)
     data, artifacts = folder / "postgres", folder / "artifacts"
@@ -224,7 +276,7 @@ def start(folder: Path = DEFAULT_DIR, port: int | None = None, workers: int = 2,
     server = Server(uri, backend, process.pid, pg_port, str(data), str(artifacts), str(log))
     (folder / STATE_FILE).write_text(json.dumps(asdict(server), indent=1) + "\n")
     deadline = time.monotonic() + timeout_s  # the first start creates the tables (tens of seconds)
-    while not _answers(uri):
+    while process.poll() is not None or not _answers(uri):
         if process.poll() is not None or time.monotonic() > deadline:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
             stop(folder)
