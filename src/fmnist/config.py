@@ -297,6 +297,7 @@ class BaselineConfig:
     gamma: str | float
     train_size: int
     seed: int
+    n_jobs: int              # threads fitting the one-vs-one class pairs; -1: every core
 
     def validate(self) -> None:
         _check(self.kernel in SVC_KERNELS, "baseline.kernel", self.kernel, ", ".join(SVC_KERNELS))
@@ -305,6 +306,8 @@ class BaselineConfig:
                "baseline.gamma", self.gamma, "scale, auto, or a number > 0")
         _check(10 <= self.train_size <= TRAIN_SIZE, "baseline.train_size",
                self.train_size, f"a whole number from 10 to {TRAIN_SIZE}")
+        _check(self.n_jobs == -1 or self.n_jobs >= 1, "baseline.n_jobs", self.n_jobs,
+               "-1 (every core) or a whole number >= 1 (1: one core, as sklearn's SVC)")
 
 
 @dataclass(frozen=True)
