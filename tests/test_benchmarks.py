@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from benchmarks.speed import positive_int, thread_setting
+from benchmarks.stage_cost import compare, fixed_cost, lines_start, stage_times
 from benchmarks.timed_repro import cache_lost_outputs, skip_reason, stage_order
 from tests.conftest import REPO, only_variants, run, venv_env
 
@@ -109,3 +110,39 @@ def test_the_gpu_check_rehearses_on_the_cpu(dvc_repo, tiny_params, tmp_path):
         names = archive.getnames()
     assert "dvc.lock" in names and "reports/report.md" in names and "metrics/summary.json" in names
     assert "train@authors_cnn2_bn_skip" in (dvc_repo / "dvc.lock").read_text()
+
+
+STAGE_COST_LOG = [  # (seconds, line) as benchmarks.stage_cost records `dvc repro`'s output
+    (1.9, "Running stage 'check_params':"), (2.0, "> python stages/check_params.py"),
+    (2.4, "params.yaml: valid"), (2.6, "Updating lock file 'dvc.lock'"),
+    (2.7, "Running stage 'train@cnn2':"), (2.7, "> python stages/train.py --variant cnn2"),
+    (20.0, '[timing] {"startup": 6.0, "compile": 2.0, "loop": 8.0, "logging": 1.5}'),
+    (31.0, '[timing] {"startup": 0.0, "compile": 1.0, "loop": 7.0, "logging": 1.0}'),
+    (31.5, "[timing] not json"), (32.0, "Updating lock file 'dvc.lock'"),
+    (32.2, "Running stage 'evaluate@cnn2-0':"), (40.0, "evaluate: test accuracy 0.1"),
+    (41.0, "Use `dvc push` to send your updates to remote storage.")]
+
+
+def test_stage_cost_times_each_stage_from_its_start_to_the_next_and_keeps_timing_lines():
+    stages = stage_times(STAGE_COST_LOG, end=42.0)
+    assert [(s["stage"], s["seconds"]) for s in stages] == [
+        ("check_params", 0.8), ("train@cnn2", 29.5), ("evaluate@cnn2-0", 9.8)]
+    assert stages[0]["timing"] == [] and [t["loop"] for t in stages[1]["timing"]] == [8.0, 7.0]
+    assert [fixed_cost(s) for s in stages] == pytest.approx([0.8, 14.5, 9.8])  # less the loops
+    assert lines_start(STAGE_COST_LOG, 42.0) == 1.9 and lines_start([], 42.0) == 42.0
+
+
+def test_stage_cost_compares_totals_fixed_costs_and_stage_kinds():
+    def report(commit, stages, total, fixed):
+        return {"commit": commit, "cpu": "AMD EPYC", "date": "d", "settings": {"seeds": [0]},
+                "stages": [{"stage": n, "seconds": s} for n, s in stages],
+                "total_seconds": total, "mean_fixed_cost_seconds": fixed}
+    before = report("a" * 40, [("prepare", 4.0), ("train@v-0", 30.0), ("train@v-1", 30.0)], 70.0, 20.0)
+    after = report("b" * 40, [("prepare", 4.0), ("train@v", 45.0)], 52.5, 10.0)
+    lines = compare(before, after)
+    assert not any("WARNING" in line for line in lines)
+    assert lines[-4].split() == ["prepare", "1", "x,", "4.0", "s", "1", "x,", "4.0", "s", "1.00"]
+    assert lines[-3].split() == ["train", "2", "x,", "60.0", "s", "1", "x,", "45.0", "s", "0.75"]
+    assert lines[-2].split()[-1] == "0.75" and lines[-1].split()[-1] == "0.50"
+    after["cpu"] = "Intel"
+    assert "WARNING" in compare(before, after)[2]

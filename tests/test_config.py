@@ -68,6 +68,7 @@ def _with(path: str, value, raw: dict | None = None) -> dict:
     ("baseline.kernel", "rbff", "baseline.kernel"),
     ("baseline.C", -1, "baseline.C"),
     ("baseline.train_size", 70_000, "baseline.train_size"),
+    ("baseline.n_jobs", 0, "baseline.n_jobs"),
     ("tracking.experiment", "  ", "tracking.experiment"),
     ("registry.alias", "latest", "registry.alias"),
     ("registry.alias", "v2", "registry.alias"),

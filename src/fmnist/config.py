@@ -308,6 +308,7 @@ class BaselineConfig:
     gamma: str | float
     train_size: int
     seed: int
+    n_jobs: int              # threads fitting the one-vs-one class pairs; -1: every core
 
     def validate(self) -> None:
         _check(self.kernel in SVC_KERNELS, "baseline.kernel", self.kernel, ", ".join(SVC_KERNELS))
@@ -317,6 +318,8 @@ class BaselineConfig:
                "baseline.gamma", self.gamma, "scale, auto, or a number > 0")
         _check_whole(self.train_size, "baseline.train_size", 10, TRAIN_SIZE)
         _check_whole(self.seed, "baseline.seed", 0, MAX_SEED)
+        _check(self.n_jobs == -1 or self.n_jobs >= 1, "baseline.n_jobs", self.n_jobs,
+               "-1 (every core) or a whole number >= 1 (1: one core, as sklearn's SVC)")
 
 
 @dataclass(frozen=True)
