@@ -24,6 +24,7 @@ DEBUG_VARIABLE = "FMNIST_DEBUG"
 _USER_ERRORS = {  # module -> its error classes; only modules already imported can have raised
     "fmnist.download": ("DownloadError",),
     "fmnist.data": ("DataError",),
+    "fmnist.registry": ("PromotionError",),
     "fmnist.tracking": ("TrackingError",),
     "fmnist.training": ("TrainingError",),
 }
