@@ -1,8 +1,7 @@
 """DVC stage `baseline`: the paper's Table I SVC on scaled pixels (see fmnist.baseline)."""
 
-from fmnist import paths
+from fmnist import cli, paths  # cli before fmnist.baseline, which imports Keras (see fmnist.cli)
 from fmnist.baseline import run_baseline
-from fmnist.cli import stage_main
 from fmnist.config import load_params
 from fmnist.data import data_info, load_prepared
 from fmnist.files import write_json
@@ -19,4 +18,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    stage_main(main)
+    cli.stage_main(main)

@@ -9,10 +9,11 @@ from fmnist.registry import champion_uri, register_models
 
 def main() -> None:
     config = load_params(paths.PARAMS)
-    registered = register_models(config)
+    registered, alias = register_models(config)
     for run_name, entry in registered.items():
         print(f"{run_name}: {entry['model']} version {entry['version']}")
-    print(f"{config.registry.alias}: {champion_uri(config)}")
+    print(alias)
+    print(f"Use: {champion_uri(config)}")
 
 
 if __name__ == "__main__":

@@ -764,3 +764,35 @@ def test_a_full_disk_names_the_output_and_says_to_free_space(tmp_path, monkeypat
         cli.stage_main(lambda: files.write_json(metrics, {}))
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == f"ERROR: {error.value}\n"
+
+
+# --- 33.7: a stage's log starts with its own first line, not TensorFlow's start-up -----
+def test_a_stage_importing_keras_on_the_cpu_starts_with_its_own_line():
+    """stages/evaluate.py and stages/baseline.py import Keras before their first line; the
+    first operation makes TensorFlow probe CUDA. None of TensorFlow's start-up lines shows
+    (as under DVC, no TF_CPP_MIN_LOG_LEVEL is set beforehand); another line on stderr does."""
+    script = ("import runpy, sys\n"
+              "for stage in ('evaluate', 'baseline'):\n"
+              "    runpy.run_path(f'stages/{stage}.py', run_name='imports only')\n"
+              "print('ours', flush=True)\n"
+              "import keras\n"
+              "keras.ops.ones((2, 2))\n"
+              "print('after the first operation', flush=True)\n"
+              "sys.stderr.write('a line of ours on stderr\\n')\n")
+    env = {key: value for key, value in _env().items() if key not in cli.QUIET_TENSORFLOW}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.splitlines() == ["ours", "after the first operation", "a line of ours on stderr"]
+
+
+def test_only_tensorflows_start_up_lines_are_dropped():
+    kept = ("E0000 00:00:1796593116.007461    4257 cuda_executor.cc:1] failed to allocate 1.0G\n"
+            "W0000 00:00:1796593112.955294    4257 port.cc:153] something new from oneDNN\n"
+            "Traceback (most recent call last):\n")
+    noise = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+             "I0000 00:00:1796593112.955294    4257 port.cc:153] oneDNN custom operations are on. You may "
+             "see slightly different numerical results.\n"
+             "I0000 00:00:1796593112.955591    4257 cudart_stub.cc:31] Could not find cuda drivers on your "
+             "machine, GPU will not be used.\n")
+    assert cli.without_start_up_noise(noise + kept + noise) == kept

@@ -200,6 +200,22 @@ def test_a_new_variant_is_an_edit_of_params_and_only_it_trains(pipeline):
 
 
 @pytest.mark.slow
+def test_a_removed_variant_leaves_every_output_of_the_analysis(pipeline):
+    """Issue 34.1: its records stay in reports/eval and metrics/runs (ignored: the analysis
+    reads params.yaml's variants x seeds), and the analysis runs again without it."""
+    repo, params, _ = pipeline
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # wide3 gone
+    removed = run(["dvc", "repro"], repo)
+    assert _ran(removed.stdout) == {"check_params", "analyse"}
+    assert (repo / "reports" / "eval" / "wide3-seed0").is_dir()
+    for output in (paths.REPORT, paths.SUMMARY, paths.ACCURACY, paths.CURVES,
+                   paths.ANALYSIS / "analysis.json"):
+        assert "wide3" not in (repo / output).read_text(), output
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "wide3 removed"], repo)
+
+
+@pytest.mark.slow
 def test_an_experiment_on_one_variant_retrains_only_it(pipeline):
     # (a key the variant does not set yet takes a leading +, as in Hydra)
     repo, _, _ = pipeline

@@ -78,16 +78,33 @@ def test_every_trained_model_is_a_version_and_the_alias_follows_the_params(pipel
     for variant in VARIANTS:
         assert len(client.search_model_versions(f"name = 'fashion-mnist-{variant}'")) == 1
 
-    # The alias is a param: moving it re-runs only the registration, and it leaves the other model.
+    # An experiment registers its models, tagged with its name, and leaves the alias.
+    run(["git", "add", "-A"], pipeline)
+    run(["git", "commit", "-qm", "results"], pipeline)
+    experiment = run(["dvc", "exp", "run", "-n", "short", "-S", "train.epochs=1"], pipeline)
+    assert ("@champion stays at fashion-mnist-authors_cnn2_bn_skip version 1: experiment short"
+            in experiment.stdout)
+    (_, second) = sorted(client.search_model_versions("name = 'fashion-mnist-authors_cnn2_bn_skip'"),
+                         key=lambda version: int(version.version))
+    assert second.tags["dvc_exp_name"] == "short" and second.tags["params_changed"] == "train.epochs=1"
+    assert _aliases(client, "fashion-mnist-authors_cnn2_bn_skip") == {"champion": "1"}
+    run(["git", "checkout", "-f", "HEAD", "--", "."], pipeline)
+    run(["dvc", "checkout", "-f"], pipeline)
+
+    # The alias is a param: a committed change moves it, re-running only the registration, and
+    # it leaves the other model.
     params = yaml.safe_load((pipeline / "params.yaml").read_text())
     params["registry"]["champion_variant"] = "cnn2"
     (pipeline / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "champion: cnn2"], pipeline)
     moved = run(["dvc", "repro"], pipeline)
     assert {line.split("'")[1] for line in moved.stdout.splitlines()
             if line.startswith("Running stage")} == {"check_params", "register"}
+    assert ("@champion: fashion-mnist-authors_cnn2_bn_skip version 1 -> fashion-mnist-cnn2 version 1"
+            in moved.stdout)
     assert _aliases(client, "fashion-mnist-cnn2") == {"champion": "1"}
     assert "champion" not in _aliases(client, "fashion-mnist-authors_cnn2_bn_skip")
-    run(["git", "checkout", "params.yaml"], pipeline)
+    run(["git", "revert", "--no-edit", "HEAD"], pipeline)
     run(["dvc", "repro"], pipeline)
     assert _aliases(client, "fashion-mnist-authors_cnn2_bn_skip") == {"champion": "1"}
 

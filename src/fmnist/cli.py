@@ -17,14 +17,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
+import re
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from types import ModuleType
 
 from fmnist.config import ConfigError
 from fmnist.files import CorruptFileError, DiskFullError
+
+DEBUG_VARIABLE = "FMNIST_DEBUG"
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_VARIABLE, "").strip() not in ("", "0")
+
 
 # TensorFlow's C++ start-up chatter is noise in a stage's output: warnings and errors only.
 # The one place the level is set: stage scripts import this module before Keras, and tests
@@ -33,10 +47,91 @@ QUIET_TENSORFLOW = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 for _key, _value in QUIET_TENSORFLOW.items():
     os.environ.setdefault(_key, _value)
 
-DEBUG_VARIABLE = "FMNIST_DEBUG"
+# The start-up lines no level hides. TensorFlow's libraries log through absl before absl is
+# initialised, which writes every message to stderr whatever TF_CPP_MIN_LOG_LEVEL says (and
+# TF_ENABLE_ONEDNN_OPTS=0, which silences the first, would change the numbers); a machine
+# without an NVIDIA GPU logs its failed CUDA probe as an ERROR. Only these exact messages are
+# dropped, and only while TensorFlow is imported (below): every other line still shows.
+_NO_NVIDIA_DEVICE = not glob.glob("/dev/nvidia[0-9]*")
+_LOG_PREFIX = r"[IWE]\d{4} [\d:.]+ +\d+ "
+START_UP_NOISE = re.compile("|".join([
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR",
+    _LOG_PREFIX + r"port\.cc:\d+\] oneDNN custom operations are on\. .*",
+    _LOG_PREFIX + r"cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine, GPU will not be "
+                  r"used\.",
+    _LOG_PREFIX + r"cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized to use available CPU .*",
+    r"To enable the following instructions: .* in other operations, rebuild TensorFlow with the "
+    r"appropriate compiler flags\.",
+    *([_LOG_PREFIX + r"cuda_platform\.cc:\d+\] failed call to cuInit: .*"] if _NO_NVIDIA_DEVICE else []),
+]))
+
+
+def without_start_up_noise(text: str) -> str:
+    """``text`` less TensorFlow's start-up lines (START_UP_NOISE)."""
+    return "".join(line for line in text.splitlines(keepends=True)
+                   if not START_UP_NOISE.fullmatch(line.rstrip("\r\n")))
+
+
+@contextlib.contextmanager
+def _start_up_lines_dropped() -> Iterator[None]:
+    """Hold what is written to file descriptor 2 (C++ libraries write there, not to
+    sys.stderr) and pass it on, less START_UP_NOISE, when the block ends, raising or not."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = without_start_up_noise(held.read().decode(errors="replace"))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
+class _QuietTensorFlowLoader(importlib.abc.Loader):
+    """TensorFlow's own loader, run with its start-up lines dropped; on a machine without an
+    NVIDIA GPU it also makes TensorFlow's CUDA probe (otherwise at the first operation) then."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        with _start_up_lines_dropped():
+            self.loader.exec_module(module)
+            if _NO_NVIDIA_DEVICE:
+                module.config.list_physical_devices("GPU")
+
+
+class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
+    """Finds ``tensorflow`` (once, whoever imports it: Keras, a stage) with _QuietTensorFlowLoader."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None
+                  ) -> importlib.machinery.ModuleSpec | None:
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietTensorFlowLoader(spec.loader)
+        return spec
+
+
+# FMNIST_DEBUG=1 shows every line.
+if "tensorflow" not in sys.modules and not debugging():
+    sys.meta_path.insert(0, _QuietTensorFlowFinder())
+
 _USER_ERRORS = {  # module -> its error classes; only modules already imported can have raised
     "fmnist.download": ("DownloadError",),
     "fmnist.data": ("DataError",),
+    "fmnist.registry": ("PromotionError",),
     "fmnist.tracking": ("TrackingError",),
     "fmnist.training": ("TrainingError",),
 }
@@ -69,10 +164,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         if module is not None:
             errors += [getattr(module, name) for name in names]
     return tuple(errors)
-
-
-def debugging() -> bool:
-    return os.environ.get(DEBUG_VARIABLE, "").strip() not in ("", "0")
 
 
 def parse_variant_args(description: str) -> argparse.Namespace:

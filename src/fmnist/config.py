@@ -45,8 +45,12 @@ class ConfigError(ValueError):
     """A value in params.yaml that the pipeline cannot run with."""
 
 
+def _problem(key: str, value: Any, allowed: str) -> str:
+    return f"params.yaml: {key} = {value!r} is invalid; allowed: {allowed}"
+
+
 def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
-    raise ConfigError(f"params.yaml: {key} = {value!r} is invalid; allowed: {allowed}")
+    raise ConfigError(_problem(key, value, allowed))
 
 
 def _check(condition: bool, key: str, value: Any, allowed: str) -> None:
@@ -333,12 +337,16 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class RegistryConfig:
     """The MLflow Model Registry: one registered model per variant, every seed a version, and
-    ``alias`` on the version a user should take (chosen here, never by test accuracy)."""
+    ``alias`` on the version a user should take (chosen here, never by test accuracy; moved
+    only by the committed pipeline or by hand, see fmnist.registry)."""
 
     model_prefix: str
     alias: str
     champion_variant: str
     champion_seed: int
+    # the quality gate of a move: the version's final-epoch validation accuracy (training
+    # accuracy where data.validation_size is 0) must reach this
+    min_accuracy: float
 
     def validate(self) -> None:
         _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.model_prefix) is not None,
@@ -347,6 +355,8 @@ class RegistryConfig:
                and self.alias.lower() != "latest" and not re.fullmatch(r"[vV]\d+", self.alias),
                "registry.alias", self.alias,
                "letters, digits, '_', '-' (not 'latest' or v<number>: MLflow reserves them)")
+        _check(0 <= self.min_accuracy <= 1, "registry.min_accuracy", self.min_accuracy,
+               "a fraction in [0, 1]")
 
     def model_name(self, variant: str) -> str:
         """The registered model of ``variant`` (e.g. fashion-mnist-cnn2_bn_skip)."""
@@ -365,6 +375,8 @@ class Config:
     tracking: TrackingConfig
     recipes: dict[str, Recipe]  # per variant: train's recipe keys, the variant's overriding
     registry: RegistryConfig
+    # what parse_params left out: analyse entries naming variants params.yaml no longer has
+    notes: tuple[str, ...] = ()
 
     def variant(self, name: str) -> ModelSpec:
         if name not in self.variants:
@@ -514,35 +526,65 @@ def parse_params(raw: Any) -> Config:
         recipes=build_recipes(train, raw["variants"]),
         registry=_section(raw, "registry", RegistryConfig),
     )
-    _check(config.analyse.error_variant in config.variants, "analyse.error_variant",
-           config.analyse.error_variant, ", ".join(config.variants))
-    for variant in config.analyse.paper_models:
-        _check(variant in config.variants, "analyse.paper_models", variant,
-               f"variants of params.yaml: {', '.join(config.variants)}")
+    written = config.analyse
+    analyse, notes = _without_absent_variants(written, config.variants)
+    config = dataclasses.replace(config, analyse=analyse, notes=notes)
+    problems = _reference_problems(config, written)
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else
+                          f"params.yaml: {len(problems)} invalid references:\n" + "\n".join(
+                              "  " + problem.removeprefix("params.yaml: ") for problem in problems))
+    return config
+
+
+def _without_absent_variants(analyse: AnalyseConfig, variants: dict[str, ModelSpec]
+                             ) -> tuple[AnalyseConfig, tuple[str, ...]]:
+    """``analyse`` less the paper_models, beyond_paper and comparisons entries that name a
+    variant not in ``variants`` (removing a variant needs no edit there), and a note for each."""
+    notes = []
+    kept: dict[str, Any] = {}
+    for key in ("paper_models", "beyond_paper"):
+        entries = getattr(analyse, key)
+        kept[key] = {variant: value for variant, value in entries.items() if variant in variants}
+        notes += [f"analyse.{key}.{variant} skipped: no such variant" for variant in entries
+                  if variant not in variants]
+    kept["comparisons"] = tuple(c for c in analyse.comparisons if c.a in variants and c.b in variants)
+    notes += [f"analyse.comparisons[{i}] ({c.claim!r}) skipped: no variant "
+              f"{' nor '.join(v for v in dict.fromkeys((c.a, c.b)) if v not in variants)}"
+              for i, c in enumerate(analyse.comparisons) if c.a not in variants or c.b not in variants]
+    return dataclasses.replace(analyse, **kept), tuple(notes)
+
+
+def _reference_problems(config: Config, written: AnalyseConfig) -> list[str]:
+    """Every name in params.yaml that must match another and does not (all at once: a user
+    who removed a variant fixes them in one edit). ``written``: the analyse section before
+    ``_without_absent_variants`` (the comparisons' indices in params.yaml)."""
+    variants = ", ".join(config.variants)
+    problems = []
+    if config.analyse.error_variant not in config.variants:
+        problems.append(_problem("analyse.error_variant", config.analyse.error_variant, variants))
     claimed = {side for c in config.analyse.comparisons for side in (c.a, c.b)}
     for variant in config.analyse.beyond_paper:
-        _check(variant in config.variants, "analyse.beyond_paper", variant,
-               f"variants of params.yaml: {', '.join(config.variants)}")
-        _check(variant not in config.analyse.paper_models and variant not in claimed,
-               "analyse.beyond_paper", variant,
-               "variants not in analyse.paper_models nor analyse.comparisons (ours, not the paper's)")
+        if variant in config.analyse.paper_models or variant in claimed:
+            problems.append(_problem("analyse.beyond_paper", variant, "variants not in analyse.paper_models "
+                                     "nor analyse.comparisons (ours, not the paper's)"))
     pairs = []
-    for i, comparison in enumerate(config.analyse.comparisons):
-        for side in ("a", "b"):
-            _check(getattr(comparison, side) in config.variants, f"analyse.comparisons[{i}].{side}",
-                   getattr(comparison, side), ", ".join(config.variants))
+    for i, comparison in enumerate(written.comparisons):
         # the report keys each comparison by "b - a": a second one of a pair would replace the first
-        _check((comparison.a, comparison.b) not in pairs, f"analyse.comparisons[{i}]",
-               f"{comparison.b} - {comparison.a}", "a pair of variants not compared before")
+        if (comparison.a, comparison.b) in pairs:
+            problems.append(_problem(f"analyse.comparisons[{i}]", f"{comparison.b} - {comparison.a}",
+                                     "a pair of variants not compared before"))
         pairs.append((comparison.a, comparison.b))
-    _check(config.registry.champion_variant in config.variants, "registry.champion_variant",
-           config.registry.champion_variant, ", ".join(config.variants))
-    _check(config.registry.champion_seed in config.train.seeds, "registry.champion_seed",
-           config.registry.champion_seed, f"one of train.seeds {list(config.train.seeds)}")
     for class_name in config.analyse.feature_map_classes:
-        _check(class_name in config.evaluate.class_names, "analyse.feature_map_classes", class_name,
-               ", ".join(config.evaluate.class_names))
-    return config
+        if class_name not in config.evaluate.class_names:
+            problems.append(_problem("analyse.feature_map_classes", class_name,
+                                     ", ".join(config.evaluate.class_names)))
+    if config.registry.champion_variant not in config.variants:
+        problems.append(_problem("registry.champion_variant", config.registry.champion_variant, variants))
+    if config.registry.champion_seed not in config.train.seeds:
+        problems.append(_problem("registry.champion_seed", config.registry.champion_seed,
+                                 f"one of train.seeds {list(config.train.seeds)}"))
+    return problems
 
 
 class _Yaml12Loader(yaml.SafeLoader):

@@ -223,10 +223,57 @@ def _settling_races(action: Callable[[], Any], lost_race: Callable[[Exception], 
     return action()
 
 
+def _git(*args: str, root: Path | None = None) -> str | None:
+    """git's output, or None where it fails (no git, not a repository, no commit yet)."""
+    try:
+        result = subprocess.run(["git", *args], capture_output=True, text=True, cwd=root or Path.cwd())
+    except OSError:
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
 def git_commit(root: Path | None = None) -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=root or Path.cwd())
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
+    return (_git("rev-parse", "HEAD", root=root) or "unknown").strip() or "unknown"
+
+
+# What a run's model came from, beyond the commit (every run of one `dvc repro` or of the
+# experiments started from one commit shares that): the DVC experiment, the params that
+# differ from the committed params.yaml, and whether the pipeline's inputs were committed.
+# Set on every stage's own run (``run``) and copied to its registered version.
+PROVENANCE_TAGS = ("git_commit", "dvc_exp_name", "workspace_committed", "params_changed")
+# The files that decide what the pipeline computes; its outputs (dvc.lock, metrics/,
+# reports/), which every `dvc repro` rewrites, do not count.
+PIPELINE_INPUTS = (str(paths.PARAMS), "dvc.yaml", "src", "stages")
+
+
+def params_changed(root: Path | None = None) -> str:
+    """The params whose value in params.yaml differs from the committed one (``key=value``,
+    comma-separated; "" for none; "unknown" outside git). Lists are one value."""
+    from fmnist.config import flatten, read_yaml
+
+    root = root or Path.cwd()
+    committed = _git("show", f"HEAD:{paths.PARAMS}", root=root)
+    if committed is None or not (root / paths.PARAMS).is_file():
+        return "unknown"
+    before = flatten(read_yaml(committed) or {})
+    after = flatten(read_yaml((root / paths.PARAMS).read_text()) or {})
+    changed = [f"{key}={json.dumps(after[key]) if isinstance(after[key], (list, dict)) else after[key]}"
+               for key in after if before.get(key, object()) != after[key]]
+    changed += [f"{key} (removed)" for key in before if key not in after]
+    return ", ".join(changed)[:_MAX_PARAM_LENGTH]
+
+
+def workspace_committed(root: Path | None = None) -> str:
+    """"true" when params.yaml, dvc.yaml, src/ and stages/ have no uncommitted change,
+    "false" when they have, "unknown" outside git."""
+    status = _git("status", "--porcelain", "--", *PIPELINE_INPUTS, root=root)
+    return "unknown" if status is None else str(not status.strip()).lower()
+
+
+def provenance(root: Path | None = None) -> dict[str, str]:
+    """PROVENANCE_TAGS of work done now, in ``root`` (the working directory)."""
+    return {"git_commit": git_commit(root), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+            "workspace_committed": workspace_committed(root), "params_changed": params_changed(root)}
 
 
 def run_is_usable(run_id: str) -> bool:
@@ -318,8 +365,8 @@ def run(experiment_id: str, name: str, tags: dict[str, str], run_id: str | None 
     except _STORE_ERRORS as error:
         raise _store_error(error, f"starting run {name or run_id}") from error
     try:
-        if name:  # a stage's own run (not evaluate adding to train's): which commit made it
-            tags = {**tags, "git_commit": git_commit(), RUN_KEY_TAG: run_key(name)}
+        if name:  # a stage's own run (not evaluate adding to train's): what made it
+            tags = {**tags, **provenance(), RUN_KEY_TAG: run_key(name)}
             _fail_left_running(active.info.experiment_id, run_key(name), active.info.run_id)
         mlflow.set_tags(tags)
         if on_start is not None:
@@ -699,10 +746,11 @@ def register_version(model_name: str, run_id: str, logged_name: str, tags: dict[
                      description: str) -> str:
     """The version of registered model ``model_name`` that holds run ``run_id``'s logged model
     ``logged_name``: the existing one when that run is registered already (re-running adds no
-    duplicate), else a new one; ``tags`` and the run's git commit are set on it either way.
-    Returns the version."""
+    duplicate), else a new one; ``tags`` and the run's PROVENANCE_TAGS are set on it either
+    way. Returns the version."""
     client = MlflowClient()
-    tags = {**tags, "git_commit": run_tags(run_id).get("git_commit", "unknown")}
+    logged = run_tags(run_id)
+    tags = {**tags, **{key: logged.get(key, "unknown") for key in PROVENANCE_TAGS}}
     with _uninterrupted():
         found = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
         if found:
@@ -726,3 +774,56 @@ def set_alias(model_name: str, version: str, alias: str, prefix: str) -> None:
             if other.name != model_name and alias in (other.aliases or {}):
                 client.delete_registered_model_alias(other.name, alias)
         client.set_registered_model_alias(model_name, alias, version)
+
+
+def _version_entry(version: Any) -> dict[str, Any]:
+    return {"model": version.name, "version": str(version.version), "run_id": version.run_id,
+            "tags": dict(version.tags or {})}
+
+
+@_guarded("reading a model version")
+def model_version(model_name: str, version: str) -> dict[str, Any] | None:
+    """{"model", "version", "run_id", "tags"} of a registered version; None where there is none."""
+    try:
+        return _version_entry(MlflowClient().get_model_version(model_name, version))
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+@_guarded("looking up a model version")
+def version_of_run(model_name: str, run_id: str) -> dict[str, Any] | None:
+    """The (first) version of ``model_name`` that holds run ``run_id``'s model, or None."""
+    found = MlflowClient().search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    return _version_entry(min(found, key=lambda v: int(v.version))) if found else None
+
+
+@_guarded("reading a registry alias")
+def alias_version(alias: str, prefix: str) -> dict[str, Any] | None:
+    """The version ``alias`` points at among the registered models named ``prefix``...
+    (``model_version``'s fields), or None where no model carries it."""
+    client = MlflowClient()
+    for model in client.search_registered_models(filter_string=f"name LIKE '{prefix}%'"):
+        if alias in (model.aliases or {}):
+            return _version_entry(client.get_model_version_by_alias(model.name, alias))
+    return None
+
+
+@_guarded("tagging a model version")
+def tag_version(model_name: str, version: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+
+
+@_guarded("reading a run's epochs")
+def final_epoch_metric(run_id: str, keys: tuple[str, ...]) -> tuple[str, float] | None:
+    """(key, value at the last epoch) of the first of ``keys`` that run ``run_id`` logged per
+    epoch (``log_epoch``'s names); None where it logged none of them."""
+    client = MlflowClient()
+    for key in keys:
+        history = client.get_metric_history(run_id, key)
+        if history:
+            return key, max(history, key=lambda metric: (metric.step, metric.timestamp)).value
+    return None
