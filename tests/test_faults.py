@@ -353,7 +353,7 @@ def test_4_sigterm_during_a_registry_write_lets_it_finish_then_exits_130(mlflow_
         "fashion-mnist-cnn2", run_ids[0], "cnn2-seed0", tags, "tiny")) == (
         130, "ERROR: interrupted; run `dvc repro` again to go on (finished stages do not run again)")
     assert client.get_registered_model("fashion-mnist-cnn2").description == "tiny"
-    assert set(client.get_model_version("fashion-mnist-cnn2", "1").tags) == {*tags, "git_commit"}
+    assert set(client.get_model_version("fashion-mnist-cnn2", "1").tags) == {*tags, *tracking.PROVENANCE_TAGS}
 
     tracking.set_alias("fashion-mnist-cnn2", "1", "champion", "fashion-mnist-")
     tracking.register_version("fashion-mnist-cnn2_bn", run_ids[1], "cnn2_bn-seed0", tags, "tiny")

@@ -376,13 +376,16 @@ def test_bad_recipe_values_name_the_key_and_the_allowed_values(path, value, name
 @pytest.mark.parametrize("beyond, named", [
     ({"authors_cnn2": "ours?"}, "not in analyse.paper_models"),  # a paper model
     ({"ablation_cnn2_same": "ours?"}, "nor analyse.comparisons"),  # in the paper's claims
-    ({"cnn9": "ours?"}, "variants of params.yaml"),
 ])
 def test_beyond_paper_variants_are_ours_not_the_papers(beyond, named):
     with pytest.raises(ConfigError, match=r"analyse\.beyond_paper.*" + named):
         parse_params(_with("analyse.beyond_paper", beyond))
     shipped = parse_params(real_params()).analyse
     assert shipped.beyond_paper and not set(shipped.beyond_paper) & set(shipped.paper_models)
+    # one that names no variant (a variant removed from params.yaml) is skipped with a note
+    absent = parse_params(_with("analyse.beyond_paper", {"cnn9": "ours?"}))
+    assert "cnn9" not in absent.analyse.beyond_paper
+    assert any(note.startswith("analyse.beyond_paper.cnn9 skipped") for note in absent.notes), absent.notes
 
 
 def test_an_unknown_variant_key_lists_the_model_and_the_recipe_keys():
