@@ -17,6 +17,7 @@ from fmnist.config import load_params, parse_params
 from fmnist.evaluation import run_metrics, score
 from fmnist.models import build_model
 from fmnist.paths import RunRecord
+from fmnist.records import RunInfo
 from tests.conftest import REPO, real_params
 
 CLASSES = tuple(f"c{i}" for i in range(10))
@@ -242,6 +243,12 @@ def test_figures_draw_their_data(tmp_path):
     assert not np.array_equal(_pixels(tmp_path / "d.png"), _pixels(tmp_path / "d2.png"))
 
 
+def _run_info(parameters: int, train_seconds: float) -> RunInfo:
+    return RunInfo(mlflow_run_id="0" * 32, keras_backend="tensorflow", precision="float32", device="cpu",
+                   train_seconds=train_seconds, epochs=2, parameters=parameters, canonical_split=False,
+                   data_source="local", class_names=tuple(f"class {i}" for i in range(10)))
+
+
 def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypatch):
     config = load_params(REPO / "params.yaml")
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, seeds=(0, 1, 2)))
@@ -254,8 +261,7 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
             metrics = {"test_accuracy": 0.91 + 0.005 * n + 0.002 * seed, "test_macro_f1": 0.9,
                        "test_loss": 0.3, "epochs": 45,
                        "best_epoch_test_accuracy_selected_on_test": 0.93}
-            runs.append(analysis.TrainedRun(variant, seed, history, metrics, {
-                "parameters": 1000, "train_seconds": 10.0, "device": "cpu", "keras_backend": "tensorflow"}))
+            runs.append(analysis.TrainedRun(variant, seed, history, metrics, _run_info(1000, 10.0)))
     info = {"source": "npm", "canonical_split": False, "note": "NOT the canonical split"}
     baseline = {"test_accuracy": 0.85, "test_macro_f1": 0.85, "train_size": 500}
     summary = analysis.summarise(config, runs, baseline, info)
@@ -319,7 +325,7 @@ def test_a_variant_added_to_params_is_not_under_the_papers_claims():
     config = parse_params(raw)
     history = [{"epoch": e + 1, "loss": 1.0 / (e + 1)} for e in range(45)]  # the check needs 40
     runs = [analysis.TrainedRun(v, 0, history, {"test_accuracy": 0.9, "test_macro_f1": 0.9},
-                                {"parameters": 1, "train_seconds": 1.0}) for v in config.variants]
+                                _run_info(1, 1.0)) for v in config.variants]
     summary = analysis.summarise(config, runs, {}, {"source": "npm", "canonical_split": False, "note": ""})
     assert list(summary["variants"]) == [*config.analyse.paper_models, "wide3", *(
         v for v in config.variants if v not in config.analyse.paper_models and v != "wide3")]

@@ -103,3 +103,14 @@ def test_config_knows_the_papers_models():
     from fmnist import config, paper
 
     assert config.PAPER_MODELS == tuple(paper.MODELS)
+
+
+def test_a_run_infos_keys_are_spelled_only_in_the_records_module():
+    """Stages and the report's template read a trained run's facts as attributes of
+    fmnist.records.RunInfo, never by key (a renamed field would otherwise fail at run time)."""
+    files = [*sorted(PACKAGE.glob("*.py")), *sorted((REPO / "stages").glob("*.py")),
+             *sorted((PACKAGE / "templates").glob("*.j2"))]
+    pattern = re.compile(r"run_info(\[|\.get\()|[\"']mlflow_run_id[\"']")
+    offenders = [f"{file.relative_to(REPO)}: {match.group(0)}" for file in files
+                 if file.name != "records.py" for match in pattern.finditer(file.read_text())]
+    assert offenders == []

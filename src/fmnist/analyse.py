@@ -16,6 +16,7 @@ from fmnist import analysis, paths, plots, report, tracking
 from fmnist.config import Config
 from fmnist.data import Dataset
 from fmnist.files import atomic_path, read_json, write_json, write_text
+from fmnist.records import RunInfo
 
 RECORD_REMEDY = "written by the evaluate stage: run `dvc repro`"
 
@@ -29,7 +30,7 @@ def load_runs(config: Config) -> list[analysis.TrainedRun]:
                 variant, seed,
                 history=read_json(record.history, RECORD_REMEDY),
                 metrics=read_json(paths.metrics_file(variant, seed), RECORD_REMEDY),
-                run_info=read_json(record.run_info, RECORD_REMEDY)))
+                run_info=RunInfo.read(record.run_info, RECORD_REMEDY)))
     return runs
 
 
@@ -61,7 +62,7 @@ def tag_model_runs(config: Config, runs: list[analysis.TrainedRun]) -> None:
     """Mark each model run in the MLflow store with the paper's model it stands for (or
     ours), so that the UI can filter `tags.paper_model = 'CNN2+BN'` or `LIKE 'none%'`."""
     missing = [run.name for run in runs if not tracking.tag_run(
-        run.run_info["mlflow_run_id"],
+        run.run_info.mlflow_run_id,
         {analysis.PAPER_MODEL_TAG: analysis.paper_model_tag(config, run.variant)})]
     if missing:
         print(f"Not in this MLflow store (trained on another machine), not tagged: {', '.join(missing)}")

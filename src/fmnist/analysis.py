@@ -14,6 +14,7 @@ from scipy import stats
 
 from fmnist import paper, paths
 from fmnist.config import Config
+from fmnist.records import RunInfo
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class TrainedRun:
     seed: int
     history: list[dict[str, float]]
     metrics: dict[str, Any]
-    run_info: dict[str, Any]
+    run_info: RunInfo
 
     @property
     def name(self) -> str:
@@ -186,9 +187,9 @@ def summarise(config: Config, runs: list[TrainedRun], baseline: dict[str, Any],
         for key in ("test_macro_f1", "test_loss", "best_epoch_test_accuracy_selected_on_test"):
             if all(key in r.metrics for r in variant_runs):
                 entry[key] = Spread(tuple(r.metrics[key] for r in variant_runs)).as_json()
-        entry["parameters"] = variant_runs[0].run_info["parameters"]
+        entry["parameters"] = variant_runs[0].run_info.parameters
         entry["batch_norm"] = config.variants[variant].batch_norm
-        entry["train_seconds_mean"] = float(np.mean([r.run_info["train_seconds"] for r in variant_runs]))
+        entry["train_seconds_mean"] = float(np.mean([r.run_info.train_seconds for r in variant_runs]))
         paper_model = config.analyse.paper_models.get(variant)
         if paper_model:
             entry["paper_model"] = paper_model

@@ -27,6 +27,7 @@ from fmnist.config import Config
 from fmnist.files import atomic_path, read_json, remove, write_json
 from fmnist.models import feature_layer_names, load_model_file
 from fmnist.paths import RunRecord
+from fmnist.records import RunInfo
 
 # models/ is a cached DVC output: DVC puts back what the train stage wrote, or trains again.
 MODEL_REMEDY = "run `dvc repro` (DVC restores it from its cache or re-runs the train stage)"
@@ -188,7 +189,7 @@ def evaluate_model(variant: str, seed: int, x_test: np.ndarray, y_test: np.ndarr
     title = paths.run_name(variant, seed)
     model = load_model_file(files.model, MODEL_REMEDY)
     history = read_json(files.history, "written by the train stage")
-    run_info = read_json(files.run_info, "written by the train stage")
+    run_info = RunInfo.read(files.run_info)
     started = time.perf_counter()
     probabilities = np.asarray(model.predict(x_test, batch_size=1024, verbose=0))
     predict_seconds = time.perf_counter() - started
@@ -213,7 +214,7 @@ def evaluate_model(variant: str, seed: int, x_test: np.ndarray, y_test: np.ndarr
         np.savez_compressed(f, probabilities=probabilities.astype("float32"), labels=y_test)
     write_json(paths.metrics_file(variant, seed), metrics)
 
-    with tracking.resume(run_info["mlflow_run_id"]) as found:
+    with tracking.resume(run_info.mlflow_run_id) as found:
         if found:
             results = {**tracked_results(evaluation), "predict_seconds": round(predict_seconds, 2)}
             if SELECTED_ON_TEST in metrics:

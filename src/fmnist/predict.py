@@ -189,16 +189,13 @@ def load_classifier(source: str) -> Classifier:
         return Classifier(predict, tuple(names), source, f"{source} (an MLflow model folder)")
     files = paths.RunFiles(folder)
     if files.model.is_file():
-        from fmnist.files import read_json
         from fmnist.models import load_model_file
+        from fmnist.records import RunInfo
 
-        run_info = read_json(files.run_info, "written by the train stage")
-        names = run_info.get("class_names")
-        if not names:
-            raise FileNotFoundError(f"{files.run_info} names no classes (a model trained before "
-                                    "they were recorded); use its MLflow model (--model models:/...)")
+        run_info = RunInfo.read(files.run_info)
+        names = run_info.class_names
         model = load_model_file(files.model, "train it again with `dvc repro`")
-        origin = f"{source} (a train-stage model folder, MLflow run {run_info.get('mlflow_run_id', '?')})"
+        origin = f"{source} (a train-stage model folder, MLflow run {run_info.mlflow_run_id})"
         return Classifier(lambda x: np.asarray(model.predict(x, verbose=0)), tuple(names), source, origin)
     raise FileNotFoundError(f"--model {source}: not a model folder (no {files.model.name} or MLmodel) and "
                             "not an MLflow URI (models:/<name>@<alias>)")

@@ -26,7 +26,7 @@ import os
 
 from fmnist import paths, tracking
 from fmnist.config import Config, load_params
-from fmnist.files import read_json
+from fmnist.records import RunInfo
 
 DESCRIPTION = ("A Fashion-MNIST classifier ({variant}; one version per training seed). Input: uint8 "
                "pixels 0-255, shape (n, 28, 28), white item on a black background, as the data set; "
@@ -101,11 +101,11 @@ def register_models(config: Config) -> tuple[dict[str, dict[str, str]], str]:
     registered = {}
     for variant in config.variants:
         for seed in config.train.seeds:
-            run_info = read_json(paths.run_files(variant, seed).run_info, "written by the train stage")
-            run_id = run_info["mlflow_run_id"]
-            tags = {"variant": variant, "seed": str(seed), "data_source": str(run_info["data_source"]),
-                    "canonical_split": str(run_info["canonical_split"]),
-                    "keras_backend": str(run_info["keras_backend"]), "precision": str(run_info["precision"])}
+            run_info = RunInfo.read(paths.run_files(variant, seed).run_info)
+            run_id = run_info.mlflow_run_id
+            tags = {"variant": variant, "seed": str(seed), "data_source": run_info.data_source,
+                    "canonical_split": str(run_info.canonical_split),
+                    "keras_backend": run_info.keras_backend, "precision": run_info.precision}
             name = registry.model_name(variant)
             version = tracking.register_version(name, run_id, paths.run_name(variant, seed), tags,
                                                 DESCRIPTION.format(variant=variant))
@@ -143,9 +143,9 @@ def promote(config: Config, variant: str, seed: int | None = None, version: str 
     name = registry.model_name(variant)
     if version is None:
         seed = registry.champion_seed if seed is None else seed
-        run_info = read_json(paths.run_files(variant, seed).run_info,
-                             "written by the train stage; or name a registered --version")
-        entry = tracking.version_of_run(name, run_info["mlflow_run_id"])
+        run_info = RunInfo.read(paths.run_files(variant, seed).run_info,
+                                "written by the train stage; or name a registered --version")
+        entry = tracking.version_of_run(name, run_info.mlflow_run_id)
         if entry is None:
             raise PromotionError(f"the model in models/{variant}/seed{seed} is not registered as a version "
                                  f"of {name}: run `dvc repro` (its register stage) first")

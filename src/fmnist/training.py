@@ -28,6 +28,7 @@ from fmnist.config import Config, ModelSpec, TrainConfig, flatten
 from fmnist.data import NUM_CLASSES, Dataset
 from fmnist.files import atomic_path, error_reason, remove, write_json, write_text
 from fmnist.models import build_model, summary_text
+from fmnist.records import RunInfo
 
 
 class TrainingError(RuntimeError):
@@ -242,10 +243,7 @@ def _made_by(out_dir: Path) -> str | None:
     if not all(path.is_file() for path in (files.model, files.history, files.history_csv,
                                            files.architecture, files.run_info)):
         return None
-    try:
-        return json.loads(files.run_info.read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return RunInfo.fingerprint_of(files.run_info)
 
 
 def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_info: dict[str, Any],
@@ -364,11 +362,8 @@ def write_outputs(result: TrainedModel, out_dir: Path, data_info: dict[str, Any]
             writer.writeheader()
             writer.writerows(result.history)
         write_text(files.architecture, summary_text(result.model))
-        write_json(files.run_info, {
-            "mlflow_run_id": result.run_id, "keras_backend": result.backend,
-            "precision": result.precision, "device": result.device,
-            "train_seconds": round(result.train_seconds, 1),
-            "epochs": len(result.history), "parameters": result.model.count_params(),
-            "canonical_split": data_info["canonical_split"], "data_source": data_info["source"],
-            "class_names": list(class_names), "fingerprint": fingerprint,
-        })
+        RunInfo(mlflow_run_id=result.run_id, keras_backend=result.backend, precision=result.precision,
+                device=result.device, train_seconds=round(result.train_seconds, 1),
+                epochs=len(result.history), parameters=result.model.count_params(),
+                canonical_split=data_info["canonical_split"], data_source=data_info["source"],
+                class_names=tuple(class_names), fingerprint=fingerprint).write(files.run_info)
