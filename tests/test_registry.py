@@ -4,7 +4,6 @@ On a temporary MLflow store, with runs made as the train stage makes them (no tr
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import yaml
 
 from fmnist import paths, registry, tracking
 from fmnist.config import parse_params
+from fmnist.records import RunInfo
 from tests.conftest import only_variants, real_params, run, shrink, venv_env
 
 VARIANTS = ["cnn2", "cnn2_bn"]
@@ -40,9 +40,10 @@ def _train(root: Path, raw: dict, variant: str, seed: int, epochs: list[dict[str
         mlflow.create_external_model(name=name)  # register_version finds the logged model by name
     files = paths.run_files(variant, seed)
     (root / files.folder).mkdir(parents=True, exist_ok=True)
-    (root / files.run_info).write_text(json.dumps({
-        "mlflow_run_id": run_id, "data_source": "local", "canonical_split": False,
-        "keras_backend": "tensorflow", "precision": "float32"}))
+    RunInfo(mlflow_run_id=run_id, keras_backend="tensorflow", precision="float32", device="cpu",
+            train_seconds=1.0, epochs=len(epochs), parameters=1, canonical_split=False,
+            data_source="local", class_names=tuple(raw["evaluate"]["class_names"])).write(
+        root / files.run_info)
     return run_id
 
 
