@@ -260,11 +260,17 @@ def _server(api_status: int | None):
 
 
 def test_4_mlflow_http_defaults_are_bounded_and_a_users_setting_wins():
-    code = ("import os, fmnist.tracking; print([os.environ[k] for k in ('MLFLOW_HTTP_REQUEST_TIMEOUT', "
-            "'MLFLOW_HTTP_REQUEST_MAX_RETRIES', 'MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR')])")
-    result = subprocess.run([sys.executable, "-c", code], env=_env(MLFLOW_HTTP_REQUEST_TIMEOUT="7"),
-                            capture_output=True, text=True, timeout=120, check=True)
-    assert result.stdout.strip() == "['7', '2', '1']"
+    # set when a server is used, not on import (importing a module changes nothing)
+    code = ("import os, fmnist.tracking as t\n"
+            "keys = ('MLFLOW_HTTP_REQUEST_TIMEOUT', 'MLFLOW_HTTP_REQUEST_MAX_RETRIES', "
+            "'MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR')\n"
+            "print([os.environ.get(k) for k in keys])\n"
+            "try:\n    t.use_store()\nexcept t.TrackingError:\n    pass\n"
+            "print([os.environ.get(k) for k in keys])\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env=_env(MLFLOW_HTTP_REQUEST_TIMEOUT="7", MLFLOW_TRACKING_URI="http://127.0.0.1:9"),
+                            check=True)
+    assert result.stdout.strip().splitlines() == ["['7', None, None]", "['7', '2', '1']"]
 
 
 def test_4_a_server_whose_api_fails_or_hangs_is_a_one_line_error_soon(tmp_path, monkeypatch):

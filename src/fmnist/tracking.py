@@ -58,8 +58,6 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
-for _name, _value in HTTP_DEFAULTS.items():
-    os.environ.setdefault(_name, _value)
 # MLflow 3's UI opens an experiment without this tag in its GenAI mode (an empty traces page);
 # tagged, it opens the classic runs table, charts and Group by of model training.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -155,6 +153,8 @@ def use_store(root: Path | None = None, create: bool = True) -> str:
     a new empty file."""
     uri = tracking_uri(root)
     if uri.startswith(("http://", "https://")):
+        for name, value in HTTP_DEFAULTS.items():  # MLflow reads them at each request
+            os.environ.setdefault(name, value)
         _check_server(uri)
     store_logger = logging.getLogger(_STORE_LOGGER)
     debugging = os.environ.get("FMNIST_DEBUG", "").strip() not in ("", "0")  # as fmnist.cli
