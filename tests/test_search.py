@@ -305,7 +305,8 @@ def test_two_workers_share_one_search_on_postgresql(tmp_path, tiny_params, tiny_
     port = tracking_server.free_port()
     try:
         tracking_server._start_postgres(data, port)
-        url = f"postgresql://{tracking_server.DB_USER}@127.0.0.1:{port}/{tracking_server.DATABASE}"
+        # the tracking server's cluster: the search's database beside MLflow's
+        url = f"postgresql://{tracking_server.DB_USER}@127.0.0.1:{port}/{tracking_server.SEARCH_DATABASE}"
         result = run_search(root, "--workers", "2", "--storage", url)
         assert result.returncode == 0, result.stdout + result.stderr
         study = load_study(root, raw, url)
@@ -323,3 +324,40 @@ def test_two_workers_share_one_search_on_postgresql(tmp_path, tiny_params, tiny_
     assert {run.data.tags["mlflow.parentRunId"] for run in runs} == {parent.info.run_id}
     assert all(math.isfinite(run.data.metrics["val_accuracy"]) for run in runs)
     assert tracking.search_experiment("fashion-mnist-cnn") == EXPERIMENT
+
+
+@pytest.mark.slow
+def test_a_search_stopped_by_a_signal_marks_its_trial_and_resumes(tmp_path, tiny_params, tiny_idx_dir):
+    """Ctrl-C or SIGTERM: the trial running is failed (not lost), its MLflow run KILLED, its values
+    queued; the same command goes on from there."""
+    raw = tiny_search(tiny_params, n_trials=2, epochs=3, pruner="none")
+    root = make_project(tmp_path / "project", raw, tiny_idx_dir)
+    process = subprocess.Popen([sys.executable, "-m", "fmnist.search"], cwd=root, env=search_env(root),
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if "trial 0] | epoch 1/3" in line:
+                process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = "".join(lines)
+    assert process.returncode == 130, output
+    assert "ERROR: interrupted; the trial running is marked failed and its values run again" in output
+    study = load_study(root, raw)
+    assert [trial.state for trial in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    stopped = study.trials[0].params
+
+    result = run_search(root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    study = load_study(root, raw)
+    assert [trial.state for trial in study.trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 2
+    assert study.trials[1].params == stopped  # the stopped trial's values, run again
+    _, parent, runs = search_runs(root)
+    assert parent.info.status == "FINISHED"
+    assert {run.info.run_name: run.info.status for run in runs} == {
+        "cnn4_bn_aug_search-trial0": "KILLED", "cnn4_bn_aug_search-trial1": "FINISHED",
+        "cnn4_bn_aug_search-trial2": "FINISHED"}
