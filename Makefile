@@ -7,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test lint benchmark mlflow-ui gpu deps-system tracking-server tracking-server-stop screenshots serve
+.PHONY: run test lint search benchmark mlflow-ui gpu deps-system tracking-server tracking-server-stop screenshots serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: $(VENV)/.installed-dev lint deps-system
 
 lint: $(VENV)/.installed-dev
 	ruff check src stages tests benchmarks
+
+# params.yaml's hyperparameter search (docs/search.md); WORKERS=2 runs two worker processes
+search: $(VENV)/.installed
+	python -m fmnist.search $(if $(WORKERS),--workers $(WORKERS))
 
 benchmark: $(VENV)/.installed
 	python -m benchmarks.speed

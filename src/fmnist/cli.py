@@ -132,6 +132,7 @@ _USER_ERRORS = {  # module -> its error classes; only modules already imported c
     "fmnist.download": ("DownloadError",),
     "fmnist.data": ("DataError",),
     "fmnist.registry": ("PromotionError",),
+    "fmnist.search": ("SearchError",),
     "fmnist.tracking": ("TrackingError",),
     "fmnist.training": ("TrainingError",),
 }

@@ -32,6 +32,9 @@ BACKENDS = ("auto", "tensorflow", "jax", "torch")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "one_cycle", "step")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "threshold", "none")
+SEARCH_STORAGES = ("sqlite:///", "postgresql://", "postgresql+psycopg://")
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 # Upper bounds of whole numbers: far beyond any sensible run, low enough that an absurd value
 # (a typo of many zeros) stops here instead of failing deep in Keras or NumPy.
@@ -363,6 +366,91 @@ class RegistryConfig:
         return f"{self.model_prefix}-{variant}"
 
 
+# A search space's entry, per key: the one form it takes and what that form holds.
+SPACE_FORMS = {"range": "[low, high] with low < high",
+               "log_range": "[low, high] with 0 < low < high (sampled on a log scale)",
+               "choices": "a non-empty list of distinct values"}
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """A hyperparameter search over one variant's model and recipe keys (fmnist.search): not
+    a DVC stage; its best trial becomes a variant that the pipeline trains."""
+
+    study: str               # the study's name in the storage; also the best variant's name
+    base_variant: str        # the variant whose keys the trials start from
+    space: dict[str, Any]    # key -> {range: [lo, hi]} | {log_range: [lo, hi]} | {choices: [...]}
+    n_trials: int            # complete, pruned and diverged trials together
+    epochs: int              # per trial (a schedule spans a trial's epochs)
+    train_size: int          # training images per trial (0: every one the validation split leaves)
+    validation_size: int     # held out of the training set; the objective's images
+    validation_seed: int
+    seed: int                # the trials' Keras seed (initial weights, shuffles, augmentation)
+    sampler: str             # tpe | random
+    sampler_seed: int
+    pruner: str              # median | threshold | none
+    pruner_startup_trials: int  # median: trials finished before any is pruned
+    pruner_warmup_epochs: int   # median, threshold: epochs a trial runs before it can be pruned
+    prune_below: float       # threshold: prune a trial whose val_accuracy falls below this
+    storage: str             # "": search.db here (SQLite); or a sqlite:/// or postgresql:// URL
+    heartbeat_s: int         # a trial silent for 2 heartbeats (a killed worker) is marked failed
+
+    def validate(self) -> None:
+        _check(_VARIANT_NAME.match(self.study) is not None, "search.study", self.study,
+               "letters, digits, '_', '.', '-' (it names the study and the variant it writes)")
+        _check(bool(self.space), "search.space", self.space, "at least one key to search")
+        _check_whole(self.n_trials, "search.n_trials", 1, MAX_EPOCHS)
+        _check_whole(self.epochs, "search.epochs", 1, MAX_EPOCHS)
+        _check(NUM_CLASSES <= self.validation_size < TRAIN_SIZE, "search.validation_size",
+               self.validation_size, f"a whole number from {NUM_CLASSES} (one image per class) to "
+               f"{TRAIN_SIZE - 1}")
+        _check(0 <= self.train_size <= TRAIN_SIZE - self.validation_size, "search.train_size",
+               self.train_size, f"0 (all) or a whole number up to {TRAIN_SIZE - self.validation_size} "
+               "(the training images the validation split leaves)")
+        for key in ("validation_seed", "seed", "sampler_seed"):
+            _check_whole(getattr(self, key), f"search.{key}", 0, MAX_SEED)
+        _check(self.sampler in SAMPLERS, "search.sampler", self.sampler, " or ".join(SAMPLERS))
+        _check(self.pruner in PRUNERS, "search.pruner", self.pruner, ", ".join(PRUNERS))
+        _check_whole(self.pruner_startup_trials, "search.pruner_startup_trials", 0, MAX_EPOCHS)
+        _check_whole(self.pruner_warmup_epochs, "search.pruner_warmup_epochs", 0, MAX_EPOCHS)
+        _check(0 <= self.prune_below <= 1, "search.prune_below", self.prune_below, "an accuracy in [0, 1]")
+        _check(self.storage == "" or self.storage.startswith(SEARCH_STORAGES), "search.storage",
+               self.storage, '"" (search.db in the project, SQLite) or a URL starting '
+               + ", ".join(SEARCH_STORAGES))
+        _check_whole(self.heartbeat_s, "search.heartbeat_s", 1, 3600, " of seconds")
+        for key, entry in self.space.items():
+            self._validate_entry(key, entry)
+
+    def _validate_entry(self, key: str, entry: Any) -> None:
+        model_keys = [f.name for f in dataclasses.fields(ModelSpec)]
+        if key not in model_keys and key not in RECIPE_KEYS:
+            raise ConfigError(f"params.yaml: unknown key search.space.{key}; allowed keys: "
+                              f"{', '.join(model_keys)} (model) and {', '.join(RECIPE_KEYS)} (recipe)")
+        forms = " or ".join(f"{{{form}: {allowed}}}" for form, allowed in SPACE_FORMS.items())
+        _check(isinstance(entry, dict) and len(entry) == 1 and next(iter(entry)) in SPACE_FORMS,
+               f"search.space.{key}", entry, forms)
+        ((form, values),) = entry.items()
+        where = f"search.space.{key}.{form}"
+        if form == "choices":
+            _check(isinstance(values, list) and len(values) >= 1
+                   and all(isinstance(v, (bool, int, float, str)) for v in values)
+                   and len({json_key(v) for v in values}) == len(values), where, values, SPACE_FORMS[form])
+            return
+        numbers = isinstance(values, list) and len(values) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        _check(numbers and values[0] < values[1] and (form == "range" or values[0] > 0), where, values,
+               SPACE_FORMS[form])
+
+    def candidates(self, key: str) -> list[Any]:
+        """The values of ``key`` a check of the space tries: a range's ends, or every choice."""
+        return list(next(iter(self.space[key].values())))
+
+
+def json_key(value: Any) -> str:
+    """A value with its type (``1`` and ``true`` and ``1.0`` differ), for distinctness checks."""
+    return f"{type(value).__name__}:{value!r}"
+
+
 @dataclass(frozen=True)
 class Config:
     data: DataConfig
@@ -377,6 +465,9 @@ class Config:
     registry: RegistryConfig
     # what parse_params left out: analyse entries naming variants params.yaml no longer has
     notes: tuple[str, ...] = ()
+    search: SearchConfig | None = None  # the `search` section, where params.yaml has one
+    # each variant's keys as written (model and recipe): what a searched variant starts from
+    variant_keys: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def variant(self, name: str) -> ModelSpec:
         if name not in self.variants:
@@ -389,6 +480,22 @@ class Config:
 
     def class_index(self, class_name: str) -> int:
         return self.evaluate.class_names.index(class_name)
+
+    def searched_variant(self, values: dict[str, Any], where: str = "search.space"
+                         ) -> tuple[ModelSpec, Recipe]:
+        """The search's base variant with ``values`` (search-space keys) overriding: its model
+        and recipe, each value checked as a variant's would be (errors name ``where``)."""
+        if self.search is None:
+            raise ConfigError("params.yaml has no search section (see docs/search.md)")
+        base = self.search.base_variant
+        spec, recipe = self.variant(base), self.recipe(base)
+        hints = {**typing.get_type_hints(ModelSpec), **typing.get_type_hints(Recipe)}
+        values = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in values.items()}
+        spec = dataclasses.replace(spec, **{k: v for k, v in values.items() if k not in RECIPE_KEYS})
+        recipe = dataclasses.replace(recipe, **{k: v for k, v in values.items() if k in RECIPE_KEYS})
+        spec.validate(where)
+        recipe.validate_recipe(where)
+        return spec, recipe
 
 
 def _type_name(type_: Any) -> str:
@@ -506,7 +613,7 @@ def parse_params(raw: Any) -> Config:
     if not isinstance(raw, dict):
         _fail("(top level)", raw, "a mapping with sections data, model_defaults, variants, ...")
     sections = ("data", "model_defaults", "variants", "train", "evaluate", "analyse", "baseline",
-                "tracking", "registry")
+                "tracking", "registry", "search")
     for key in raw:
         if key not in sections:
             raise ConfigError(f"params.yaml: unknown section {key}; allowed: {', '.join(sections)}")
@@ -525,6 +632,8 @@ def parse_params(raw: Any) -> Config:
         tracking=_section(raw, "tracking", TrackingConfig),
         recipes=build_recipes(train, raw["variants"]),
         registry=_section(raw, "registry", RegistryConfig),
+        search=_section(raw, "search", SearchConfig) if "search" in raw else None,
+        variant_keys={name: dict(keys or {}) for name, keys in raw["variants"].items()},
     )
     written = config.analyse
     analyse, notes = _without_absent_variants(written, config.variants)
@@ -584,6 +693,25 @@ def _reference_problems(config: Config, written: AnalyseConfig) -> list[str]:
     if config.registry.champion_seed not in config.train.seeds:
         problems.append(_problem("registry.champion_seed", config.registry.champion_seed,
                                  f"one of train.seeds {list(config.train.seeds)}"))
+    if config.search is not None:
+        problems += _search_problems(config)
+    return problems
+
+
+def _search_problems(config: Config) -> list[str]:
+    """The search's base variant, and every value of its space tried on that variant (the
+    other keys at the variant's values): a trial can then fail only on a combination."""
+    search = config.search
+    if search.base_variant not in config.variants:
+        return [_problem("search.base_variant", search.base_variant, ", ".join(config.variants))]
+    problems = []
+    for key in search.space:
+        for value in search.candidates(key):
+            try:
+                config.searched_variant({key: value})
+            except ConfigError as error:
+                problems.append(str(error))
+                break
     return problems
 
 

@@ -42,6 +42,16 @@ CURVES = ANALYSIS / "curves.csv"
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
 
+# `python -m fmnist.search` (not a stage): its default Optuna storage, and per study the best
+# trial as a variant block to paste into params.yaml and the optimization-history figure
+SEARCH_DB = "search.db"
+SEARCH_REPORTS = REPORTS / "search"
+
+
+def search_files(study: str) -> dict[str, Path]:
+    return {"variant": SEARCH_REPORTS / f"{study}.yaml", "history": SEARCH_REPORTS / f"{study}-history.png",
+            "importance": SEARCH_REPORTS / f"{study}-importance.json"}
+
 
 def run_name(variant: str, seed: int) -> str:
     """One trained model: a variant under one seed (also its MLflow run name)."""

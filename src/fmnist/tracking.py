@@ -321,6 +321,12 @@ def analysis_experiment(experiment: str) -> str:
     return f"{experiment}-analysis"
 
 
+def search_experiment(experiment: str) -> str:
+    """The experiment of hyperparameter searches (fmnist.search): a run per search, its
+    trials nested under it, apart from the pipeline's model runs."""
+    return f"{experiment}-search"
+
+
 def _fail_left_running(experiment_id: str, key: str, current_run_id: str) -> None:
     """Mark FAILED the runs of ``key`` that an earlier attempt left RUNNING (killed, or its
     store failed before it could end them) and that are not being resumed now."""
@@ -350,18 +356,20 @@ def _end(status: str) -> None:
 
 @contextlib.contextmanager
 def run(experiment_id: str, name: str, tags: dict[str, str], run_id: str | None = None,
-        on_start: Any = None) -> Iterator[str]:
+        on_start: Any = None, parent_run_id: str | None = None) -> Iterator[str]:
     """Start (or, given ``run_id``, resume) a run; end it FINISHED, KILLED or FAILED.
 
     ``on_start(run_id)`` is called as soon as the run exists, so the caller can record the
     id before any work (a killed process is then resumed, not orphaned). A new or resumed
-    named run marks FAILED what earlier attempts of it left RUNNING.
+    named run marks FAILED what earlier attempts of it left RUNNING. ``parent_run_id``: a new
+    run is nested under that run (a search's trial under the search), from any process.
     """
     try:
         if run_id is not None and run_is_usable(run_id):
             active = mlflow.start_run(run_id=run_id)
         else:
-            active = mlflow.start_run(experiment_id=experiment_id, run_name=name)
+            active = mlflow.start_run(experiment_id=experiment_id, run_name=name,
+                                      parent_run_id=parent_run_id, nested=parent_run_id is not None)
     except _STORE_ERRORS as error:
         raise _store_error(error, f"starting run {name or run_id}") from error
     try:

@@ -38,6 +38,9 @@ from pathlib import Path
 DEFAULT_DIR = Path(".tracking-server")
 STATE_FILE = "server.json"
 DATABASE = "mlflow"
+# fmnist.search's Optuna studies: a database of their own (Optuna and MLflow each keep their
+# schema version in a table named alembic_version)
+SEARCH_DATABASE = "optuna"
 DB_USER = "mlflow"
 INSTALL_HINT = "run `make deps-system` (apt-get install -y postgresql) first"
 
@@ -156,12 +159,18 @@ def _start_postgres(data: Path, port: int) -> None:
         if not cause:
             raise
         raise ServerError(f"starting PostgreSQL failed: {cause} (log: {log}); {_damaged(data)}") from error
-    exists = _run([str(postgres_bin() / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", DB_USER,
-                   "-d", "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"],
-                  "looking up the MLflow database")
-    if exists.strip() != "1":
-        _run([str(postgres_bin() / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", DB_USER,
-              DATABASE], "creating the MLflow database")
+    for database, kind in ((DATABASE, "MLflow"), (SEARCH_DATABASE, "search")):
+        exists = _run([str(postgres_bin() / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", DB_USER,
+                       "-d", "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{database}'"],
+                      f"looking up the {kind} database")
+        if exists.strip() != "1":
+            _run([str(postgres_bin() / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", DB_USER,
+                  database], f"creating the {kind} database")
+
+
+def search_storage(server: Server) -> str:
+    """The URL of the server's database for fmnist.search's studies (``--storage``)."""
+    return f"postgresql://{DB_USER}@127.0.0.1:{server.postgres_port}/{SEARCH_DATABASE}"
 
 
 def _stop_postgres(data: Path) -> None:
@@ -310,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "start":
             server = start(args.dir, args.port)
             print(f"MLflow server on PostgreSQL running (artifacts in {server.artifacts}, log "
-                  f"{server.log}).\nexport MLFLOW_TRACKING_URI={server.tracking_uri}")
+                  f"{server.log}).\nHyperparameter searches: python -m fmnist.search --storage "
+                  f"{search_storage(server)}\n"
+                  f"export MLFLOW_TRACKING_URI={server.tracking_uri}")
         elif args.action == "stop":
             print("stopped" if stop(args.dir) else f"no server was started from {args.dir}")
         else:
