@@ -113,9 +113,13 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
         kinds = dict(db.execute("SELECT e.name, t.value FROM experiments e JOIN experiment_tags t "
                                 "ON e.experiment_id = t.experiment_id WHERE t.key = ?",
                                 (tracking.EXPERIMENT_KIND_TAG,)))
-    # no analysis among them
-    assert set(runs) == {"authors_cnn2-seed0", "authors_cnn2_bn-seed0", "svc-baseline"}
-    assert set(analysis) == {"analysis"}
+    # no analysis among them; each run named after the execution: `dvc repro` at the repo's commit
+    execution = f"workspace-{run(['git', 'rev-parse', '--short', 'HEAD'], repo).stdout.strip()}"
+    assert set(runs) == {f"{name} @ {execution}" for name in ("authors_cnn2-seed0", "authors_cnn2_bn-seed0",
+                                                               "svc-baseline")}
+    assert set(analysis) == {f"analysis @ {execution}"}
+    assert {found["tags"][tracking.EXECUTION_TAG] for found in runs.values()} == {execution}
+    runs = {name.split(" @ ")[0]: found for name, found in runs.items()}
     assert kinds[experiment] == tracking.EXPERIMENT_KIND  # the UI opens in its model-training mode
 
     series_names = {tracking.epoch_metric_name(key) for key in EPOCH_KEYS}
@@ -151,7 +155,7 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
     assert len(digests) == 1  # the same test set, the same digest, in every run
 
     with _store(repo) as db:
-        (artifact_uri,) = db.execute("SELECT artifact_uri FROM runs WHERE name = 'analysis'").fetchone()
+        (artifact_uri,) = db.execute("SELECT artifact_uri FROM runs WHERE name LIKE 'analysis @ %'").fetchone()
     html = (Path(artifact_uri.removeprefix("file://")) / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3  # Fig. 1, the curves, the confusion matrix...
     assert "<details>" in html and "![" not in html and 'src="analysis/' not in html
@@ -183,3 +187,20 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
         cells = {float(cell) for cell in line.split() if re.fullmatch(r"[0-9.]+", cell)}
         for variant in VARIANTS:
             assert float(row[variant]) > 0 and float(row[variant]) in cells, (row, line)
+
+
+def test_runs_are_named_after_their_pipeline_execution(tmp_path, monkeypatch):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert tracking.execution(tmp_path) == "workspace"  # outside git
+    run(["git", "init", "-q"], tmp_path)
+    (tmp_path / "params.yaml").write_text("train: {epochs: 2}\n")
+    run(["git", "add", "params.yaml"], tmp_path)
+    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "params"], tmp_path)
+    commit = run(["git", "rev-parse", "--short", "HEAD"], tmp_path).stdout.strip()
+    # `dvc repro` in the workspace: its commit, and whether the pipeline's inputs differ from it
+    assert tracking.execution(tmp_path) == f"workspace-{commit}"
+    (tmp_path / "params.yaml").write_text("train: {epochs: 3}\n")
+    assert tracking.execution(tmp_path) == f"workspace-{commit}-dirty"
+    monkeypatch.setenv("DVC_EXP_NAME", "lower-lr")  # `dvc exp run` sets it
+    assert tracking.execution(tmp_path) == "lower-lr"
+    assert tracking.run_title("cnn2-seed0", "lower-lr") == "cnn2-seed0 @ lower-lr"
