@@ -190,9 +190,14 @@ def fit(model: keras.Model, data: Dataset, train: TrainConfig, callbacks: list,
     validation = None
     if len(data.y_val):
         validation = (data.x_val, to_targets(data.y_val))
+    verbose = progress.keras_verbosity()
+    if verbose:
+        # Keras appends its bar after the given callbacks, so it would end its line after the
+        # epoch line was printed onto it; first in the list, it ends the line first.
+        callbacks = [keras.callbacks.ProgbarLogger(), *callbacks]
     model.fit(data.x_train, to_targets(data.y_train), batch_size=train.batch_size,
               epochs=train.epochs, initial_epoch=initial_epoch, validation_data=validation,
-              callbacks=callbacks, shuffle=True, verbose=progress.keras_verbosity())
+              callbacks=callbacks, shuffle=True, verbose=verbose)
 
 
 def seed_settings(config: Config, variant: str, seed: int, data_info: dict[str, Any], precision: str,
