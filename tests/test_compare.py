@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from fmnist import report, results, tracking
+from fmnist import analyse, report, results, tracking
 from fmnist.progress import EpochLine, stage_label
 from tests.conftest import REPO, make_dvc_repo, only_variants, run, venv_env
 
@@ -155,7 +156,8 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
     assert len(digests) == 1  # the same test set, the same digest, in every run
 
     with _store(repo) as db:
-        (artifact_uri,) = db.execute("SELECT artifact_uri FROM runs WHERE name LIKE 'analysis @ %'").fetchone()
+        (artifact_uri,) = db.execute(
+            "SELECT artifact_uri FROM runs WHERE name LIKE 'analysis @ %'").fetchone()
     html = (Path(artifact_uri.removeprefix("file://")) / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3  # Fig. 1, the curves, the confusion matrix...
     assert "<details>" in html and "![" not in html and 'src="analysis/' not in html
@@ -204,3 +206,34 @@ def test_runs_are_named_after_their_pipeline_execution(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "lower-lr")  # `dvc exp run` sets it
     assert tracking.execution(tmp_path) == "lower-lr"
     assert tracking.run_title("cnn2-seed0", "lower-lr") == "cnn2-seed0 @ lower-lr"
+
+
+def test_the_committed_svc_is_logged_and_marked_where_it_was_not_fitted(
+        mlflow_store, tiny_params, tiny_config, monkeypatch):
+    """A fresh clone's `make run` never fits the SVC (its stage is up to date by the committed
+    dvc.lock): its committed results become a run tagged as such, and the table says so."""
+    monkeypatch.chdir(mlflow_store)
+    (mlflow_store / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+    baseline = {"test_accuracy": 0.9058, "test_macro_f1": 0.905, "train_seconds": 355.2, "train_size": 60000}
+    (mlflow_store / "metrics").mkdir()
+    (mlflow_store / "metrics" / "baseline.json").write_text(json.dumps(baseline))
+    experiment = tiny_config.tracking.experiment
+    tracking.use_store(mlflow_store)
+    assert results._baseline_source() == "committed reference, not fitted here"
+
+    assert analyse.log_committed_baseline(tiny_config, baseline)
+    assert not analyse.log_committed_baseline(tiny_config, baseline)  # once, not at every analyse
+    (logged,) = tracking.finished_runs(experiment, {"kind": "baseline"})
+    assert logged["tags"][results.SOURCE_TAG] == results.COMMITTED_REFERENCE
+    assert logged["metrics"]["test_accuracy"] == pytest.approx(0.9058)
+    assert results.baseline_runs(experiment, baseline) == {"fitted": False, "reference": True}
+    assert results._baseline_source() == "committed reference, not fitted here"
+    summary = {"variants": {}, "baseline": {"test_accuracy": 0.9058, "train_size": 60000}}
+    assert "svc (baseline, 60000 images; committed reference, not fitted here)" in results.table(
+        summary, results._baseline_source())
+
+    # the baseline stage's own fit, with the same results: the row is the user's
+    with tracking.run(tracking.connect(experiment), "svc-baseline", {"kind": "baseline"}):
+        tracking.log_results({"test_accuracy": 0.9058, "train_seconds": 355.2})
+    assert results.baseline_runs(experiment, baseline) == {"fitted": True, "reference": True}
+    assert results._baseline_source() == ""

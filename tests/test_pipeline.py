@@ -226,7 +226,8 @@ def test_an_experiment_on_one_variant_retrains_only_it(pipeline):
     names = [name for name, _ in _runs_in_store(repo)]
     assert names.count("cnn2-seed0") == 2
     with sqlite3.connect(repo / "mlflow.db") as db:  # the experiment's run says which it is
-        assert db.execute("SELECT count(*) FROM runs WHERE name = 'cnn2-seed0 @ dropout-03'").fetchone() == (1,)
+        named = db.execute("SELECT count(*) FROM runs WHERE name = 'cnn2-seed0 @ dropout-03'").fetchone()
+    assert named == (1,)
 
 
 @pytest.mark.slow

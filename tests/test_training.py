@@ -415,7 +415,8 @@ def test_at_a_terminal_the_epoch_line_has_a_line_of_its_own(tiny_config, tiny_da
     data, _ = tiny_data
     train = replace(tiny_config.train, epochs=2)
     model = recipes.compile_model(build_model(tiny_config.variant("cnn2"), "cnn2"),
-                                  tiny_config.recipe("cnn2"), train.epochs, len(data.y_train), train.batch_size)
+                                  tiny_config.recipe("cnn2"), train.epochs, len(data.y_train),
+                                  train.batch_size)
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stdout", terminal)
     recorder = EpochRecorder(lambda record: print(f"[train 1/1] cnn2 seed 0 | epoch {record['epoch']}/2"),
@@ -425,4 +426,4 @@ def test_at_a_terminal_the_epoch_line_has_a_line_of_its_own(tiny_config, tiny_da
     lines = terminal.getvalue().split("\n")
     assert "━" in terminal.getvalue()  # Keras' bar was shown
     epoch_lines = [line for line in lines if "| epoch " in line]
-    assert epoch_lines == ["[train 1/1] cnn2 seed 0 | epoch 1/2", "[train 1/1] cnn2 seed 0 | epoch 2/2"], lines
+    assert epoch_lines == [f"[train 1/1] cnn2 seed 0 | epoch {epoch}/2" for epoch in (1, 2)], lines

@@ -338,6 +338,20 @@ def tag_run(run_id: str, tags: dict[str, str]) -> bool:
     return True
 
 
+@_guarded("searching runs")
+def finished_runs(experiment: str, tags: dict[str, str]) -> list[dict[str, Any]]:
+    """{"run_id", "tags", "metrics"} of the finished runs of ``experiment`` that carry
+    ``tags``; none where the store lacks the experiment (``use_store`` first)."""
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None or any("'" in key + value for key, value in tags.items()):
+        return []
+    condition = " and ".join([f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+                             + ["attributes.status = 'FINISHED'"])
+    return [{"run_id": r.info.run_id, "tags": dict(r.data.tags), "metrics": dict(r.data.metrics)}
+            for r in MlflowClient().search_runs([found.experiment_id], filter_string=condition,
+                                                max_results=1000)]
+
+
 def run_key(name: str) -> str:
     """The same stage's run in the same workspace (a `dvc exp run --queue` copy is another)."""
     return f"{Path.cwd().resolve()}#{name}"
