@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fmnist import analyse, report, results, tracking
+from fmnist import analyse, paths, report, results, tracking
 from fmnist.progress import EpochLine, stage_label
 from tests.conftest import REPO, make_dvc_repo, only_variants, run, venv_env
 
@@ -58,6 +58,16 @@ def _docs_exp_show() -> list[str]:
     return shlex.split(line.split("#")[0])
 
 
+def _docs_commands() -> list[list[str]]:
+    """The `dvc exp show` and `dvc metrics diff` commands of docs/usage.md's code blocks,
+    its placeholder <exp> as the experiment `dropped`."""
+    text = (REPO / "docs" / "usage.md").read_text()
+    lines = [line.split("  #")[0].replace("<exp>", "dropped") for line in text.splitlines()
+             if line.startswith(("dvc exp show ", "dvc metrics diff "))]
+    assert len(lines) >= 2, lines
+    return [shlex.split(line) for line in lines]
+
+
 def test_stage_label_counts_the_matrix_and_the_epoch_line_estimates_the_rest():
     assert stage_label("train", ["a", "b", "c"], [0, 1], "b", 1) == "[train 4/6] b seed 1"
     line = EpochLine("[train 4/6] b seed 1", epochs=10, first_epoch=2)
@@ -65,6 +75,10 @@ def test_stage_label_counts_the_matrix_and_the_epoch_line_estimates_the_rest():
                      now=line.started + 20.0)  # 2 epochs of this attempt in 20 s
     assert "epoch 4/10" in text and "monitored test_accuracy 0.7500" in text
     assert "10s/epoch" in text and "ETA 1m00s" in text  # 6 epochs left
+    # two more seeds of the stage to train: 6 + 2 x 10 epochs at 10 s
+    stage = EpochLine("[train 4/6] b seed 1", epochs=10, first_epoch=2, seeds_after=2)
+    assert stage.text({"epoch": 4, "loss": 0.5}, now=stage.started + 20.0).endswith(
+        "ETA 1m00s; the stage's 2 seeds after it: ETA 4m20s")
 
 
 def test_results_are_named_from_one_vocabulary():
@@ -146,7 +160,7 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
             assert found["end"] - found["start"] >= 1000 * (metrics["train_seconds"][0][1] - 0.05)
             continue
         variant = found["tags"]["variant"]
-        evaluated = json.loads((repo / "metrics" / "runs" / f"{name}.json").read_text())
+        evaluated = json.loads((repo / paths.metrics_file(variant, int(found["tags"]["seed"]))).read_text())
         assert metrics["test_accuracy"][0][1] == pytest.approx(evaluated["test_accuracy"])
         assert metrics["test_macro_f1"][0][1] == pytest.approx(evaluated["test_macro_f1"])
         assert sorted(step for step, _, _ in metrics["monitor_test_accuracy"]) == [1, 2]
@@ -172,8 +186,12 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "results"], repo)
     # two experiments that move the tiny models' accuracy
-    run(["dvc", "exp", "run", "-S", "train.epochs=1"], repo)
-    run(["dvc", "exp", "run", "-S", "train.learning_rate=0.0002"], repo)
+    run(["dvc", "exp", "run", "-n", "fewer-epochs", "-S", "train.epochs=1"], repo)
+    run(["dvc", "exp", "run", "-n", "lower-lr", "-S", "train.learning_rate=0.0002"], repo)
+    with _store(repo) as db:  # each experiment's runs named after it: apart in every legend
+        names = {name for (name,) in db.execute("SELECT name FROM runs")}
+    for name in ("fewer-epochs", "lower-lr"):
+        assert {f"{v}-seed0 @ {name}" for v in VARIANTS} | {f"analysis @ {name}"} <= names
     command = _docs_exp_show()
     shown = run(command, repo, env={**venv_env(), "COLUMNS": "160"}).stdout
     assert max(len(line) for line in shown.splitlines()) <= 160, shown
@@ -189,6 +207,38 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
         cells = {float(cell) for cell in line.split() if re.fullmatch(r"[0-9.]+", cell)}
         for variant in VARIANTS:
             assert float(row[variant]) > 0 and float(row[variant]) in cells, (row, line)
+
+    # after edits: an experiment that drops a variant (its params, the analyse entries naming
+    # it) and one that changes a list param; every documented command stays within 160 columns
+    run(["dvc", "exp", "apply", "lower-lr"], repo)  # the workspace as a user leaves it
+    (repo / "params.yaml").write_text(yaml.safe_dump(only_variants(params, VARIANTS[:1]), sort_keys=False))
+    run(["dvc", "exp", "run", "-n", "dropped"], repo)
+    run(["git", "checkout", "--", "params.yaml"], repo)
+    run(["dvc", "exp", "run", "-n", "levels", "-S", "analyse.loss_levels=[0.5,0.4]"], repo)
+    for command in _docs_commands():
+        shown = run(command, repo, env={**venv_env(), "COLUMNS": "160"}).stdout
+        assert shown.strip() and max(len(line) for line in shown.splitlines()) <= 160, (command, shown)
+        assert "…" not in shown, (command, shown)
+        if command[:3] == ["dvc", "exp", "show"]:
+            assert "[dropped]" in shown and "analyse.loss_levels" in shown, shown
+            assert len(shown.splitlines()) < 25, shown  # a screen
+    diff = run(["dvc", "metrics", "diff", "HEAD", "dropped", "--all", "--no-path", "--targets",
+                "metrics/accuracy.json"], repo).stdout
+    rows = {line.split()[0]: line.split()[1:] for line in diff.splitlines()[1:]}
+    assert rows[VARIANTS[1]][1] == "-" and float(rows[VARIANTS[0]][1]) > 0, diff  # dropped, kept
+
+    # `dvc plots diff` of two experiments: one line per run and experiment, not one per run
+    plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "levels", "--json"], repo).stdout)
+    (loss,) = plots["data"]["Training loss"]
+    spec = loss["content"]
+    assert spec["encoding"]["color"]["field"] == "series"
+    assert spec["transform"] == [{"calculate": "datum.run + ' @ ' + datum.rev", "as": "series"}]
+    points = spec["data"]["values"]
+    series = {}
+    for point in points:
+        series.setdefault(f"{point['run']} @ {point['rev']}", []).append(int(point["epoch"]))
+    assert set(series) == {f"{v}-seed0 @ {rev}" for v in VARIANTS for rev in ("HEAD", "levels")}, set(series)
+    assert all(sorted(epochs) == list(range(1, len(epochs) + 1)) for epochs in series.values()), series
 
 
 def test_runs_are_named_after_their_pipeline_execution(tmp_path, monkeypatch):
