@@ -7,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test lint search benchmark mlflow-ui gpu deps-system tracking-server tracking-server-stop screenshots serve
+.PHONY: run small test lint search benchmark mlflow-ui vega gpu deps-system tracking-server tracking-server-stop screenshots serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,17 @@ run: $(VENV)/.installed
 	dvc repro
 	python -m fmnist.results
 
+# The run to try first (docs/usage.md): every variant and stage on the real data, but 2 epochs,
+# seed 0 only and the SVC on 10,000 images: NOT the paper's numbers. A DVC experiment named
+# `small` in a temporary copy (--temp), so the workspace and its committed results stay as
+# they are; its MLflow runs are named `... @ small`. Run again, it replaces the experiment.
+SMALL := -S train.epochs=2 -S 'train.seeds=[0]' -S baseline.train_size=10000
+small: $(VENV)/.installed
+	-dvc exp remove small 2>/dev/null
+	dvc exp run --temp -n small $(SMALL)
+	@echo "Experiment 'small' (2 epochs, seed 0, SVC on 10,000 images: NOT the paper's numbers) beside the committed results:"
+	@dvc metrics diff HEAD small --all --no-path --targets metrics/accuracy.json
+
 test: $(VENV)/.installed-dev lint deps-system
 	python -m pytest
 
@@ -45,8 +56,18 @@ search: $(VENV)/.installed
 benchmark: $(VENV)/.installed
 	python -m benchmarks.speed
 
+# One worker and no job runner: MLflow's defaults (4 workers, a job runner of its own) start
+# 16 processes and take 2.3 GB to serve one person's browser; the job runner serves GenAI
+# features that this project does not use. MLFLOW_WORKERS=4 make mlflow-ui for more.
+MLFLOW_WORKERS ?= 1
 mlflow-ui: $(VENV)/.installed
-	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db \
+		--host 127.0.0.1 --port 5000 --workers $(MLFLOW_WORKERS)
+
+# Vega for `dvc plots show --html-template plot_templates/offline.html`, from npm into .vega/
+# (once; the page then needs no network, where DVC's default page loads Vega from a CDN)
+vega:
+	npm install --silent --no-audit --no-fund --prefix .vega vega@5 vega-lite@5 vega-embed@6
 
 # PostgreSQL from Debian's packages, for the tracking server and its test (its server programs
 # live in /usr/lib/postgresql/<version>/bin); installed only where they are missing, without

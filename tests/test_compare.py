@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from fmnist import report, results, tracking
+from fmnist import analyse, paths, report, results, tracking
 from fmnist.progress import EpochLine, stage_label
 from tests.conftest import REPO, make_dvc_repo, only_variants, run, venv_env
 
@@ -57,6 +58,16 @@ def _docs_exp_show() -> list[str]:
     return shlex.split(line.split("#")[0])
 
 
+def _docs_commands() -> list[list[str]]:
+    """The `dvc exp show` and `dvc metrics diff` commands of docs/usage.md's code blocks,
+    its placeholder <exp> as the experiment `dropped`."""
+    text = (REPO / "docs" / "usage.md").read_text()
+    lines = [line.split("  #")[0].replace("<exp>", "dropped") for line in text.splitlines()
+             if line.startswith(("dvc exp show ", "dvc metrics diff "))]
+    assert len(lines) >= 2, lines
+    return [shlex.split(line) for line in lines]
+
+
 def test_stage_label_counts_the_matrix_and_the_epoch_line_estimates_the_rest():
     assert stage_label("train", ["a", "b", "c"], [0, 1], "b", 1) == "[train 4/6] b seed 1"
     line = EpochLine("[train 4/6] b seed 1", epochs=10, first_epoch=2)
@@ -64,6 +75,10 @@ def test_stage_label_counts_the_matrix_and_the_epoch_line_estimates_the_rest():
                      now=line.started + 20.0)  # 2 epochs of this attempt in 20 s
     assert "epoch 4/10" in text and "monitored test_accuracy 0.7500" in text
     assert "10s/epoch" in text and "ETA 1m00s" in text  # 6 epochs left
+    # two more seeds of the stage to train: 6 + 2 x 10 epochs at 10 s
+    stage = EpochLine("[train 4/6] b seed 1", epochs=10, first_epoch=2, seeds_after=2)
+    assert stage.text({"epoch": 4, "loss": 0.5}, now=stage.started + 20.0).endswith(
+        "ETA 1m00s; the stage's 2 seeds after it: ETA 4m20s")
 
 
 def test_results_are_named_from_one_vocabulary():
@@ -113,9 +128,13 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
         kinds = dict(db.execute("SELECT e.name, t.value FROM experiments e JOIN experiment_tags t "
                                 "ON e.experiment_id = t.experiment_id WHERE t.key = ?",
                                 (tracking.EXPERIMENT_KIND_TAG,)))
-    # no analysis among them
-    assert set(runs) == {"authors_cnn2-seed0", "authors_cnn2_bn-seed0", "svc-baseline"}
-    assert set(analysis) == {"analysis"}
+    # no analysis among them; each run named after the execution: `dvc repro` at the repo's commit
+    execution = f"workspace-{run(['git', 'rev-parse', '--short', 'HEAD'], repo).stdout.strip()}"
+    assert set(runs) == {f"{name} @ {execution}" for name in ("authors_cnn2-seed0", "authors_cnn2_bn-seed0",
+                                                               "svc-baseline")}
+    assert set(analysis) == {f"analysis @ {execution}"}
+    assert {found["tags"][tracking.EXECUTION_TAG] for found in runs.values()} == {execution}
+    runs = {name.split(" @ ")[0]: found for name, found in runs.items()}
     assert kinds[experiment] == tracking.EXPERIMENT_KIND  # the UI opens in its model-training mode
 
     series_names = {tracking.epoch_metric_name(key) for key in EPOCH_KEYS}
@@ -141,7 +160,7 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
             assert found["end"] - found["start"] >= 1000 * (metrics["train_seconds"][0][1] - 0.05)
             continue
         variant = found["tags"]["variant"]
-        evaluated = json.loads((repo / "metrics" / "runs" / f"{name}.json").read_text())
+        evaluated = json.loads((repo / paths.metrics_file(variant, int(found["tags"]["seed"]))).read_text())
         assert metrics["test_accuracy"][0][1] == pytest.approx(evaluated["test_accuracy"])
         assert metrics["test_macro_f1"][0][1] == pytest.approx(evaluated["test_macro_f1"])
         assert sorted(step for step, _, _ in metrics["monitor_test_accuracy"]) == [1, 2]
@@ -151,7 +170,8 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
     assert len(digests) == 1  # the same test set, the same digest, in every run
 
     with _store(repo) as db:
-        (artifact_uri,) = db.execute("SELECT artifact_uri FROM runs WHERE name = 'analysis'").fetchone()
+        (artifact_uri,) = db.execute(
+            "SELECT artifact_uri FROM runs WHERE name LIKE 'analysis @ %'").fetchone()
     html = (Path(artifact_uri.removeprefix("file://")) / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3  # Fig. 1, the curves, the confusion matrix...
     assert "<details>" in html and "![" not in html and 'src="analysis/' not in html
@@ -166,8 +186,12 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "results"], repo)
     # two experiments that move the tiny models' accuracy
-    run(["dvc", "exp", "run", "-S", "train.epochs=1"], repo)
-    run(["dvc", "exp", "run", "-S", "train.learning_rate=0.0002"], repo)
+    run(["dvc", "exp", "run", "-n", "fewer-epochs", "-S", "train.epochs=1"], repo)
+    run(["dvc", "exp", "run", "-n", "lower-lr", "-S", "train.learning_rate=0.0002"], repo)
+    with _store(repo) as db:  # each experiment's runs named after it: apart in every legend
+        names = {name for (name,) in db.execute("SELECT name FROM runs")}
+    for name in ("fewer-epochs", "lower-lr"):
+        assert {f"{v}-seed0 @ {name}" for v in VARIANTS} | {f"analysis @ {name}"} <= names
     command = _docs_exp_show()
     shown = run(command, repo, env={**venv_env(), "COLUMNS": "160"}).stdout
     assert max(len(line) for line in shown.splitlines()) <= 160, shown
@@ -183,3 +207,83 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
         cells = {float(cell) for cell in line.split() if re.fullmatch(r"[0-9.]+", cell)}
         for variant in VARIANTS:
             assert float(row[variant]) > 0 and float(row[variant]) in cells, (row, line)
+
+    # after edits: an experiment that drops a variant (its params, the analyse entries naming
+    # it) and one that changes a list param; every documented command stays within 160 columns
+    run(["dvc", "exp", "apply", "lower-lr"], repo)  # the workspace as a user leaves it
+    (repo / "params.yaml").write_text(yaml.safe_dump(only_variants(params, VARIANTS[:1]), sort_keys=False))
+    run(["dvc", "exp", "run", "-n", "dropped"], repo)
+    run(["git", "checkout", "--", "params.yaml"], repo)
+    run(["dvc", "exp", "run", "-n", "levels", "-S", "analyse.loss_levels=[0.5,0.4]"], repo)
+    for command in _docs_commands():
+        shown = run(command, repo, env={**venv_env(), "COLUMNS": "160"}).stdout
+        assert shown.strip() and max(len(line) for line in shown.splitlines()) <= 160, (command, shown)
+        assert "…" not in shown, (command, shown)
+        if command[:3] == ["dvc", "exp", "show"]:
+            assert "[dropped]" in shown and "[levels]" in shown, shown
+            assert len(shown.splitlines()) < 25, shown  # a screen
+    diff = run(["dvc", "metrics", "diff", "HEAD", "dropped", "--all", "--no-path", "--targets",
+                "metrics/accuracy.json"], repo).stdout
+    rows = {line.split()[0]: line.split()[1:] for line in diff.splitlines()[1:]}
+    assert rows[VARIANTS[1]][1] == "-" and float(rows[VARIANTS[0]][1]) > 0, diff  # dropped, kept
+
+    # `dvc plots diff` of two experiments: one line per run and experiment, not one per run
+    plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "levels", "--json"], repo).stdout)
+    (loss,) = plots["data"]["Training loss"]
+    spec = loss["content"]
+    assert spec["encoding"]["color"]["field"] == "series"
+    assert spec["transform"] == [{"calculate": "datum.run + ' @ ' + datum.rev", "as": "series"}]
+    points = spec["data"]["values"]
+    series = {}
+    for point in points:
+        series.setdefault(f"{point['run']} @ {point['rev']}", []).append(int(point["epoch"]))
+    assert set(series) == {f"{v}-seed0 @ {rev}" for v in VARIANTS for rev in ("HEAD", "levels")}, set(series)
+    assert all(sorted(epochs) == list(range(1, len(epochs) + 1)) for epochs in series.values()), series
+
+
+def test_runs_are_named_after_their_pipeline_execution(tmp_path, monkeypatch):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert tracking.execution(tmp_path) == "workspace"  # outside git
+    run(["git", "init", "-q"], tmp_path)
+    (tmp_path / "params.yaml").write_text("train: {epochs: 2}\n")
+    run(["git", "add", "params.yaml"], tmp_path)
+    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "params"], tmp_path)
+    commit = run(["git", "rev-parse", "--short", "HEAD"], tmp_path).stdout.strip()
+    # `dvc repro` in the workspace: its commit, and whether the pipeline's inputs differ from it
+    assert tracking.execution(tmp_path) == f"workspace-{commit}"
+    (tmp_path / "params.yaml").write_text("train: {epochs: 3}\n")
+    assert tracking.execution(tmp_path) == f"workspace-{commit}-dirty"
+    monkeypatch.setenv("DVC_EXP_NAME", "lower-lr")  # `dvc exp run` sets it
+    assert tracking.execution(tmp_path) == "lower-lr"
+    assert tracking.run_title("cnn2-seed0", "lower-lr") == "cnn2-seed0 @ lower-lr"
+
+
+def test_the_committed_svc_is_logged_and_marked_where_it_was_not_fitted(
+        mlflow_store, tiny_params, tiny_config, monkeypatch):
+    """A fresh clone's `make run` never fits the SVC (its stage is up to date by the committed
+    dvc.lock): its committed results become a run tagged as such, and the table says so."""
+    monkeypatch.chdir(mlflow_store)
+    (mlflow_store / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+    baseline = {"test_accuracy": 0.9058, "test_macro_f1": 0.905, "train_seconds": 355.2, "train_size": 60000}
+    (mlflow_store / "metrics").mkdir()
+    (mlflow_store / "metrics" / "baseline.json").write_text(json.dumps(baseline))
+    experiment = tiny_config.tracking.experiment
+    tracking.use_store(mlflow_store)
+    assert results._baseline_source() == "committed reference, not fitted here"
+
+    assert analyse.log_committed_baseline(tiny_config, baseline)
+    assert not analyse.log_committed_baseline(tiny_config, baseline)  # once, not at every analyse
+    (logged,) = tracking.finished_runs(experiment, {"kind": "baseline"})
+    assert logged["tags"][results.SOURCE_TAG] == results.COMMITTED_REFERENCE
+    assert logged["metrics"]["test_accuracy"] == pytest.approx(0.9058)
+    assert results.baseline_runs(experiment, baseline) == {"fitted": False, "reference": True}
+    assert results._baseline_source() == "committed reference, not fitted here"
+    summary = {"variants": {}, "baseline": {"test_accuracy": 0.9058, "train_size": 60000}}
+    assert "svc (baseline, 60000 images; committed reference, not fitted here)" in results.table(
+        summary, results._baseline_source())
+
+    # the baseline stage's own fit, with the same results: the row is the user's
+    with tracking.run(tracking.connect(experiment), "svc-baseline", {"kind": "baseline"}):
+        tracking.log_results({"test_accuracy": 0.9058, "train_seconds": 355.2})
+    assert results.baseline_runs(experiment, baseline) == {"fitted": True, "reference": True}
+    assert results._baseline_source() == ""

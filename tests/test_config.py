@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shlex
 
 import pytest
 import yaml
@@ -172,3 +173,24 @@ def test_flatten_gives_dotted_keys():
     flat = flatten({"model": config.variant("cnn2"), "train": config.train})
     assert flat["model.filters"] == 32 and flat["train.epochs"] == config.train.epochs
     assert yaml.safe_load(yaml.safe_dump(flat))  # plain values only
+
+
+def test_make_small_sets_valid_params_on_every_variant():
+    """`make small`'s overrides (the Makefile's SMALL) on the real params.yaml pass the
+    check_params stage's validation, and shrink only the epochs, the seeds and the SVC."""
+    (line,) = [line for line in (REPO / "Makefile").read_text().splitlines() if line.startswith("SMALL :=")]
+    words = shlex.split(line.removeprefix("SMALL :="))
+    raw = real_params()
+    assert words[::2] == ["-S"] * (len(words) // 2)
+    for setting in words[1::2]:
+        key, value = setting.split("=", 1)
+        *parents, last = key.split(".")
+        section = raw
+        for parent in parents:
+            section = section[parent]
+        assert last in section, key  # an existing key: no typo that DVC would add silently
+        section[last] = yaml.safe_load(value)
+    config = parse_params(raw)
+    assert config.train.epochs == 2 and list(config.train.seeds) == [0]
+    assert config.baseline.train_size == 10000
+    assert list(config.variants) == list(real_params()["variants"])  # every variant

@@ -310,6 +310,7 @@ def test_4_a_run_that_could_not_be_ended_is_marked_failed_at_the_next_start(mlfl
                 tracking.log_metrics({"x": 1.0})
     client = MlflowClient()
     assert client.get_run(first).info.status == "RUNNING"
+    monkeypatch.setenv("DVC_EXP_NAME", "next-try")  # found by its name and folder, whatever the experiment
     with tracking.run(experiment_id, "analysis", {}) as second:
         pass
     assert client.get_run(first).info.status == "FAILED"

@@ -39,8 +39,10 @@ def _ran(output: str) -> set[str]:
 
 
 def _runs_in_store(repo) -> list[tuple[str, str]]:
+    """(name, status) of every run, the name without its pipeline execution (`cnn2-seed0 @ ...`)."""
     with sqlite3.connect(repo / "mlflow.db") as db:
-        return db.execute("SELECT name, status FROM runs ORDER BY start_time").fetchall()
+        return [(name.split(" @ ")[0], status)
+                for name, status in db.execute("SELECT name, status FROM runs ORDER BY start_time")]
 
 
 @pytest.fixture(scope="module")
@@ -219,10 +221,13 @@ def test_a_removed_variant_leaves_every_output_of_the_analysis(pipeline):
 def test_an_experiment_on_one_variant_retrains_only_it(pipeline):
     # (a key the variant does not set yet takes a leading +, as in Hydra)
     repo, _, _ = pipeline
-    experiment = run(["dvc", "exp", "run", "-S", "+variants.cnn2.dropout_rate=0.3"], repo)
+    experiment = run(["dvc", "exp", "run", "-n", "dropout-03", "-S", "+variants.cnn2.dropout_rate=0.3"], repo)
     assert {s for s in _ran(experiment.stdout) if s.startswith("train")} == {"train@cnn2"}
     names = [name for name, _ in _runs_in_store(repo)]
     assert names.count("cnn2-seed0") == 2
+    with sqlite3.connect(repo / "mlflow.db") as db:  # the experiment's run says which it is
+        named = db.execute("SELECT count(*) FROM runs WHERE name = 'cnn2-seed0 @ dropout-03'").fetchone()
+    assert named == (1,)
 
 
 @pytest.mark.slow
@@ -235,7 +240,7 @@ def test_a_queued_experiment_lands_in_this_repositorys_store(pipeline):
     run(["dvc", "exp", "run", "--run-all"], repo)
     with sqlite3.connect(repo / "mlflow.db") as db:
         uris = [uri for (uri,) in db.execute(
-            "SELECT artifact_uri FROM runs WHERE name = 'cnn2-seed0' ORDER BY start_time")]
+            "SELECT artifact_uri FROM runs WHERE name LIKE 'cnn2-seed0 @ %' ORDER BY start_time")]
     assert len(uris) == before + 1
     assert uris[-1].startswith((repo / "mlartifacts").as_uri())
 

@@ -243,7 +243,7 @@ def _assert_two_finished_runs(tracking_uri: str, downloads: Path) -> dict[str, s
     assert len(experiments) == 1  # not one per worker
     runs = client.search_runs([experiments[0].experiment_id])
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
-    trained = [r for r in runs if r.info.run_name == "cnn2-seed0"]
+    trained = [r for r in runs if r.info.run_name.startswith("cnn2-seed0 @ ")]
     assert sorted(r.data.params["train.learning_rate"] for r in trained) == list(LEARNING_RATES)
     for trained_run in trained:
         assert [m.step for m in client.get_metric_history(trained_run.info.run_id, "loss")] == [1, 2]
@@ -253,13 +253,16 @@ def _assert_two_finished_runs(tracking_uri: str, downloads: Path) -> dict[str, s
         assert {"history.json", "evaluation"} <= top, top
         history = client.download_artifacts(trained_run.info.run_id, "history.json", str(downloads))
         assert '"loss"' in Path(history).read_text()
-    names = sorted(r.info.run_name for r in runs)
+    names = sorted(r.info.run_name.split(" @ ")[0] for r in runs)
     assert names.count("svc-baseline") == 2, names
     # each experiment's analysis run, in the analysis experiment (one, not one per worker)
     (analysis,) = [e for e in client.search_experiments()
                    if e.name == tracking.analysis_experiment(EXPERIMENT)]
     analysis_runs = client.search_runs([analysis.experiment_id])
-    assert [(r.info.run_name, r.info.status) for r in analysis_runs] == [("analysis", "FINISHED")] * 2
+    assert [(r.info.run_name.split(" @ ")[0], r.info.status) for r in analysis_runs] == [
+        ("analysis", "FINISHED")] * 2
+    # each named after its experiment: two experiments, two names
+    assert len({r.info.run_name for r in analysis_runs}) == 2
     # MLflow 3 keeps a logged model beside the run (a LoggedModel), not in its artifacts
     models = {m.source_run_id: m for m in client.search_logged_models([experiments[0].experiment_id])}
     for trained_run in trained:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import signal
@@ -37,7 +38,8 @@ def _train(config, data_and_info, root: Path, variant: str = "cnn2", seed: int =
 
 
 @pytest.mark.slow
-def test_tiny_training_writes_outputs_and_an_mlflow_run(tiny_config, tiny_data, mlflow_store):
+def test_tiny_training_writes_outputs_and_an_mlflow_run(tiny_config, tiny_data, mlflow_store, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "wider-dense")  # as under `dvc exp run -n wider-dense`
     result = _train(tiny_config, tiny_data, mlflow_store)
     out = mlflow_store / "models" / "cnn2"
     assert sorted(p.name for p in out.iterdir()) == [
@@ -53,7 +55,9 @@ def test_tiny_training_writes_outputs_and_an_mlflow_run(tiny_config, tiny_data, 
 
     client = MlflowClient(f"sqlite:///{mlflow_store / 'mlflow.db'}")
     run = client.get_run(result.run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "cnn2-seed0"
+    # the experiment in the run's name (the legends) and in a tag (Group by); files keep the plain name
+    assert run.info.status == "FINISHED" and run.info.run_name == "cnn2-seed0 @ wider-dense"
+    assert run.data.tags[tracking.EXECUTION_TAG] == "wider-dense"
     assert run.data.params["model.filters"] == "32" and run.data.params["train.epochs"] == "2"
     assert run.data.tags["variant"] == "cnn2" and run.data.tags["canonical_split"] == "False"
     assert run.data.tags["keras_backend"] == "tensorflow" and run.data.tags["device"].startswith("cpu")
@@ -198,6 +202,7 @@ def test_interrupted_training_resumes_from_the_last_completed_epoch(
 
     monkeypatch.setattr(training, "fit", lambda model, data, train, callbacks, initial_epoch=0, **kw:
                         real_fit(model, data, train, callbacks + [Interrupt()], initial_epoch, **kw))
+    monkeypatch.setenv("DVC_EXP_NAME", "first-try")
     with pytest.raises(KeyboardInterrupt):
         _train(config, tiny_data, mlflow_store)
     state = json.loads((mlflow_store / ".checkpoints" / "cnn2" / "state.json").read_text())
@@ -210,6 +215,7 @@ def test_interrupted_training_resumes_from_the_last_completed_epoch(
     started_from = StartingState()
     monkeypatch.setattr(training, "fit", lambda model, data, train, callbacks, initial_epoch=0, **kw:
                         real_fit(model, data, train, [started_from, *callbacks], initial_epoch, **kw))
+    monkeypatch.setenv("DVC_EXP_NAME", "second-try")  # another experiment, the same settings: it resumes
     resumed = _train(config, tiny_data, mlflow_store)
     assert_same_state(started_from.state, model_state(checkpoint))
     steps_per_epoch = math.ceil(len(tiny_data[0].y_train) / config.train.batch_size)
@@ -217,7 +223,11 @@ def test_interrupted_training_resumes_from_the_last_completed_epoch(
     assert resumed.run_id == state["run_id"]
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     assert resumed.history[:2] == state["history"]
-    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+    finished = client.get_run(resumed.run_id)
+    assert finished.info.status == "FINISHED"
+    # the experiment that finished the run names it
+    assert finished.info.run_name == "cnn2-seed0 @ second-try"
+    assert finished.data.tags[tracking.EXECUTION_TAG] == "second-try"
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -388,3 +398,32 @@ def test_the_train_stage_script_reports_bad_input_without_a_traceback(tmp_path):
     assert result.returncode == 1
     assert "ERROR: unknown variant 'cnn9'; params.yaml defines: cnn2, cnn2_bn," in result.stderr
     assert "Traceback" not in result.stderr
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_at_a_terminal_the_epoch_line_has_a_line_of_its_own(tiny_config, tiny_data, monkeypatch):
+    """Keras' bar (shown at a terminal only) ends its line before the epoch line is printed."""
+    from dataclasses import replace
+
+    from fmnist import recipes
+    from fmnist.models import build_model
+
+    data, _ = tiny_data
+    train = replace(tiny_config.train, epochs=2)
+    model = recipes.compile_model(build_model(tiny_config.variant("cnn2"), "cnn2"),
+                                  tiny_config.recipe("cnn2"), train.epochs, len(data.y_train),
+                                  train.batch_size)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    recorder = EpochRecorder(lambda record: print(f"[train 1/1] cnn2 seed 0 | epoch {record['epoch']}/2"),
+                             None, train.batch_size)
+    training.fit(model, data, train, [recorder])
+    monkeypatch.undo()
+    lines = terminal.getvalue().split("\n")
+    assert "━" in terminal.getvalue()  # Keras' bar was shown
+    epoch_lines = [line for line in lines if "| epoch " in line]
+    assert epoch_lines == [f"[train 1/1] cnn2 seed 0 | epoch {epoch}/2" for epoch in (1, 2)], lines

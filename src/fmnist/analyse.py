@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fmnist import analysis, paths, plots, report, tracking
+from fmnist import analysis, paths, plots, report, results, tracking
 from fmnist.config import Config
 from fmnist.data import Dataset
 from fmnist.files import atomic_path, read_json, write_json, write_text
@@ -66,6 +66,29 @@ def tag_model_runs(config: Config, runs: list[analysis.TrainedRun]) -> None:
         {analysis.PAPER_MODEL_TAG: analysis.paper_model_tag(config, run.variant)})]
     if missing:
         print(f"Not in this MLflow store (trained on another machine), not tagged: {', '.join(missing)}")
+
+
+def log_committed_baseline(config: Config, baseline: dict[str, Any]) -> bool:
+    """Log the SVC's committed results (metrics/baseline.json) as a run of the model
+    experiment tagged ``source: committed reference`` where the store holds no run with them:
+    a fresh clone's `dvc repro` never fits the SVC (its stage is up to date by the committed
+    dvc.lock), and the runs table would otherwise lack it. True when it logged one."""
+    found = results.baseline_runs(config.tracking.experiment, baseline)
+    if found["fitted"] or found["reference"]:
+        return False
+    experiment_id = tracking.connect(config.tracking.experiment)
+    with tracking.run(experiment_id, "svc-baseline (committed reference)", {
+            "kind": "baseline", "variant": "svc", results.SOURCE_TAG: results.COMMITTED_REFERENCE}):
+        tracking.log_params({"svc.kernel": config.baseline.kernel, "svc.C": config.baseline.C,
+                             "svc.gamma": config.baseline.gamma, "svc.train_size": baseline["train_size"],
+                             "svc.seed": config.baseline.seed})
+        tracking.log_results({key: value for key, value in baseline.items()
+                              if key in tracking.RESULT_METRICS})
+        tracking.log_artifacts(paths.BASELINE_METRICS)
+    print(f"The SVC was not fitted here (its stage is up to date); its committed results "
+          f"({paths.BASELINE_METRICS}) are logged to MLflow as a run tagged "
+          f"{results.SOURCE_TAG}={results.COMMITTED_REFERENCE!r}.")
+    return True
 
 
 def feature_map_figure(variant: str, seed: int, class_name: str, report_dir: Path) -> str:
@@ -125,6 +148,7 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
     # with one-bar charts and join every legend; there, each run is one pipeline execution.
     experiment_id = tracking.connect(tracking.analysis_experiment(config.tracking.experiment))
     tag_model_runs(config, runs)
+    log_committed_baseline(config, baseline)
     with tracking.run(experiment_id, "analysis", {
             "kind": "analysis", "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
             "model_experiment": config.tracking.experiment}):

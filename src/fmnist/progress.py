@@ -45,12 +45,15 @@ def duration(seconds: float) -> str:
 class EpochLine:
     """Prints one line per finished epoch: label, epoch k/n, the record's losses and
     accuracies (the test set's marked as monitored), time per epoch and the ETA of the
-    remaining epochs (mean epoch time of this attempt, so a resumed run estimates anew)."""
+    remaining epochs (mean epoch time of this attempt, so a resumed run estimates anew);
+    with ``seeds_after`` (seeds this stage trains after this one, as many epochs each), also
+    the ETA of the stage at the same pace."""
 
-    def __init__(self, label: str, epochs: int, first_epoch: int = 0):
+    def __init__(self, label: str, epochs: int, first_epoch: int = 0, seeds_after: int = 0):
         self.label = label
         self.epochs = epochs
         self.first_epoch = first_epoch
+        self.seeds_after = seeds_after
         self.started = time.perf_counter()
 
     def text(self, record: dict[str, float], now: float) -> str:
@@ -60,6 +63,10 @@ class EpochLine:
         values = " ".join(f"{'monitored ' if key.startswith('test_') else ''}{key} {record[key]:.4f}"
                           for key in SHOWN if key in record)
         eta = f"ETA {duration(per_epoch * (self.epochs - epoch))}" if epoch < self.epochs else "done"
+        if self.seeds_after:
+            stage_left = per_epoch * (self.epochs - epoch + self.seeds_after * self.epochs)
+            eta += (f"; the stage's {self.seeds_after} seed{'s' if self.seeds_after > 1 else ''} "
+                    f"after it: ETA {duration(stage_left)}")
         return (f"{self.label} | epoch {epoch}/{self.epochs} | {values} | "
                 f"{duration(per_epoch)}/epoch, {eta}")
 

@@ -276,6 +276,34 @@ def provenance(root: Path | None = None) -> dict[str, str]:
             "workspace_committed": workspace_committed(root), "params_changed": params_changed(root)}
 
 
+# Which pipeline execution a run belongs to, as a tag (the UI's Group by -> Tags) and in the
+# run's name (the runs table and every chart legend): `dvc exp run` adds the same variants
+# and seeds again, and without it three experiments' runs all read `cnn2-seed0`.
+EXECUTION_TAG = "pipeline_run"
+
+
+def execution(root: Path | None = None) -> str:
+    """The name of the pipeline execution that runs now: the DVC experiment's (DVC sets
+    DVC_EXP_NAME under every `dvc exp run`, choosing a name where the user gave none); in the
+    workspace (`dvc repro`), ``workspace-<short commit>``, with ``-dirty`` (git describe's
+    word) when params.yaml, dvc.yaml, src/ or stages/ differ from that commit: the commit says
+    which code and params made the runs, where "workspace" alone would merge every commit's;
+    ``workspace`` outside git."""
+    name = os.environ.get("DVC_EXP_NAME", "")
+    if name:
+        return name
+    commit = (_git("rev-parse", "--short", "HEAD", root=root) or "").strip()
+    if not commit:
+        return "workspace"
+    return f"workspace-{commit}" + ("-dirty" if workspace_committed(root) == "false" else "")
+
+
+def run_title(name: str, execution_name: str) -> str:
+    """The MLflow run name of run ``name`` (``cnn2-seed0``, a file and registry name: see
+    paths.run_name) in a pipeline execution: ``cnn2-seed0 @ small``."""
+    return f"{name} @ {execution_name}"
+
+
 def run_is_usable(run_id: str) -> bool:
     try:
         MlflowClient().get_run(run_id)
@@ -308,6 +336,20 @@ def tag_run(run_id: str, tags: dict[str, str]) -> bool:
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     return True
+
+
+@_guarded("searching runs")
+def finished_runs(experiment: str, tags: dict[str, str]) -> list[dict[str, Any]]:
+    """{"run_id", "tags", "metrics"} of the finished runs of ``experiment`` that carry
+    ``tags``; none where the store lacks the experiment (``use_store`` first)."""
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None or any("'" in key + value for key, value in tags.items()):
+        return []
+    condition = " and ".join([f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+                             + ["attributes.status = 'FINISHED'"])
+    return [{"run_id": r.info.run_id, "tags": dict(r.data.tags), "metrics": dict(r.data.metrics)}
+            for r in MlflowClient().search_runs([found.experiment_id], filter_string=condition,
+                                                max_results=1000)]
 
 
 def run_key(name: str) -> str:
@@ -359,22 +401,29 @@ def run(experiment_id: str, name: str, tags: dict[str, str], run_id: str | None 
         on_start: Any = None, parent_run_id: str | None = None) -> Iterator[str]:
     """Start (or, given ``run_id``, resume) a run; end it FINISHED, KILLED or FAILED.
 
+    ``name`` (``cnn2-seed0``) is the run's name within a pipeline execution; MLflow's run
+    name adds the execution (``run_title``), which is also the EXECUTION_TAG. A resumed
+    run takes the name and tags of the execution that resumes it (which finishes it).
     ``on_start(run_id)`` is called as soon as the run exists, so the caller can record the
     id before any work (a killed process is then resumed, not orphaned). A new or resumed
-    named run marks FAILED what earlier attempts of it left RUNNING. ``parent_run_id``: a new
+    named run marks FAILED what earlier attempts of it left RUNNING (found by ``name`` and
+    the working directory, RUN_KEY_TAG, whatever the execution). ``parent_run_id``: a new
     run is nested under that run (a search's trial under the search), from any process.
     """
+    where = execution()
+    title = run_title(name, where) if name else ""
     try:
         if run_id is not None and run_is_usable(run_id):
             active = mlflow.start_run(run_id=run_id)
         else:
-            active = mlflow.start_run(experiment_id=experiment_id, run_name=name,
+            active = mlflow.start_run(experiment_id=experiment_id, run_name=title,
                                       parent_run_id=parent_run_id, nested=parent_run_id is not None)
     except _STORE_ERRORS as error:
-        raise _store_error(error, f"starting run {name or run_id}") from error
+        raise _store_error(error, f"starting run {title or run_id}") from error
     try:
         if name:  # a stage's own run (not evaluate adding to train's): what made it
-            tags = {**tags, **provenance(), RUN_KEY_TAG: run_key(name)}
+            tags = {**tags, **provenance(), RUN_KEY_TAG: run_key(name),
+                    EXECUTION_TAG: where, "mlflow.runName": title}
             _fail_left_running(active.info.experiment_id, run_key(name), active.info.run_id)
         mlflow.set_tags(tags)
         if on_start is not None:
@@ -629,8 +678,8 @@ class ModelOrigin:
 
     def describe(self) -> str:
         """One line, e.g. ``fashion-mnist-cnn2 version 1 (models:/fashion-mnist-cnn2@champion),
-        trained by MLflow run cnn2-seed0 (<id>) in the workspace (no DVC experiment), stage
-        train@cnn2-0, git commit 1a2b3c4``."""
+        trained by MLflow run cnn2-seed0 @ workspace-1a2b3c4 (<id>) in the workspace (no DVC
+        experiment), stage train@cnn2, git commit 1a2b3c4``."""
         text = f"{self.name} version {self.version} ({self.uri})" if self.name else self.uri
         if self.run_id:
             text += f", trained by MLflow run {self.run_name or '?'} ({self.run_id})"

@@ -191,9 +191,14 @@ def fit(model: keras.Model, data: Dataset, train: TrainConfig, callbacks: list,
     validation = None
     if len(data.y_val):
         validation = (data.x_val, to_targets(data.y_val))
+    verbose = progress.keras_verbosity()
+    if verbose:
+        # Keras appends its bar after the given callbacks, so it would end its line after the
+        # epoch line was printed onto it; first in the list, it ends the line first.
+        callbacks = [keras.callbacks.ProgbarLogger(), *callbacks]
     model.fit(data.x_train, to_targets(data.y_train), batch_size=train.batch_size,
               epochs=train.epochs, initial_epoch=initial_epoch, validation_data=validation,
-              callbacks=callbacks, shuffle=True, verbose=progress.keras_verbosity())
+              callbacks=callbacks, shuffle=True, verbose=verbose)
 
 
 def seed_settings(config: Config, variant: str, seed: int, data_info: dict[str, Any], precision: str,
@@ -218,19 +223,22 @@ def train_seeds(config: Config, variant: str, data: Dataset, data_info: dict[str
     ``train.seeds`` trains only that seed; folders of seeds no longer listed are removed.
     Returns the models trained now."""
     trained = []
+    to_train = []
     for seed in config.train.seeds:
         with device.training_setup(config.train.precision) as (precision, devices):
             expected = _fingerprint(seed_settings(config, variant, seed, data_info, precision, devices),
                                     inputs)
-        out_dir = paths.model_dir(variant, seed)
-        if _made_by(out_dir) == expected:
+        if _made_by(paths.model_dir(variant, seed)) == expected:
             print(f"{paths.run_name(variant, seed)}: kept (trained earlier with these settings, code "
                   "and data)", flush=True)
-            continue
+        else:
+            to_train.append(seed)
+    for position, seed in enumerate(to_train):
         print(progress.stage_label("train", config.variants, config.train.seeds, variant, seed),
               flush=True)
-        trained.append(train_variant(config, variant, seed, data, data_info, out_dir,
-                                     paths.checkpoint_dir(variant, seed), inputs))
+        trained.append(train_variant(config, variant, seed, data, data_info, paths.model_dir(variant, seed),
+                                     paths.checkpoint_dir(variant, seed), inputs,
+                                     seeds_after=len(to_train) - position - 1))
     for entry in paths.stale_seed_entries(paths.variant_outputs(variant)["models"], config.train.seeds):
         print(f"Removing {entry}: its seed is no longer in train.seeds")
         remove(entry)
@@ -247,24 +255,26 @@ def _made_by(out_dir: Path) -> str | None:
 
 
 def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_info: dict[str, Any],
-                  out_dir: Path, checkpoint_dir: Path, inputs: str = "") -> TrainedModel:
+                  out_dir: Path, checkpoint_dir: Path, inputs: str = "",
+                  seeds_after: int = 0) -> TrainedModel:
     """Train ``variant`` under ``seed``; write model, history, summary and run id to ``out_dir``.
 
     Resumes from ``checkpoint_dir`` when an earlier attempt stopped (Ctrl-C, a kill, a
     tracking failure): the same MLflow run, the epochs it lacks logged again, the training
     time summed over the attempts. Keras' global dtype policy and distribution are set for
-    the run and restored after it (``device.training_setup``).
+    the run and restored after it (``device.training_setup``). ``seeds_after``: how many
+    seeds the stage trains after this one (the epoch line's ETA of the stage).
     """
     experiment_id = tracking.connect(config.tracking.experiment)
     keras.utils.set_random_seed(seed)
     with device.training_setup(config.train.precision) as (precision, devices):
         return _train(config, variant, seed, data, data_info, out_dir, checkpoint_dir,
-                      experiment_id, precision, devices, inputs)
+                      experiment_id, precision, devices, inputs, seeds_after)
 
 
 def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: dict[str, Any],
            out_dir: Path, checkpoint_dir: Path, experiment_id: str, precision: str,
-           devices: int, inputs: str) -> TrainedModel:
+           devices: int, inputs: str, seeds_after: int = 0) -> TrainedModel:
     spec: ModelSpec = config.variant(variant)
     recipe = config.recipe(variant)
     name = paths.run_name(variant, seed)
@@ -317,7 +327,7 @@ def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: di
 
             epoch_line = progress.EpochLine(progress.stage_label(
                 "train", config.variants, config.train.seeds, variant, seed), config.train.epochs,
-                first_epoch=len(history))
+                first_epoch=len(history), seeds_after=seeds_after)
             recorder = EpochRecorder(on_epoch, test, config.train.batch_size)
             with cli.stop_at_safe_points():
                 fit(model, data, config.train, [StopWhenAsked(), recorder], initial_epoch=len(history),
