@@ -209,7 +209,7 @@ def test_a_removed_variant_leaves_every_output_of_the_analysis(pipeline):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # wide3 gone
     removed = run(["dvc", "repro"], repo)
     assert _ran(removed.stdout) == {"check_params", "analyse"}
-    assert (repo / "reports" / "eval" / "wide3-seed0").is_dir()
+    assert (repo / paths.run_record("wide3", 0).folder).is_dir()
     for output in (paths.REPORT, paths.SUMMARY, paths.ACCURACY, paths.CURVES,
                    paths.ANALYSIS / "analysis.json"):
         assert "wide3" not in (repo / output).read_text(), output
@@ -272,6 +272,7 @@ def test_a_seed_added_trains_alone_and_a_seed_removed_leaves_the_others(pipeline
     only_seed1 = {**params, "train": {**params["train"], "seeds": [1]},
                   "registry": {**params["registry"], "champion_seed": 1}}
     (repo / "params.yaml").write_text(yaml.safe_dump(only_seed1, sort_keys=False))
+    run(["git", "commit", "-qam", "seed 1 only"], repo)  # the champion moves: committed params
     removed = run(["dvc", "repro"], repo).stdout
     assert "cnn2-seed1: kept" in removed
     assert [name for name, _ in _runs_in_store(repo) if "-seed" in name] == [

@@ -353,7 +353,8 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     result = training.train_variant(config, "cnn2", 0, load_prepared(Path("d.npz")),
                                     data_info(Path("i.json")), Path("out"), Path("ckpt"))
     kernel = result.model.trainable_variables[0].value
-    layout = keras.distribution.distribution().get_data_layout((32, 28, 28, 1))
+    with device.training_setup(config.train.precision):  # what training ran under (restored after it)
+        layout = keras.distribution.distribution().get_data_layout((32, 28, 28, 1))
     print("RESULT", json.dumps({"jax_devices": len(jax.devices()),
                                 "kernel_devices": len(kernel.sharding.device_set),
                                 "batch_axes": list(layout.axes), "device": result.device}))

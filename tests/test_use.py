@@ -20,7 +20,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from fmnist import serve
+from fmnist import paths, serve
 from fmnist.tracking_server import free_port
 from tests.conftest import make_dvc_repo, only_variants, real_params, run, shrink, venv_env, write_tiny_idx
 
@@ -51,10 +51,10 @@ def _run_id(repo: Path, variant: str) -> str:
     return json.loads((repo / "models" / variant / "seed0" / "run.json").read_text())["mlflow_run_id"]
 
 
-def _a_correctly_classified_test_image(repo: Path, run_name: str) -> tuple[np.ndarray, int, float]:
-    """(image, label, probability) of the first test image the evaluate stage got right."""
+def _a_correctly_classified_test_image(repo: Path, variant: str) -> tuple[np.ndarray, int, float]:
+    """(image, label, probability) of the first test image the evaluate stage got right (seed 0)."""
     data = np.load(repo / "data" / "prepared" / "fashion_mnist.npz")
-    probabilities = np.load(repo / "predictions" / f"{run_name}.npz")["probabilities"]
+    probabilities = np.load(repo / paths.predictions_file(variant, 0))["probabilities"]
     right = np.flatnonzero(probabilities.argmax(axis=1) == data["y_test"])
     assert len(right), "the tiny model got no test image right"
     index = int(right[0])
@@ -111,7 +111,7 @@ def test_every_trained_model_is_a_version_and_the_alias_follows_the_params(pipel
 
 def test_predict_classifies_a_png_written_from_a_test_image(pipeline, tmp_path):
     class_names = real_params()["evaluate"]["class_names"]
-    image, label, probability = _a_correctly_classified_test_image(pipeline, "authors_cnn2_bn_skip-seed0")
+    image, label, probability = _a_correctly_classified_test_image(pipeline, "authors_cnn2_bn_skip")
     Image.fromarray(image).save(tmp_path / "item.png")
     # the default model: params.yaml's registry alias, from the repository's store
     result = run([sys.executable, "-m", "fmnist.predict", str(tmp_path / "item.png"), "--json"], pipeline)
@@ -121,7 +121,7 @@ def test_predict_classifies_a_png_written_from_a_test_image(pipeline, tmp_path):
     assert list(record["probabilities"]) == class_names
 
     # a model folder of the train stage, and the plain-text output
-    image, label, _ = _a_correctly_classified_test_image(pipeline, "cnn2-seed0")
+    image, label, _ = _a_correctly_classified_test_image(pipeline, "cnn2")
     np.save(tmp_path / "item.npy", image)
     result = run([sys.executable, "-m", "fmnist.predict", "--model", "models/cnn2/seed0",
                   str(tmp_path / "item.npy")], pipeline)
@@ -186,7 +186,7 @@ def test_the_alias_is_served_over_http_and_answers_a_real_request(pipeline, tmp_
     try:
         _wait_for_ping(server, base, tmp_path / "serve.log")
 
-        image, label, probability = _a_correctly_classified_test_image(pipeline, "authors_cnn2_bn_skip-seed0")
+        image, label, probability = _a_correctly_classified_test_image(pipeline, "authors_cnn2_bn_skip")
         status, body = _post(f"{base}/invocations", {"inputs": [image.tolist()]})
         assert status == 200, body
         (probabilities,) = json.loads(body)["predictions"]
@@ -220,8 +220,9 @@ def registered(tmp_path_factory) -> Path:
     config = parse_params(shrink(real_params()))
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.setenv("DVC_EXP_NAME", "tiny-exp")  # as `dvc exp run` sets it
         experiment_id = tracking.connect("fashion-mnist-cnn", root)
-        tags = {"variant": "cnn2", "seed": "0", "dvc_exp_name": "tiny-exp", "dvc_stage": "train@cnn2-0"}
+        tags = {"variant": "cnn2", "seed": "0", "dvc_stage": "train@cnn2"}
         with tracking.run(experiment_id, "cnn2-seed0", tags) as run_id:
             tracking.log_keras_model(build_model(config.variant("cnn2"), "cnn2"), "cnn2-seed0",
                                      np.zeros((2, 28, 28), np.uint8), config.evaluate.class_names,
@@ -233,8 +234,8 @@ def registered(tmp_path_factory) -> Path:
 
 
 def _origin(root: Path) -> str:
-    return (f"{TINY} version 1 (models:/{TINY}@champion), trained by MLflow run cnn2-seed0 "
-            f"({(root / 'run_id').read_text()}) in DVC experiment tiny-exp, stage train@cnn2-0, git commit ")
+    return (f"{TINY} version 1 (models:/{TINY}@champion), trained by MLflow run cnn2-seed0 @ tiny-exp "
+            f"({(root / 'run_id').read_text()}) in DVC experiment tiny-exp, stage train@cnn2, git commit ")
 
 
 def _fmnist(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:

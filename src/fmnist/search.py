@@ -78,6 +78,9 @@ def search_settings(config: Config) -> dict[str, Any]:
 def _search(config: Config) -> SearchConfig:
     if config.search is None:
         raise ConfigError("params.yaml: missing section search (what to search; see docs/search.md)")
+    if config.search.base_variant not in config.variants:
+        raise ConfigError(f"params.yaml: search.base_variant = {config.search.base_variant!r} is invalid; "
+                          f"allowed: {', '.join(config.variants)}")
     return config.search
 
 
