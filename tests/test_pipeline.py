@@ -120,11 +120,12 @@ def test_every_stage_that_tracks_left_a_finished_mlflow_run(pipeline):
 def test_the_analysis_tags_each_model_run_with_the_papers_model_it_stands_for(pipeline):
     repo, _, _ = pipeline
     with sqlite3.connect(repo / "mlflow.db") as db:
-        analysed = db.execute("SELECT start_time FROM runs WHERE name = 'analysis'").fetchone()[0]
-        tagged = dict(db.execute(
+        analysed = db.execute("SELECT start_time FROM runs WHERE name LIKE 'analysis @ %'").fetchone()[0]
+        tagged = {name.split(" @ ")[0]: value for name, value in db.execute(
             "SELECT runs.name, tags.value FROM runs JOIN tags ON tags.run_uuid = runs.run_uuid "
-            "WHERE tags.key = 'paper_model'").fetchall())
-        ends = dict(db.execute("SELECT name, end_time FROM runs WHERE status = 'FINISHED'").fetchall())
+            "WHERE tags.key = 'paper_model'").fetchall()}
+        ends = {name.split(" @ ")[0]: end for name, end in db.execute(
+            "SELECT name, end_time FROM runs WHERE status = 'FINISHED'").fetchall()}
     # neither tiny variant is in analyse.paper_models: both are ours
     assert tagged == {paths.run_name(v, 0): "none: ours" for v in VARIANTS}
     # tagged after they ended, without reopening them: still FINISHED, ended before the analysis
