@@ -51,9 +51,11 @@ def no_leaked_global_state():
     if changed:
         os.environ.clear()
         os.environ.update(environment)
-    # MLflow's set_tracking_uri exports the store (fmnist.tracking.use_store calls it in every
-    # stage): put back quietly; any other variable is a leak
-    changed -= {"MLFLOW_TRACKING_URI", "_MLFLOW_TELEMETRY_SESSION_ID", "PYTEST_CURRENT_TEST"}
+    # MLflow's set_tracking_uri exports the store, and fmnist.tracking.use_store sets MLflow's
+    # HTTP bounds for a server store (every stage does): put back quietly; any other is a leak
+    from fmnist.tracking import HTTP_DEFAULTS
+
+    changed -= {"MLFLOW_TRACKING_URI", "_MLFLOW_TELEMETRY_SESSION_ID", "PYTEST_CURRENT_TEST", *HTTP_DEFAULTS}
     if changed:
         leaked.append(f"environment variables {sorted(changed)}")
     assert not leaked, "the test left global state changed: " + "; ".join(leaked)

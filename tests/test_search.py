@@ -26,6 +26,12 @@ from fmnist.config import ConfigError, parse_params
 from fmnist.prepare import prepare
 from tests.conftest import REPO, TINY_TRAIN_PER_CLASS, venv_env
 
+
+def _name(run) -> str:
+    """A run's name within its pipeline execution (MLflow's adds ``@ <execution>``)."""
+    return run.info.run_name.split(" @ ")[0]
+
+
 EXPERIMENT = "fashion-mnist-cnn-search"  # params.yaml's tracking.experiment + "-search"
 HAS_POSTGRES = bool(shutil.which("pg_ctl")) or bool(list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")))
 
@@ -218,11 +224,11 @@ def test_a_search_prunes_logs_nested_runs_and_writes_the_best_variant(tmp_path, 
 
     client, parent, runs = search_runs(root)
     assert parent.info.status == "FINISHED" and parent.data.params["search.base_variant"] == "cnn2"
-    assert sorted(run.info.run_name for run in runs) == [f"cnn4_bn_aug_search-trial{n}" for n in range(4)]
+    assert sorted(_name(run) for run in runs) == [f"cnn4_bn_aug_search-trial{n}" for n in range(4)]
     for run in runs:
         trial = study.trials[int(run.data.tags["search_trial"])]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
+        assert run.info.run_id == trial.user_attrs[search.RUN_ATTR]
         assert run.data.tags["search_state"] == trial.state.name.lower()
         assert run.data.params["data.test"] == "0" and run.data.params["train.monitor_test"] == "False"
         assert float(run.data.params["search.learning_rate"]) == trial.params["learning_rate"]
@@ -289,7 +295,7 @@ def test_a_search_killed_mid_trial_resumes_and_runs_its_values_again(tmp_path, t
 
     client, parent, runs = search_runs(root)
     assert parent.info.status == "FINISHED"  # the first attempt's run, resumed
-    by_name = {run.info.run_name: run for run in runs}
+    by_name = {_name(run): run for run in runs}
     assert by_name["cnn4_bn_aug_search-trial1"].info.status == "FAILED"
     assert [by_name[f"cnn4_bn_aug_search-trial{n}"].info.status for n in (0, 2, 3)] == ["FINISHED"] * 3
     assert (root / "reports" / "search" / "cnn4_bn_aug_search.yaml").is_file()
@@ -323,7 +329,7 @@ def test_two_workers_share_one_search_on_postgresql(tmp_path, tiny_params, tiny_
     assert all(trial.state == TrialState.COMPLETE for trial in trials)
     assert len({trial.user_attrs["worker"] for trial in trials}) == 2
     client, parent, runs = search_runs(root)
-    assert sorted(run.info.run_name for run in runs) == [f"cnn4_bn_aug_search-trial{n}" for n in range(6)]
+    assert sorted(_name(run) for run in runs) == [f"cnn4_bn_aug_search-trial{n}" for n in range(6)]
     assert {run.data.tags["mlflow.parentRunId"] for run in runs} == {parent.info.run_id}
     assert all(math.isfinite(run.data.metrics["val_accuracy"]) for run in runs)
     assert tracking.search_experiment("fashion-mnist-cnn") == EXPERIMENT
@@ -361,6 +367,6 @@ def test_a_search_stopped_by_a_signal_marks_its_trial_and_resumes(tmp_path, tiny
     assert study.trials[1].params == stopped  # the stopped trial's values, run again
     _, parent, runs = search_runs(root)
     assert parent.info.status == "FINISHED"
-    assert {run.info.run_name: run.info.status for run in runs} == {
+    assert {_name(run): run.info.status for run in runs} == {
         "cnn4_bn_aug_search-trial0": "KILLED", "cnn4_bn_aug_search-trial1": "FINISHED",
         "cnn4_bn_aug_search-trial2": "FINISHED"}

@@ -53,7 +53,7 @@ from fmnist.files import atomic_path, write_json, write_text
 
 OBJECTIVE = "val_accuracy"  # the final epoch's, on the search's own validation split
 FAILURE_ATTR = "failure"    # a trial that failed because of its values (diverged): it counts as run
-RUN_ATTR = "mlflow_run_id"
+RUN_ATTR = "mlflow_run"
 SETTINGS_ATTR = "settings"  # what the study's trials were made with; a resumed study must match
 
 
