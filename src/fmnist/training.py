@@ -206,12 +206,14 @@ def seed_settings(config: Config, variant: str, seed: int, data_info: dict[str, 
     """A fingerprint of everything that shapes one seed's training but the code and the data
     files: the variant's model and recipe, train's keys, the seed, the data's facts, the
     resolved backend, precision and device count. A checkpoint of other settings is discarded."""
-    spec = config.variant(variant)
-    # train's keys, the variant's own recipe keys overriding
-    train_settings = {k: v for k, v in {**asdict(config.train), **asdict(config.recipe(variant))}.items()
-                      if k != "seeds"}
-    return _fingerprint(asdict(spec), train_settings, seed, data_info, device.backend(), precision,
-                        devices)
+    return _fingerprint(asdict(config.variant(variant)), _train_settings(config, variant), seed, data_info,
+                        device.backend(), precision, devices)
+
+
+def _train_settings(config: Config, variant: str) -> dict[str, Any]:
+    """train's keys, the variant's own recipe keys overriding (the seeds aside: one run's)."""
+    return {k: v for k, v in {**asdict(config.train), **asdict(config.recipe(variant))}.items()
+            if k != "seeds"}
 
 
 def train_seeds(config: Config, variant: str, data: Dataset, data_info: dict[str, Any],
@@ -278,7 +280,7 @@ def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: di
     spec: ModelSpec = config.variant(variant)
     recipe = config.recipe(variant)
     name = paths.run_name(variant, seed)
-    train_settings = {k: v for k, v in {**asdict(config.train), **asdict(recipe)}.items() if k != "seeds"}
+    train_settings = _train_settings(config, variant)
     settings = seed_settings(config, variant, seed, data_info, precision, devices)
     checkpoint = Checkpoint(checkpoint_dir, settings)
     resumed = checkpoint.load()
