@@ -81,13 +81,6 @@ def test_stage_label_counts_the_matrix_and_the_epoch_line_estimates_the_rest():
         "ETA 1m00s; the stage's 2 seeds after it: ETA 4m20s")
 
 
-def test_results_are_named_from_one_vocabulary():
-    with pytest.raises(ValueError, match="final_test_accuracy"):
-        tracking.log_results({"final_test_accuracy": 0.9})
-    assert tracking.epoch_metric_name("test_accuracy") == "monitor_test_accuracy"
-    assert tracking.epoch_metric_name("loss") == "loss"
-
-
 def test_report_html_inlines_every_figure_and_keeps_details(tmp_path):
     figure = tmp_path / "analysis" / "curve.png"
     figure.parent.mkdir()
@@ -239,23 +232,6 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, tiny_par
         series.setdefault(f"{point['run']} @ {point['rev']}", []).append(int(point["epoch"]))
     assert set(series) == {f"{v}-seed0 @ {rev}" for v in VARIANTS for rev in ("HEAD", "levels")}, set(series)
     assert all(sorted(epochs) == list(range(1, len(epochs) + 1)) for epochs in series.values()), series
-
-
-def test_runs_are_named_after_their_pipeline_execution(tmp_path, monkeypatch):
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    assert tracking.execution(tmp_path) == "workspace"  # outside git
-    run(["git", "init", "-q"], tmp_path)
-    (tmp_path / "params.yaml").write_text("train: {epochs: 2}\n")
-    run(["git", "add", "params.yaml"], tmp_path)
-    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "params"], tmp_path)
-    commit = run(["git", "rev-parse", "--short", "HEAD"], tmp_path).stdout.strip()
-    # `dvc repro` in the workspace: its commit, and whether the pipeline's inputs differ from it
-    assert tracking.execution(tmp_path) == f"workspace-{commit}"
-    (tmp_path / "params.yaml").write_text("train: {epochs: 3}\n")
-    assert tracking.execution(tmp_path) == f"workspace-{commit}-dirty"
-    monkeypatch.setenv("DVC_EXP_NAME", "lower-lr")  # `dvc exp run` sets it
-    assert tracking.execution(tmp_path) == "lower-lr"
-    assert tracking.run_title("cnn2-seed0", "lower-lr") == "cnn2-seed0 @ lower-lr"
 
 
 def test_the_committed_svc_is_logged_and_marked_where_it_was_not_fitted(

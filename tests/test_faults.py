@@ -406,7 +406,7 @@ class _InterruptAt(training.keras.callbacks.Callback):
 @pytest.mark.slow
 def test_4_resume_relogs_the_epoch_the_store_failed_to_log(tiny_config, tiny_data, mlflow_store,
                                                            monkeypatch):
-    real_log = tracking.mlflow.log_metrics
+    real_log = mlflow.log_metrics
     calls = []
 
     def fails_at_epoch_2(metrics, step=None, **kwargs):
@@ -415,7 +415,7 @@ def test_4_resume_relogs_the_epoch_the_store_failed_to_log(tiny_config, tiny_dat
             raise mlflow.exceptions.MlflowException("API request failed: 500 Internal Server Error")
         return real_log(metrics, step=step, **kwargs)
 
-    monkeypatch.setattr(tracking.mlflow, "log_metrics", fails_at_epoch_2)
+    monkeypatch.setattr(mlflow, "log_metrics", fails_at_epoch_2)
     with pytest.raises(TrackingError) as error:
         _train(tiny_config, tiny_data, mlflow_store, epochs=3)
     message = str(error.value)

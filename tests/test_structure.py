@@ -16,19 +16,27 @@ from tests.conftest import REPO
 PACKAGE = REPO / "src" / "fmnist"
 
 
+def _module_file(module: str) -> Path:
+    """The file of fmnist module ``module`` (``tracking.runs``; a package: its __init__.py)."""
+    path = PACKAGE.joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
 def _local_imports(file: Path) -> set[str]:
-    """The fmnist modules ``file`` imports anywhere in it (a function's lazy import included)."""
-    modules = set()
+    """The fmnist modules ``file`` imports anywhere in it (a function's lazy import included),
+    dotted below fmnist (``tracking.runs``), with the packages whose __init__ that runs."""
+    named = set()
     for node in ast.walk(ast.parse(file.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "fmnist":  # from fmnist import paths, tracking
-                modules |= {alias.name for alias in node.names}
-            elif node.module.startswith("fmnist."):
-                modules.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "fmnist":
+            # from fmnist import paths, tracking; from fmnist.tracking.runs import run
+            base = node.module.removeprefix("fmnist").removeprefix(".")
+            named |= {base, *(f"{base}.{alias.name}".lstrip(".") for alias in node.names)}
         elif isinstance(node, ast.Import):
-            modules |= {alias.name.split(".")[1] for alias in node.names
-                        if alias.name.startswith("fmnist.")}
-    return {module for module in modules if (PACKAGE / f"{module}.py").is_file()}
+            named |= {alias.name.removeprefix("fmnist.") for alias in node.names
+                      if alias.name.startswith("fmnist.")}
+    modules = {".".join(name.split(".")[:end]) for name in named if name
+               for end in range(1, name.count(".") + 2)}
+    return {module for module in modules if _module_file(module).is_file()}
 
 
 def imported_modules(script: Path) -> set[str]:
@@ -39,7 +47,7 @@ def imported_modules(script: Path) -> set[str]:
         module = todo.pop()
         if module not in found:
             found.add(module)
-            todo += _local_imports(PACKAGE / f"{module}.py")
+            todo += _local_imports(_module_file(module))
     return found
 
 
@@ -56,9 +64,9 @@ def test_each_stage_depends_on_exactly_the_modules_it_imports(stage):
     deps = {dep if isinstance(dep, str) else next(iter(dep)) for dep in definition["deps"]}
     assert script in deps
     modules = imported_modules(REPO / script)
-    imported = {f"src/fmnist/{module}.py" for module in modules}
+    imported = {_module_file(module).relative_to(REPO).as_posix() for module in modules}
     imported |= {f"src/fmnist/templates/{name}" for module in modules  # what they render with
-                 for name in re.findall(r'"([\w.-]+\.j2)"', (PACKAGE / f"{module}.py").read_text())}
+                 for name in re.findall(r'"([\w.-]+\.j2)"', _module_file(module).read_text())}
     listed = {dep for dep in deps if dep.startswith("src/")}
     assert sorted(imported - listed) == [], f"{stage}: imported but not in dvc.yaml's deps"
     assert sorted(listed - imported) == [], f"{stage}: in dvc.yaml's deps but never imported"
@@ -66,9 +74,11 @@ def test_each_stage_depends_on_exactly_the_modules_it_imports(stage):
 
 def test_the_import_walk_follows_lazy_and_package_imports():
     # stages/train.py imports training inside main() (after choosing the backend), and
-    # training imports jax_loop inside fit(): both must count, or the deps test could not fail
+    # training imports jax_loop inside fit(): both must count, or the deps test could not fail;
+    # `from fmnist import tracking` runs the package's __init__, which imports its modules
     modules = imported_modules(REPO / "stages" / "train.py")
-    assert {"device", "paths", "training", "jax_loop", "models", "data", "tracking"} <= modules
+    assert {"device", "paths", "training", "jax_loop", "models", "data", "tracking", "tracking.runs",
+            "tracking.store"} <= modules
     assert "report" not in modules and "baseline" not in modules
 
 
@@ -80,9 +90,9 @@ RUN_FILE_LITERALS = [paths.RunFiles(Path()).model.name, paths.RunFiles(Path()).h
 
 
 def test_run_file_names_are_spelled_only_in_paths():
-    files = sorted((REPO / "src" / "fmnist").glob("*.py")) + sorted((REPO / "stages").glob("*.py"))
-    allowed = {REPO / "src" / "fmnist" / "paths.py": RUN_FILE_LITERALS,
-               REPO / "src" / "fmnist" / "tracking.py": ["git_commit"]}  # the one tag's home
+    files = sorted(PACKAGE.rglob("*.py")) + sorted((REPO / "stages").glob("*.py"))
+    allowed = {PACKAGE / "paths.py": RUN_FILE_LITERALS,  # the tag's home: the tracking package
+               **{file: ["git_commit"] for file in (PACKAGE / "tracking").glob("*.py")}}
     offenders = []
     for file in files:
         text = file.read_text()
@@ -95,7 +105,7 @@ def test_run_file_names_are_spelled_only_in_paths():
 def test_no_module_imports_training_but_the_train_stage_and_the_search():
     # the search's trials train through the same code (fmnist.search: fit, its callbacks)
     importers = [file.relative_to(REPO).as_posix()
-                 for file in [*PACKAGE.glob("*.py"), *(REPO / "stages").glob("*.py")]
+                 for file in [*PACKAGE.rglob("*.py"), *(REPO / "stages").glob("*.py")]
                  if "training" in _local_imports(file)]
     assert sorted(importers) == ["src/fmnist/search.py", "stages/train.py"]
 
@@ -109,9 +119,25 @@ def test_config_knows_the_papers_models():
 def test_a_run_infos_keys_are_spelled_only_in_the_records_module():
     """Stages and the report's template read a trained run's facts as attributes of
     fmnist.records.RunInfo, never by key (a renamed field would otherwise fail at run time)."""
-    files = [*sorted(PACKAGE.glob("*.py")), *sorted((REPO / "stages").glob("*.py")),
+    files = [*sorted(PACKAGE.rglob("*.py")), *sorted((REPO / "stages").glob("*.py")),
              *sorted((PACKAGE / "templates").glob("*.j2"))]
     pattern = re.compile(r"run_info(\[|\.get\()|[\"']mlflow_run_id[\"']")
     offenders = [f"{file.relative_to(REPO)}: {match.group(0)}" for file in files
                  if file.name != "records.py" for match in pattern.finditer(file.read_text())]
     assert offenders == []
+
+
+def _imports_mlflow(file: Path) -> bool:
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "mlflow" for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mlflow":
+            return True
+    return False
+
+
+def test_only_the_tracking_package_imports_mlflow():
+    """MLflow stays behind fmnist.tracking (the tests may read the store with it)."""
+    files = [*PACKAGE.rglob("*.py"), *(REPO / "stages").glob("*.py"), *(REPO / "benchmarks").glob("*.py")]
+    importers = sorted(file.relative_to(REPO).as_posix() for file in files if _imports_mlflow(file))
+    assert importers and all(name.startswith("src/fmnist/tracking/") for name in importers), importers
