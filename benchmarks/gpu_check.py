@@ -33,8 +33,8 @@ from benchmarks import timed_repro
 from benchmarks.speed import positive_int
 from benchmarks.timed_repro import DVC, ENV, stage_order
 from fmnist import paths
-from fmnist.config import load_params
 from fmnist.files import write_json
+from fmnist.params import load_params
 
 # dvc.lock as this check last left it, in an ignored folder: a second call on the same (warm)
 # machine gets the tree's dvc.lock sent anew, and gpu_check.sh puts this one back first

@@ -44,9 +44,9 @@ def worker(args: argparse.Namespace) -> None:
 
     from benchmarks import reference
     from fmnist import device, paths, recipes, training
-    from fmnist.config import load_params
     from fmnist.data import Dataset, load_prepared
     from fmnist.models import build_model
+    from fmnist.params import load_params
 
     config = load_params(paths.PARAMS)
     data = load_prepared(paths.PREPARED_ARRAYS)

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from fmnist import paths
-from fmnist.config import load_params
 from fmnist.files import read_json, write_json
+from fmnist.params import load_params
 
 FIRST = ("check_params", "download", "prepare", "baseline")
 # DVC and the stage commands (`python stages/...`) from this interpreter's environment.

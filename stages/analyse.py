@@ -3,9 +3,9 @@
 from fmnist import paths
 from fmnist.analyse import analyse
 from fmnist.cli import stage_main
-from fmnist.config import load_params
 from fmnist.data import data_info, load_prepared
 from fmnist.files import read_json
+from fmnist.params import load_params
 from fmnist.results import write_accuracy
 
 

@@ -2,9 +2,9 @@
 
 from fmnist import cli, paths  # cli before fmnist.baseline, which imports Keras (see fmnist.cli)
 from fmnist.baseline import run_baseline
-from fmnist.config import load_params
 from fmnist.data import data_info, load_prepared
 from fmnist.files import write_json
+from fmnist.params import load_params
 
 
 def main() -> None:

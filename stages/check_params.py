@@ -9,8 +9,8 @@ own keys changed.
 
 from fmnist import paths
 from fmnist.cli import stage_main
-from fmnist.config import load_params
 from fmnist.files import write_text
+from fmnist.params import load_params
 
 CHECKED = "params.yaml is valid (written by the check_params stage; its content never changes)\n"
 

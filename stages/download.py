@@ -2,8 +2,8 @@
 
 from fmnist import paths
 from fmnist.cli import stage_main
-from fmnist.config import load_params
 from fmnist.download import download
+from fmnist.params import load_params
 
 
 def main() -> None:

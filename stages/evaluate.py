@@ -3,9 +3,9 @@ fmnist.evaluation.evaluate_variant)."""
 
 from fmnist import paths
 from fmnist.cli import parse_variant_args, stage_main
-from fmnist.config import load_params
 from fmnist.data import load_prepared
 from fmnist.evaluation import evaluate_variant
+from fmnist.params import load_params
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 from fmnist import paths, plots
 from fmnist.cli import stage_main
-from fmnist.config import load_params
+from fmnist.params import load_params
 from fmnist.prepare import prepare
 
 

@@ -3,7 +3,7 @@ to use (see fmnist.registry)."""
 
 from fmnist import paths
 from fmnist.cli import stage_main
-from fmnist.config import load_params
+from fmnist.params import load_params
 from fmnist.registry import champion_uri, register_models
 
 

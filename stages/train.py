@@ -5,9 +5,9 @@ import json
 
 from fmnist import device, paths
 from fmnist.cli import parse_variant_args, stage_main
-from fmnist.config import load_params
 from fmnist.data import data_info, load_prepared
 from fmnist.files import tree_digest
+from fmnist.params import load_params
 
 
 def main() -> None:

@@ -13,9 +13,10 @@ from scipy import stats
 
 from fmnist import analysis, evaluation, plots, report
 from fmnist.analyse import read_errors
-from fmnist.config import load_params, parse_params
+from fmnist.config import parse_params
 from fmnist.evaluation import run_metrics, score
 from fmnist.models import build_model
+from fmnist.params import load_params
 from fmnist.paths import RunRecord
 from fmnist.records import RunInfo
 from tests.conftest import REPO, real_params

@@ -8,7 +8,8 @@ import shlex
 import pytest
 import yaml
 
-from fmnist.config import ConfigError, flatten, load_params, parse_params
+from fmnist.config import ConfigError, parse_params
+from fmnist.params import load_params
 from tests.conftest import REPO, real_params
 
 
@@ -157,22 +158,6 @@ def test_a_new_variant_is_only_an_edit_of_params():
     assert spec.block_filters == (64, 64, 64) and spec.dense_units == 128
     with pytest.raises(ValueError, match="unknown variant 'nope'.*cnn2, cnn2_bn"):
         parse_params(raw).variant("nope")
-
-
-def test_invalid_yaml_and_missing_file_are_clear(tmp_path):
-    bad = tmp_path / "params.yaml"
-    bad.write_text("train: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        load_params(bad)
-    with pytest.raises(ConfigError, match="not found"):
-        load_params(tmp_path / "missing.yaml")
-
-
-def test_flatten_gives_dotted_keys():
-    config = load_params(REPO / "params.yaml")
-    flat = flatten({"model": config.variant("cnn2"), "train": config.train})
-    assert flat["model.filters"] == 32 and flat["train.epochs"] == config.train.epochs
-    assert yaml.safe_load(yaml.safe_dump(flat))  # plain values only
 
 
 def test_make_small_sets_valid_params_on_every_variant():

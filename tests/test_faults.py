@@ -26,9 +26,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from fmnist import cli, data, download, evaluation, files, plots, tracking, training
-from fmnist.config import ConfigError, load_params
+from fmnist.config import ConfigError
 from fmnist.download import DownloadError
 from fmnist.idx import write_idx
+from fmnist.params import load_params
 from fmnist.prepare import prepare
 from fmnist.tracking import TrackingError
 from fmnist.training import TrainingError, train_variant

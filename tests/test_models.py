@@ -8,8 +8,9 @@ import keras
 import numpy as np
 import pytest
 
-from fmnist.config import ConfigError, load_params
+from fmnist.config import ConfigError
 from fmnist.models import build_model, feature_layer_names
+from fmnist.params import load_params
 from tests.conftest import REPO
 
 # CNN2 matches the authors' public code (113,386); BN adds 2 x (4 + 64) BN weights;

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from fmnist import recipes, training
-from fmnist.config import ConfigError, load_params, parse_params
+from fmnist.config import ConfigError, parse_params
 from fmnist.data import Dataset
 from fmnist.models import build_model
+from fmnist.params import load_params
 from tests.conftest import REPO, TINY_TRAIN_PER_CLASS, real_params, tiny_images, venv_env
 from tests.test_config import _with
 
@@ -257,7 +258,7 @@ JAX_SCRIPT = textwrap.dedent("""
     from dataclasses import replace
     import keras, numpy as np
     from fmnist import jax_loop, recipes, training
-    from fmnist.config import load_params
+    from fmnist.params import load_params
     from fmnist.models import build_model
     from tests.conftest import tiny_images
 

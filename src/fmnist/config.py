@@ -1,4 +1,5 @@
-"""params.yaml, read once into frozen dataclasses and validated before any work starts.
+"""params.yaml's contents as frozen dataclasses, validated before any work starts
+(``parse_params``; reading the file is fmnist.params').
 
 Every error names the key (``train.epochs``) and what it may be, so that a typo in
 params.yaml or in ``dvc exp run -S key=value`` stops the run at once.
@@ -12,10 +13,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from fmnist.data import IMAGE_SIZE, NUM_CLASSES, TEST_SIZE, TRAIN_SIZE
 
@@ -718,51 +716,3 @@ def _search_problems(config: Config) -> list[str]:
                 problems.append(str(error))
                 break
     return problems
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's floats: ``1e-4`` and ``1E5`` are numbers, as
-    DVC (ruamel.yaml, YAML 1.2) reads them; YAML 1.1 makes them strings."""
-
-
-_FLOAT_TAG = "tag:yaml.org,2002:float"
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Yaml12Loader.add_implicit_resolver(_FLOAT_TAG, re.compile(r"""^(?:
-     [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
-    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
-
-
-def read_yaml(text: str) -> Any:
-    """Parse YAML text as params.yaml is parsed (YAML 1.2 numbers)."""
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
-
-
-def load_params(path: str | Path = "params.yaml") -> Config:
-    """Read and validate params.yaml (the one place the pipeline reads its knobs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: run from the repository root, where params.yaml lives")
-    try:
-        raw = read_yaml(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
-    return parse_params(raw)
-
-
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dataclasses/dicts -> {"train.epochs": 50, ...} (MLflow params)."""
-    if dataclasses.is_dataclass(value):
-        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            flat.update(flatten(item, f"{prefix}{key}."))
-        return flat
-    if isinstance(value, tuple):
-        value = list(value)
-    return {prefix.rstrip("."): value}

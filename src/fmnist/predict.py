@@ -204,7 +204,7 @@ def load_classifier(source: str) -> Classifier:
 def default_model() -> str:
     """The registry alias params.yaml names (run from the project root), e.g.
     models:/fashion-mnist-authors_cnn2_bn_skip@champion."""
-    from fmnist.config import load_params
+    from fmnist.params import load_params
     from fmnist.registry import champion_uri
 
     if not paths.PARAMS.is_file():

@@ -25,7 +25,8 @@ import argparse
 import os
 
 from fmnist import paths, tracking
-from fmnist.config import Config, load_params
+from fmnist.config import Config
+from fmnist.params import load_params
 from fmnist.records import RunInfo
 
 DESCRIPTION = ("A Fashion-MNIST classifier ({variant}; one version per training seed). Input: uint8 "

@@ -14,7 +14,8 @@ import jinja2
 from markdown_it import MarkdownIt
 
 from fmnist import paper
-from fmnist.config import Config, flatten
+from fmnist.config import Config
+from fmnist.params import flatten
 from fmnist.results import pct
 
 

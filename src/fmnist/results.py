@@ -97,7 +97,7 @@ def _baseline_source() -> str:
     """COMMITTED_REFERENCE where this project's MLflow store holds no fit of the SVC with the
     results of metrics/baseline.json (a fresh clone's `make run` does not fit it), else ""."""
     from fmnist import tracking
-    from fmnist.config import load_params
+    from fmnist.params import load_params
 
     if not paths.BASELINE_METRICS.is_file() or not (
             os.environ.get("MLFLOW_TRACKING_URI") or (paths.project_root() / paths.MLFLOW_DB).is_file()):

@@ -47,9 +47,10 @@ import yaml
 
 from fmnist import cli, device, paths, tracking
 from fmnist.cli import Interrupted
-from fmnist.config import Config, ConfigError, ModelSpec, Recipe, SearchConfig, flatten, load_params
+from fmnist.config import Config, ConfigError, ModelSpec, Recipe, SearchConfig
 from fmnist.data import IMAGE_SIZE, Dataset, hold_out_validation, load_prepared
 from fmnist.files import atomic_path, write_json, write_text
+from fmnist.params import flatten, load_params
 
 OBJECTIVE = "val_accuracy"  # the final epoch's, on the search's own validation split
 FAILURE_ATTR = "failure"    # a trial that failed because of its values (diverged): it counts as run

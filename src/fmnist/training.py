@@ -24,10 +24,11 @@ import numpy as np
 
 from fmnist import cli, device, paths, progress, recipes, tracking
 from fmnist.cli import Interrupted
-from fmnist.config import Config, ModelSpec, TrainConfig, flatten
+from fmnist.config import Config, ModelSpec, TrainConfig
 from fmnist.data import NUM_CLASSES, Dataset
 from fmnist.files import atomic_path, error_reason, remove, write_json, write_text
 from fmnist.models import build_model, summary_text
+from fmnist.params import flatten
 from fmnist.records import RunInfo
 
 

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 from fmnist import paths
+from fmnist.params import flatten, read_yaml
 from fmnist.tracking.store import MAX_PARAM_LENGTH
 
 
@@ -41,8 +42,6 @@ PIPELINE_INPUTS = (str(paths.PARAMS), "dvc.yaml", "src", "stages")
 def params_changed(root: Path | None = None) -> str:
     """The params whose value in params.yaml differs from the committed one (``key=value``,
     comma-separated; "" for none; "unknown" outside git). Lists are one value."""
-    from fmnist.config import flatten, read_yaml
-
     root = root or Path.cwd()
     committed = _git("show", f"HEAD:{paths.PARAMS}", root=root)
     if committed is None or not (root / paths.PARAMS).is_file():
