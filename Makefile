@@ -28,8 +28,9 @@ $(VENV)/.installed-gpu: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[gpu]'
 	touch $@ $(VENV)/.installed
 
+# `dvc repro` with a progress line over the whole pipeline and an ETA (fmnist.repro)
 run: $(VENV)/.installed
-	dvc repro
+	python -m fmnist.repro
 	python -m fmnist.results
 
 # The run to try first (docs/usage.md): every variant and stage on the real data, but 2 epochs,
