@@ -28,8 +28,9 @@ $(VENV)/.installed-gpu: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[gpu]'
 	touch $@ $(VENV)/.installed
 
+# `dvc repro` with a progress line over the whole pipeline and an ETA (fmnist.repro)
 run: $(VENV)/.installed
-	dvc repro
+	python -m fmnist.repro
 	python -m fmnist.results
 
 # The run to try first (docs/usage.md): every variant and stage on the real data, but 2 epochs,
@@ -90,12 +91,14 @@ tracking-server: $(VENV)/.installed deps-system
 tracking-server-stop: $(VENV)/.installed
 	python -m fmnist.tracking_server stop
 
-# docs/images/mlflow-*.png for docs/mlflow.md: a real small run (the tests' tiny pipeline), `mlflow ui`
-# on its store, headless Chromium (Debian's chromium; apt needs root) driven by npm's playwright-core
+# docs/images/mlflow-*.png for docs/mlflow.md: its steps walked from MLflow's home page by headless
+# Chromium (Debian's chromium; apt needs root) driven by npm's playwright-core, on `mlflow ui` over
+# a real small run (the tests' tiny pipeline), or STORE=<folder>: the MLflow store in that folder
+# (mlflow.db, mlartifacts/), e.g. STORE=. after `make run`; SHOTS=<folder>: the PNGs there instead
 screenshots: $(VENV)/.installed-dev
 	command -v chromium >/dev/null || $(SUDO) apt-get install -y chromium
 	cd docs/screenshots && npm install --no-audit --no-fund --silent
-	python docs/screenshots/run.py
+	python docs/screenshots/run.py $(if $(STORE),--store $(STORE)) $(if $(SHOTS),--out $(SHOTS))
 
 # The registry's alias (params.yaml `registry`) over HTTP: POST http://127.0.0.1:$(PORT)/invocations
 # with {"inputs": <(n, 28, 28) pixels 0-255>}; MODEL=models:/<name>@<alias> serves another.

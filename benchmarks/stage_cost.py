@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from fmnist import data
+from fmnist import data, repro
 from fmnist.files import read_json, write_json
 from fmnist.idx import write_idx
 from tests.conftest import only_variants, shrink, tiny_images
@@ -46,7 +45,6 @@ from tests.conftest import only_variants, shrink, tiny_images
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVED = ("dvc.yaml", "stages", "src", "plot_templates", ".gitignore", "params.yaml",
             "data/local/README.md")
-RUNNING = re.compile(r"Running stage '([^']+)'")
 TIMING = "[timing]"
 TRAIN_FRACTION = 0.8
 BASELINE_IMAGES = 200
@@ -126,7 +124,7 @@ def stage_times(lines: list[tuple[float, str]], end: float) -> list[dict[str, An
     stages: list[dict[str, Any]] = []
     starts = []
     for seconds, line in lines:
-        match = RUNNING.search(line)
+        match = repro.RUNNING.search(line)
         if match:
             stages.append({"stage": match.group(1), "timing": []})
             starts.append(seconds)
@@ -142,7 +140,7 @@ def stage_times(lines: list[tuple[float, str]], end: float) -> list[dict[str, An
 
 def lines_start(lines: list[tuple[float, str]], end: float) -> float:
     """Seconds before DVC ran its first stage (``end`` if it ran none)."""
-    return next((seconds for seconds, line in lines if RUNNING.search(line)), end)
+    return next((seconds for seconds, line in lines if repro.RUNNING.search(line)), end)
 
 
 def fixed_cost(stage: dict[str, Any]) -> float:
@@ -187,7 +185,7 @@ def by_kind(report: dict[str, Any]) -> dict[str, tuple[int, float]]:
     """Stage name before '@' (train, evaluate, ...) -> (stages, seconds)."""
     kinds: dict[str, tuple[int, float]] = {}
     for stage in report["stages"]:
-        kind = stage["stage"].partition("@")[0]
+        kind = repro.kind(stage["stage"])
         count, seconds = kinds.get(kind, (0, 0.0))
         kinds[kind] = (count + 1, seconds + stage["seconds"])
     return kinds

@@ -2,14 +2,15 @@
 to use (see fmnist.registry)."""
 
 from fmnist import paths
-from fmnist.cli import stage_main
+from fmnist.cli import mlflow_messages_off, stage_main
 from fmnist.params import load_params
 from fmnist.registry import champion_uri, register_models
 
 
 def main() -> None:
     config = load_params(paths.PARAMS)
-    registered, alias = register_models(config)
+    with mlflow_messages_off():  # the lines below say what was registered
+        registered, alias = register_models(config)
     for run_name, entry in registered.items():
         print(f"{run_name}: {entry['model']} version {entry['version']}")
     print(alias)

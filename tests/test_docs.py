@@ -57,3 +57,14 @@ def test_every_relative_link_of_the_readme_exists():
 
 def test_the_readme_is_a_few_screens():
     assert len((REPO / "README.md").read_text().splitlines()) < 250
+
+
+def test_the_screenshot_script_walks_the_mlflow_page_step_by_step():
+    """docs/screenshots/shoot.mjs (`make screenshots`) follows docs/mlflow.md's "Step by step":
+    a script step per numbered step of the page, with its bold title, in the same order."""
+    page = (REPO / "docs" / "mlflow.md").read_text().split("\n## Step by step\n", 1)[1].split("\n## ", 1)[0]
+    page_steps = re.findall(r"^(\d+)\. \*\*(.+?)\*\*", page, re.M)
+    script = (REPO / "docs" / "screenshots" / "shoot.mjs").read_text()
+    script_steps = re.findall(r'^  \["(\d+)\. (.+?)", async', script, re.M)
+    assert len(page_steps) >= 5
+    assert script_steps == page_steps

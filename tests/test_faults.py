@@ -778,12 +778,21 @@ def test_a_full_disk_names_the_output_and_says_to_free_space(tmp_path, monkeypat
 # --- 33.7: a stage's log starts with its own first line, not TensorFlow's start-up -----
 def test_a_stage_importing_keras_on_the_cpu_starts_with_its_own_line():
     """stages/evaluate.py and stages/baseline.py import Keras before their first line; the
-    first operation makes TensorFlow probe CUDA. None of TensorFlow's start-up lines shows
-    (as under DVC, no TF_CPP_MIN_LOG_LEVEL is set beforehand); another line on stderr does."""
+    train stage and the search first look whether TensorFlow is installed (fmnist.device, a
+    find_spec that imports nothing) and import it later; the first operation makes TensorFlow
+    probe CUDA. None of TensorFlow's start-up lines shows (as under DVC, no
+    TF_CPP_MIN_LOG_LEVEL is set beforehand); another line on stderr does."""
     script = ("import runpy, sys\n"
-              "for stage in ('evaluate', 'baseline'):\n"
+              "def imports(stage):\n"
               "    runpy.run_path(f'stages/{stage}.py', run_name='imports only')\n"
+              "imports('train')\n"
+              "imports('register')\n"
+              "import fmnist.search\n"
               "print('ours', flush=True)\n"
+              "from fmnist import device\n"
+              "device.select_backend('tensorflow')\n"
+              "imports('evaluate')\n"
+              "imports('baseline')\n"
               "import keras\n"
               "keras.ops.ones((2, 2))\n"
               "print('after the first operation', flush=True)\n"

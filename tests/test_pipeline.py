@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from benchmarks.timed_repro import cache_lost_outputs
-from fmnist import paths
+from fmnist import paths, repro
 from fmnist.files import file_digest
 from tests.conftest import (
     TINY_TEST_PER_CLASS,
@@ -47,11 +47,12 @@ def _runs_in_store(repo) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """A repository with two tiny variants, after its first `dvc repro`: (repo, params, output)."""
+    """A repository with two tiny variants, after its first `dvc repro`, run as `make run` runs
+    it (fmnist.repro): (repo, params, output)."""
     root = tmp_path_factory.mktemp("pipeline")
     params = only_variants(shrink(real_params()), VARIANTS)
     repo = make_dvc_repo(root / "repo", params, local_data=write_tiny_idx(root / "tiny_idx"))
-    first = run(["dvc", "repro"], repo)
+    first = run([sys.executable, "-m", "fmnist.repro"], repo)
     return repo, params, first.stdout
 
 
@@ -61,6 +62,26 @@ def test_the_first_repro_runs_every_stage_once(pipeline):
     assert _ran(output) == {"check_params", "download", "prepare", "train@cnn2", "train@cnn2_bn_skip",
                             "evaluate@cnn2", "evaluate@cnn2_bn_skip", "baseline", "analyse",
                             "register"}
+
+
+@pytest.mark.slow
+def test_make_run_shows_the_whole_pipelines_progress_and_times_each_stage(pipeline):
+    repo, _, output = pipeline
+    lines = output.splitlines()
+    ran = [line.split("'")[1] for line in lines if line.startswith("Running stage")]
+    shown = [line for line in lines if line.startswith("[pipeline ")]
+    # one line before each stage DVC runs: its place among all the stages this run runs
+    assert [lines[lines.index(line) + 1] for line in shown] == [f"Running stage '{s}':" for s in ran]
+    assert [line.split(" - ")[0] for line in shown] == [
+        f"[pipeline {k}/{len(ran)}] {stage}" for k, stage in enumerate(ran, start=1)]
+    assert shown[0].endswith("0 done, no ETA yet (not timed on this machine yet)")  # the first run
+    timed = json.loads((repo / repro.STAGE_SECONDS).read_text())
+    assert sorted(timed) == sorted(ran) and all(seconds >= 0 for seconds in timed.values())
+    run(["git", "check-ignore", "-q", repro.STAGE_SECONDS.as_posix()], repo)  # not for git
+    # its exit code is dvc's
+    wrong = ["--no-such-option"]
+    assert (run([sys.executable, "-m", "fmnist.repro", *wrong], repo, check=False).returncode
+            == run(["dvc", "repro", *wrong], repo, check=False).returncode != 0)
 
 
 @pytest.mark.slow

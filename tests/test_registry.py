@@ -12,10 +12,10 @@ import mlflow
 import pytest
 import yaml
 
-from fmnist import paths, registry, tracking
+from fmnist import cli, paths, registry, tracking
 from fmnist.config import parse_params
 from fmnist.records import RunInfo
-from tests.conftest import only_variants, real_params, run, shrink, venv_env
+from tests.conftest import REPO, only_variants, real_params, run, shrink, venv_env
 
 VARIANTS = ["cnn2", "cnn2_bn"]
 
@@ -48,9 +48,9 @@ def _train(root: Path, raw: dict, variant: str, seed: int, epochs: list[dict[str
 
 
 @pytest.fixture
-def project(mlflow_store: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict]:
+def trained(mlflow_store: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict]:
     """A committed git project (params.yaml: two variants, champion cnn2_bn seed 0, gate 0.9)
-    whose two models are trained and registered by the committed pipeline."""
+    whose two models are trained, not yet registered."""
     monkeypatch.chdir(mlflow_store)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     raw = only_variants(shrink(real_params()), VARIANTS)
@@ -62,9 +62,33 @@ def project(mlflow_store: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, 
     _commit(mlflow_store, "params")
     for variant in VARIANTS:
         _train(mlflow_store, raw, variant, 0, [{"accuracy": 0.8}, {"accuracy": 0.95}])
+    return mlflow_store, raw
+
+
+@pytest.fixture
+def project(trained: tuple[Path, dict]) -> tuple[Path, dict]:
+    """``trained``, its two models registered by the committed pipeline."""
+    root, raw = trained
     _, moved = registry.register_models(parse_params(raw))
     assert moved.startswith("@champion: nothing -> fashion-mnist-cnn2_bn version 1 (final-epoch training")
-    return mlflow_store, raw
+    return root, raw
+
+
+def test_the_register_stage_prints_its_own_lines_only(trained):
+    """MLflow's own messages for each new version ("Successfully registered model ...",
+    "Created version ...", the run's logged model found by name) are not in the stage's log:
+    its own line per version says the same."""
+    root, _ = trained
+    env = {key: value for key, value in venv_env().items() if key not in cli.QUIET_TENSORFLOW}
+    result = subprocess.run([sys.executable, str(REPO / "stages" / "register.py")], cwd=root,
+                            env={**env, "DVC_ROOT": str(root)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.splitlines() == [
+        "cnn2-seed0: fashion-mnist-cnn2 version 1", "cnn2_bn-seed0: fashion-mnist-cnn2_bn version 1",
+        "@champion: nothing -> fashion-mnist-cnn2_bn version 1 (final-epoch training accuracy (no "
+        "validation split) 0.9500 >= registry.min_accuracy 0.9)",
+        "Use: models:/fashion-mnist-cnn2_bn@champion"]
 
 
 def _champion(raw: dict) -> tuple[str, str]:

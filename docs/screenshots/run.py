@@ -1,12 +1,20 @@
-"""Screenshots for docs/mlflow.md, "Compare the variants in MLflow", from a real small run.
+"""Screenshots for docs/mlflow.md, "Compare the variants in MLflow": its steps walked in a browser.
 
-Builds the tests' tiny pipeline (tests/conftest.py: tiny fabricated images, the real
-params.yaml shrunk) with 3 variants x 2 seeds and a few more epochs than the tests, runs
-the real `dvc repro` in a temporary repository, starts `mlflow ui` on its store and drives
-headless Chromium (shoot.mjs, npm's playwright-core) through the views docs/mlflow.md shows.
-PNGs go to docs/images/. `make screenshots` installs Chromium and playwright-core first.
+Starts `mlflow ui` (one worker, no job runner, as `make mlflow-ui`) on an MLflow store and
+drives headless Chromium (shoot.mjs, npm's playwright-core) through docs/mlflow.md's "Step
+by step" from the home page, in a fresh profile; a step that cannot be followed fails, naming
+it. The store is either
 
-    python docs/screenshots/run.py [--keep DIR]   # DIR: keep the repository (and reuse it)
+- built: the tests' tiny pipeline (tests/conftest.py: tiny fabricated images, the real
+  params.yaml shrunk) with 3 variants x 2 seeds and a few more epochs than the tests, run
+  with the real `dvc repro` in a temporary repository; or
+- ``--store DIR``: an existing project's (DIR holds mlflow.db and mlartifacts/, e.g. the
+  project's folder after `make run`), used as it is.
+
+PNGs go to docs/images/ (``--out`` elsewhere). `make screenshots` installs Chromium and
+playwright-core first.
+
+    python docs/screenshots/run.py [--store DIR | --keep DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from fmnist import paths  # noqa: E402
 from fmnist.tracking_server import free_port  # noqa: E402
 from tests.conftest import (  # noqa: E402
     make_dvc_repo,
@@ -44,7 +53,7 @@ IMAGES = REPO / "docs" / "images"
 def build_store(folder: Path) -> Path:
     """The tiny pipeline, run for real; returns the repository holding mlflow.db."""
     repo = folder / "repo"
-    if (repo / "mlflow.db").is_file() and (repo / "metrics" / "summary.json").is_file():
+    if (repo / paths.MLFLOW_DB).is_file() and (repo / paths.SUMMARY).is_file():
         return repo
     shutil.rmtree(folder, ignore_errors=True)
     params = only_variants(shrink(real_params()), VARIANTS)
@@ -52,6 +61,15 @@ def build_store(folder: Path) -> Path:
     make_dvc_repo(repo, params, local_data=write_tiny_idx(folder / "tiny_idx"))
     subprocess.run(["dvc", "repro"], cwd=repo, env=venv_env(), check=True)
     return repo
+
+
+def check_store(folder: Path) -> Path:
+    folder = folder.resolve()
+    missing = [name for name in (paths.MLFLOW_DB, paths.MLFLOW_ARTIFACTS) if not (folder / name).exists()]
+    if missing:
+        raise SystemExit(f"--store {folder}: no {' and no '.join(missing)} there (an MLflow store is a "
+                         f"folder holding {paths.MLFLOW_DB} and {paths.MLFLOW_ARTIFACTS}/)")
+    return folder
 
 
 def wait_for(url: str, server: subprocess.Popen, timeout_s: float = 120) -> None:
@@ -67,33 +85,48 @@ def wait_for(url: str, server: subprocess.Popen, timeout_s: float = 120) -> None
     raise SystemExit(f"mlflow ui did not answer at {url} within {timeout_s:.0f} s")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keep", type=Path, help="build (or reuse) the run in this folder")
-    args = parser.parse_args()
-    folder = args.keep or Path(tempfile.mkdtemp(prefix="fmnist-screenshots-"))
-    repo = build_store(folder.resolve())
+def shoot(store: Path, out: Path) -> int:
+    """`mlflow ui` on ``store`` (its artifacts: ``store``/mlartifacts), shoot.mjs against it;
+    returns shoot.mjs's exit code."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{repo / 'mlflow.db'}",
-         "--host", "127.0.0.1", "--port", str(port)], cwd=repo, env=venv_env(),
+        ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{store / paths.MLFLOW_DB}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=store,
+        env={**venv_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for(url, server)
-        IMAGES.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "MLFLOW_URL": url, "OUT_DIR": str(IMAGES),
+        out.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MLFLOW_URL": url, "OUT_DIR": str(out),
                "EXPERIMENT": real_params()["tracking"]["experiment"]}
-        subprocess.run(["node", str(Path(__file__).with_name("shoot.mjs"))], env=env, check=True,
-                       cwd=Path(__file__).parent)
+        return subprocess.run(["node", str(Path(__file__).with_name("shoot.mjs"))], env=env,
+                              cwd=Path(__file__).parent).returncode
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and its workers
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--store", type=Path, help="shoot the MLflow store in this folder (its mlflow.db "
+                        "and mlartifacts/) instead of a tiny run's")
+    source.add_argument("--keep", type=Path, help="build (or reuse) the tiny run in this folder")
+    parser.add_argument("--out", type=Path, default=IMAGES, help=f"where the PNGs go (default {IMAGES})")
+    args = parser.parse_args()
+    if args.store:
+        sys.exit(shoot(check_store(args.store), args.out.resolve()))
+    folder = (args.keep or Path(tempfile.mkdtemp(prefix="fmnist-screenshots-"))).resolve()
+    try:
+        code = shoot(build_store(folder), args.out.resolve())
+    finally:
         if args.keep is None:
             shutil.rmtree(folder, ignore_errors=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -111,14 +111,22 @@ class _QuietTensorFlowLoader(importlib.abc.Loader):
 
 
 class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
-    """Finds ``tensorflow`` (once, whoever imports it: Keras, a stage) with _QuietTensorFlowLoader."""
+    """Finds ``tensorflow`` (whoever imports it: Keras, a stage) with _QuietTensorFlowLoader.
+    It stays in place until TensorFlow is imported: a look without an import
+    (``importlib.util.find_spec``, fmnist.device's "is it installed?") gets the same spec."""
+
+    def __init__(self) -> None:
+        self.looking = False
 
     def find_spec(self, name: str, path: object = None, target: object = None
                   ) -> importlib.machinery.ModuleSpec | None:
-        if name != "tensorflow":
+        if name != "tensorflow" or self.looking:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self.looking = True
+        try:
+            spec = importlib.util.find_spec(name)  # the other finders' spec
+        finally:
+            self.looking = False
         if spec is not None and spec.loader is not None:
             spec.loader = _QuietTensorFlowLoader(spec.loader)
         return spec
@@ -127,6 +135,21 @@ class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
 # FMNIST_DEBUG=1 shows every line.
 if "tensorflow" not in sys.modules and not debugging():
     sys.meta_path.insert(0, _QuietTensorFlowFinder())
+
+
+@contextlib.contextmanager
+def mlflow_messages_off() -> Iterator[None]:
+    """Within: MLflow's event messages ("Successfully registered model ...", "Created version 1
+    of model ...") are not printed, where the caller prints its own line for the same step;
+    MLflow's errors still raise. FMNIST_DEBUG=1 shows them."""
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    enabled = MLFLOW_LOGGING_STREAM.enabled
+    MLFLOW_LOGGING_STREAM.enabled = enabled and debugging()
+    try:
+        yield
+    finally:
+        MLFLOW_LOGGING_STREAM.enabled = enabled
 
 _USER_ERRORS = {  # module -> its error classes; only modules already imported can have raised
     "fmnist.download": ("DownloadError",),
