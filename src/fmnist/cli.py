@@ -137,20 +137,6 @@ if "tensorflow" not in sys.modules and not debugging():
     sys.meta_path.insert(0, _QuietTensorFlowFinder())
 
 
-@contextlib.contextmanager
-def mlflow_messages_off() -> Iterator[None]:
-    """Within: MLflow's event messages ("Successfully registered model ...", "Created version 1
-    of model ...") are not printed, where the caller prints its own line for the same step;
-    MLflow's errors still raise. FMNIST_DEBUG=1 shows them."""
-    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
-
-    enabled = MLFLOW_LOGGING_STREAM.enabled
-    MLFLOW_LOGGING_STREAM.enabled = enabled and debugging()
-    try:
-        yield
-    finally:
-        MLFLOW_LOGGING_STREAM.enabled = enabled
-
 _USER_ERRORS = {  # module -> its error classes; only modules already imported can have raised
     "fmnist.download": ("DownloadError",),
     "fmnist.data": ("DataError",),

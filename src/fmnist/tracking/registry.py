@@ -118,3 +118,16 @@ def tag_version(model_name: str, version: str, tags: dict[str, str]) -> None:
         client.set_model_version_tag(model_name, version, key, value)
 
 
+@contextlib.contextmanager
+def messages_off(shown: bool = False) -> Iterator[None]:
+    """Within: MLflow's event messages ("Successfully registered model ...", "Created version 1
+    of model ...") are not printed (unless ``shown``), where the caller prints its own line for
+    the same step; MLflow's errors still raise."""
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    enabled = MLFLOW_LOGGING_STREAM.enabled
+    MLFLOW_LOGGING_STREAM.enabled = enabled and shown
+    try:
+        yield
+    finally:
+        MLFLOW_LOGGING_STREAM.enabled = enabled
