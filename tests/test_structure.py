@@ -74,8 +74,8 @@ def test_the_import_walk_follows_lazy_and_package_imports():
 
 # A trained run's file names, and the words that build run names: spelled in paths.py only.
 RUN_FILE_LITERALS = [paths.RunFiles(Path()).model.name, paths.RunFiles(Path()).history.name,
-                     paths.RunFiles(Path()).history_csv.name, paths.RunFiles(Path()).run_info.name,
-                     paths.RunFiles(Path()).architecture.name, paths.CheckpointFiles(Path()).state.name,
+                     paths.RunFiles(Path()).history_csv.name, paths.RunFiles(Path()).architecture.name,
+                     paths.CheckpointFiles(Path()).state.name,
                      "-seed{", "git_commit"]
 
 
