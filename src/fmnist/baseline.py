@@ -14,6 +14,7 @@ from fmnist import tracking
 from fmnist.config import BaselineConfig
 from fmnist.data import Dataset, split_stratified
 from fmnist.evaluation import score, tracked_results
+from fmnist.records import DataInfo
 from fmnist.svc import PairwiseSVC
 
 
@@ -26,7 +27,7 @@ def train_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 
 def run_baseline(config: BaselineConfig, data: Dataset, class_names: tuple[str, ...],
-                 experiment: str, data_info: dict[str, Any]) -> dict[str, Any]:
+                 experiment: str, data_info: DataInfo) -> dict[str, Any]:
     """Fit and score the SVC as its own MLflow run (its Duration covers the fit); return the
     metrics of metrics/baseline.json."""
     subset = train_subset(data.y_train, config.train_size, config.seed)
@@ -36,15 +37,16 @@ def run_baseline(config: BaselineConfig, data: Dataset, class_names: tuple[str, 
     classifier = make_pipeline(StandardScaler(), PairwiseSVC(C=config.C, kernel=config.kernel,
                                                              gamma=config.gamma, n_jobs=config.n_jobs))
     experiment_id = tracking.connect(experiment)
-    tags = {"kind": "baseline", "variant": "svc", "data_source": data_info["source"],
-            "canonical_split": str(data_info["canonical_split"])}
+    tags = {"kind": "baseline", "variant": "svc", "data_source": data_info.source,
+            "canonical_split": str(data_info.canonical_split)}
     with tracking.run(experiment_id, "svc-baseline", tags):
         tracking.log_params({"svc.kernel": config.kernel, "svc.C": config.C, "svc.gamma": config.gamma,
                              "svc.train_size": len(subset), "svc.seed": config.seed,
                              "svc.scaling": "standard", "svc.n_jobs": config.n_jobs})
-        tracking.log_dataset("fashion-mnist-train", data.x_train[subset], data.y_train[subset],
-                             "training", data_info)
-        tracking.log_dataset("fashion-mnist-test", data.x_test, data.y_test, "testing", data_info)
+        info = data_info.as_json()  # TODO(after tracking's split): pass the DataInfo, read there by attribute
+        tracking.log_dataset("fashion-mnist-train", data.x_train[subset], data.y_train[subset], "training",
+                             info)
+        tracking.log_dataset("fashion-mnist-test", data.x_test, data.y_test, "testing", info)
         started = time.perf_counter()
         classifier.fit(x_train, data.y_train[subset])
         fit_seconds = time.perf_counter() - started
