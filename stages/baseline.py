@@ -4,7 +4,6 @@ from fmnist import cli, paths  # cli before fmnist.baseline, which imports Keras
 from fmnist.baseline import run_baseline
 from fmnist.config import load_params
 from fmnist.data import load_prepared
-from fmnist.files import write_json
 from fmnist.records import DataInfo
 
 
@@ -13,9 +12,9 @@ def main() -> None:
     metrics = run_baseline(config.baseline, load_prepared(paths.PREPARED_ARRAYS),
                            config.evaluate.class_names, config.tracking.experiment,
                            DataInfo.read(paths.PREPARED_INFO))
-    write_json(paths.BASELINE_METRICS, metrics)
-    print(f"SVC on {metrics['train_size']} images: test accuracy {metrics['test_accuracy']:.4f} "
-          f"(fit {metrics['train_seconds']} s, predict {metrics['predict_seconds']} s)")
+    metrics.write(paths.BASELINE_METRICS)
+    print(f"SVC on {metrics.train_size} images: test accuracy {metrics.test_accuracy:.4f} "
+          f"(fit {metrics.train_seconds} s, predict {metrics.predict_seconds} s)")
 
 
 if __name__ == "__main__":

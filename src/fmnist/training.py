@@ -28,7 +28,7 @@ from fmnist.config import Config, ModelSpec, TrainConfig, flatten
 from fmnist.data import NUM_CLASSES, Dataset
 from fmnist.files import atomic_path, error_reason, remove, write_json, write_text
 from fmnist.models import build_model, summary_text
-from fmnist.records import DataInfo, RunInfo
+from fmnist.records import MONITORED_TEST_ACCURACY, MONITORED_TEST_LOSS, DataInfo, RunInfo
 
 
 class TrainingError(RuntimeError):
@@ -63,11 +63,11 @@ class EpochRecorder(keras.callbacks.Callback):
                                 "lower train.learning_rate or check the data")
         # the rate the schedule gives the next step, i.e. at this epoch's end
         record["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        if self.test is not None and "test_accuracy" not in record:  # the JAX loop computes it
+        if self.test is not None and MONITORED_TEST_ACCURACY not in record:  # the JAX loop computes it
             scores = self.model.evaluate(*self.test, batch_size=self.batch_size, verbose=0,
                                          return_dict=True)
-            record["test_loss"] = float(scores["loss"])
-            record["test_accuracy"] = float(scores["accuracy"])
+            record[MONITORED_TEST_LOSS] = float(scores["loss"])
+            record[MONITORED_TEST_ACCURACY] = float(scores["accuracy"])
         record["epoch_seconds"] = time.perf_counter() - self._started
         self.on_epoch(record)
 
