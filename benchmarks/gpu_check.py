@@ -35,6 +35,7 @@ from benchmarks.timed_repro import DVC, ENV, stage_order
 from fmnist import paths
 from fmnist.files import write_json
 from fmnist.params import load_params
+from fmnist.records import MONITORED_TEST_ACCURACY, DataInfo, RunInfo
 
 # dvc.lock as this check last left it, in an ignored folder: a second call on the same (warm)
 # machine gets the tree's dvc.lock sent anew, and gpu_check.sh puts this one back first
@@ -54,15 +55,15 @@ def run_stage(name: str) -> dict:
 def trained_run(variant: str, seed: int) -> dict:
     """What the train stage recorded for one model (run.json, the last epoch of history.json)."""
     files = paths.run_files(variant, seed)
-    run_info = json.loads(files.run_info.read_text())
+    run_info = RunInfo.read(files.run_info)
     history = json.loads(files.history.read_text())
-    seconds = run_info["train_seconds"]
-    train_images = json.loads(paths.PREPARED_INFO.read_text())["sizes"]["train"]
-    return {"variant": variant, "seed": seed, "epochs": run_info["epochs"], "train_seconds": seconds,
-            "images_per_second": round(run_info["epochs"] * train_images / seconds),
-            "final_test_accuracy": history[-1].get("test_accuracy"),
-            "backend": run_info["keras_backend"], "precision": run_info["precision"],
-            "device": run_info["device"], "parameters": run_info["parameters"]}
+    train_images = DataInfo.read(paths.PREPARED_INFO).sizes.train
+    seconds = run_info.train_seconds
+    return {"variant": variant, "seed": seed, "epochs": run_info.epochs, "train_seconds": seconds,
+            "images_per_second": round(run_info.epochs * train_images / seconds),
+            "final_test_accuracy": history[-1].get(MONITORED_TEST_ACCURACY),
+            "backend": run_info.keras_backend, "precision": run_info.precision,
+            "device": run_info.device, "parameters": run_info.parameters}
 
 
 def references(config, variants: list[str], epochs: int, backend: str) -> dict:

@@ -9,7 +9,7 @@ from fmnist.params import load_params
 def main() -> None:
     config = load_params(paths.PARAMS)
     info = download(config.data, paths.DATA_RAW)
-    print(f"data/raw/ from {info['origin']} (canonical split: {info['canonical_split']})")
+    print(f"data/raw/ from {info.origin} (canonical split: {info.canonical_split})")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ def main() -> None:
                          config.data.validation_size, config.data.validation_seed)
     plots.dataset_grid(data.x_train, data.y_train, config.evaluate.class_names,
                        paths.DATASET_FIGURE)
-    print(f"data/prepared/: {info['sizes']} (canonical split: {info['canonical_split']})")
-    if not info["canonical_split"]:
-        print(f"NOTE: {info['note']}")
+    print(f"data/prepared/: {info.sizes} (canonical split: {info.canonical_split})")
+    if not info.canonical_split:
+        print(f"NOTE: {info.note}")
 
 
 if __name__ == "__main__":

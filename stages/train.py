@@ -5,9 +5,10 @@ import json
 
 from fmnist import device, paths
 from fmnist.cli import parse_variant_args, stage_main
-from fmnist.data import data_info, load_prepared
+from fmnist.data import load_prepared
 from fmnist.files import tree_digest
 from fmnist.params import load_params
+from fmnist.records import DataInfo
 
 
 def main() -> None:
@@ -20,7 +21,7 @@ def main() -> None:
     data = load_prepared(paths.PREPARED_ARRAYS)
     # what DVC re-runs this stage for, params aside (each seed's settings are compared apart)
     inputs = tree_digest([dep for dep in paths.stage_deps("train") if dep != paths.PARAMS_CHECKED])
-    for result in train_seeds(config, args.variant, data, data_info(paths.PREPARED_INFO), inputs):
+    for result in train_seeds(config, args.variant, data, DataInfo.read(paths.PREPARED_INFO), inputs):
         last = result.history[-1]
         print(f"{result.name}: {len(result.history)} epochs in {result.train_seconds:.0f} s on "
               f"{result.device} ({result.backend}, {result.precision}); last epoch "

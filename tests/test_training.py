@@ -235,7 +235,8 @@ KILL_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from fmnist import cli, training
     from fmnist.config import parse_params
-    from fmnist.data import data_info, load_prepared
+    from fmnist.data import load_prepared
+    from fmnist.records import DataInfo
     import yaml
 
     import numpy as np
@@ -278,7 +279,7 @@ KILL_SCRIPT = textwrap.dedent("""
     def main():
         config = parse_params(yaml.safe_load(Path("params.yaml").read_text()))
         result = training.train_variant(config, "cnn2", 0, load_prepared(Path("d.npz")),
-                                        data_info(Path("i.json")), Path("out"), Path("ckpt"))
+                                        DataInfo.read(Path("i.json")), Path("out"), Path("ckpt"))
         print("EPOCHS", len(result.history), result.run_id)
 
     cli.stage_main(main)

@@ -7,16 +7,25 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from fmnist import analysis, paths, plots, report, results, tracking
 from fmnist.config import Config
 from fmnist.data import Dataset
-from fmnist.files import atomic_path, read_json, write_json, write_text
-from fmnist.records import RunInfo
+from fmnist.files import atomic_path, read_json, write_text
+from fmnist.records import (
+    MONITORED_TEST_ACCURACY,
+    MONITORED_TEST_LOSS,
+    Analysis,
+    BaselineMetrics,
+    DataInfo,
+    Misclassified,
+    RunInfo,
+    RunMetrics,
+)
 
 RECORD_REMEDY = "written by the evaluate stage: run `dvc repro`"
 
@@ -29,25 +38,14 @@ def load_runs(config: Config) -> list[analysis.TrainedRun]:
             runs.append(analysis.TrainedRun(
                 variant, seed,
                 history=read_json(record.history, RECORD_REMEDY),
-                metrics=read_json(paths.metrics_file(variant, seed), RECORD_REMEDY),
+                metrics=RunMetrics.read(paths.metrics_file(variant, seed), RECORD_REMEDY),
                 run_info=RunInfo.read(record.run_info, RECORD_REMEDY)))
     return runs
 
 
-def read_errors(record: paths.RunRecord) -> list[dict[str, Any]]:
-    """A run's misclassified test images, highest cross-entropy first (evaluation.ERROR_COLUMNS)."""
-    if not record.errors.is_file():
-        raise FileNotFoundError(f"{record.errors} is missing ({RECORD_REMEDY})")
-    with record.errors.open(newline="") as f:
-        return [{"index": int(row["index"]), "actual": row["actual"], "predicted": row["predicted"],
-                 **{key: float(row[key]) for key in
-                    ("probability_predicted", "probability_actual", "cross_entropy")}}
-                for row in csv.DictReader(f)]
-
-
 def write_curves_csv(runs: list[analysis.TrainedRun], path: Path) -> None:
     """Long format, one row per run and epoch: DVC's by-run template draws Figs. 2-3."""
-    keys = ["loss", "accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"]
+    keys = ["loss", "accuracy", "val_loss", "val_accuracy", MONITORED_TEST_LOSS, MONITORED_TEST_ACCURACY]
     present = [k for k in keys if any(k in record for r in runs for record in r.history)]
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -68,7 +66,7 @@ def tag_model_runs(config: Config, runs: list[analysis.TrainedRun]) -> None:
         print(f"Not in this MLflow store (trained on another machine), not tagged: {', '.join(missing)}")
 
 
-def log_committed_baseline(config: Config, baseline: dict[str, Any]) -> bool:
+def log_committed_baseline(config: Config, baseline: BaselineMetrics) -> bool:
     """Log the SVC's committed results (metrics/baseline.json) as a run of the model
     experiment tagged ``source: committed reference`` where the store holds no run with them:
     a fresh clone's `dvc repro` never fits the SVC (its stage is up to date by the committed
@@ -80,9 +78,9 @@ def log_committed_baseline(config: Config, baseline: dict[str, Any]) -> bool:
     with tracking.run(experiment_id, "svc-baseline (committed reference)", {
             "kind": "baseline", "variant": "svc", results.SOURCE_TAG: results.COMMITTED_REFERENCE}):
         tracking.log_params({"svc.kernel": config.baseline.kernel, "svc.C": config.baseline.C,
-                             "svc.gamma": config.baseline.gamma, "svc.train_size": baseline["train_size"],
+                             "svc.gamma": config.baseline.gamma, "svc.train_size": baseline.train_size,
                              "svc.seed": config.baseline.seed})
-        tracking.log_results({key: value for key, value in baseline.items()
+        tracking.log_results({key: value for key, value in baseline.as_json().items()
                               if key in tracking.RESULT_METRICS})
         tracking.log_artifacts(paths.BASELINE_METRICS)
     print(f"The SVC was not fitted here (its stage is up to date); its committed results "
@@ -100,8 +98,8 @@ def feature_map_figure(variant: str, seed: int, class_name: str, report_dir: Pat
     return Path(os.path.relpath(figure, report_dir)).as_posix()
 
 
-def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: dict[str, Any],
-            out_dir: Path, report_file: Path, summary_file: Path) -> dict[str, Any]:
+def analyse(config: Config, data: Dataset, data_info: DataInfo, baseline: BaselineMetrics,
+            out_dir: Path, report_file: Path, summary_file: Path) -> Analysis:
     """Compute and draw everything of the analyse stage; log it as an MLflow run."""
     runs = load_runs(config)
     class_names = config.evaluate.class_names
@@ -110,40 +108,44 @@ def analyse(config: Config, data: Dataset, data_info: dict[str, Any], baseline: 
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         write_curves_csv(runs, tmp / paths.CURVES.name)
-        for key, label, file in (("loss", "Training loss", "training_loss.png"),
-                                 ("test_accuracy", "Test accuracy (monitored only)", "test_accuracy.png")):
+        curve_figures = []
+        for key, label, file in (
+                ("loss", "Training loss", "training_loss.png"),
+                (MONITORED_TEST_ACCURACY, "Test accuracy (monitored only)", "test_accuracy.png")):
             if all(key in r.history[0] for r in runs):
                 curves = {v: analysis.mean_curve([r.history for r in runs if r.variant == v], key)
-                          for v in summary["variants"]}  # the tables' order
+                          for v in summary.variants}  # the tables' order
                 plots.training_curves(curves, tmp / file, label,
                                       f"{label} per epoch (mean over seeds {list(config.train.seeds)})")
-                summary.setdefault("curve_figures", []).append(file)
+                curve_figures.append(file)
         # Error analysis (Fig. 8, Table III, Fig. 9) of the variant the paper analyses.
         error_run = paths.run_name(config.analyse.error_variant, first_seed)
         record = paths.run_record(config.analyse.error_variant, first_seed)
         errors = analysis.error_analysis(
-            read_errors(record), np.loadtxt(record.confusion_matrix, delimiter=",", dtype=int),
+            Misclassified.read_csv(record.errors),
+            np.loadtxt(record.confusion_matrix, delimiter=",", dtype=int),
             read_json(record.classification_report, RECORD_REMEDY), class_names,
             config.analyse.top_errors, error_run)
-        worst = [error["index"] for error in errors["top_errors"]]
+        worst = [error.index for error in errors.top_errors]
         plots.error_grid(data.x_test[worst], [
-            f"({chr(97 + n)}) predicted {e['predicted']} ({e['probability_predicted']:.2f})\n"
-            f"actual {e['actual']} ({e['probability_actual']:.1e})"
-            for n, e in enumerate(errors["top_errors"])],
+            f"({chr(97 + n)}) predicted {e.predicted} ({e.probability_predicted:.2f})\n"
+            f"actual {e.actual} ({e.probability_actual:.1e})"
+            for n, e in enumerate(errors.top_errors)],
             tmp / "top_errors.png", f"Highest cross-entropy errors: {error_run}")
-        summary["error_analysis"] = errors
         # Feature maps (Figs. 5-7), drawn by evaluate for the first seed: paths from reports/
-        summary["feature_maps"] = {
+        feature_maps = {
             variant: {class_name: feature_map_figure(variant, first_seed, class_name, report_file.parent)
                       for class_name in config.analyse.feature_map_classes}
-            for variant in summary["variants"]}
-        write_json(tmp / "analysis.json", summary)
+            for variant in summary.variants}
+        summary = replace(summary, curve_figures=tuple(curve_figures), error_analysis=errors,
+                          feature_maps=feature_maps)
+        summary.write(tmp / Analysis.FILE)
     architectures = {variant: paths.run_record(variant, first_seed).architecture.read_text()
                      for variant in config.variants}
     claims = analysis.check_claims(summary)
     write_text(report_file, report.markdown(config, summary, claims, runs, architectures))
     metrics = analysis.compact(summary)
-    write_json(summary_file, metrics)
+    metrics.write(summary_file)
     # Its own experiment: the summary numbers would otherwise fill the model runs' chart view
     # with one-bar charts and join every legend; there, each run is one pipeline execution.
     experiment_id = tracking.connect(tracking.analysis_experiment(config.tracking.experiment))

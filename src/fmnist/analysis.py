@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,27 @@ from scipy import stats
 
 from fmnist import paper, paths
 from fmnist.config import Config
-from fmnist.records import RunInfo
+from fmnist.records import (
+    Analysis,
+    BaselineMetrics,
+    BaselineSummary,
+    Comparison,
+    ComparisonSummary,
+    ConfusedPair,
+    Contrast,
+    Convergence,
+    DataFacts,
+    DataInfo,
+    ErrorAnalysis,
+    Misclassified,
+    PaperCheck,
+    RunInfo,
+    RunMetrics,
+    Spread,
+    Summary,
+    VariantResult,
+    VariantSummary,
+)
 
 
 @dataclass(frozen=True)
@@ -24,7 +44,7 @@ class TrainedRun:
     variant: str
     seed: int
     history: list[dict[str, float]]
-    metrics: dict[str, Any]
+    metrics: RunMetrics
     run_info: RunInfo
 
     @property
@@ -32,8 +52,8 @@ class TrainedRun:
         return paths.run_name(self.variant, self.seed)
 
 
-def confused_pairs(confusion: np.ndarray, class_names: Sequence[str], n: int = 6) -> list[dict]:
-    """The n largest off-diagonal cells: (actual, predicted, count), largest first."""
+def confused_pairs(confusion: np.ndarray, class_names: Sequence[str], n: int = 6) -> list[ConfusedPair]:
+    """The n largest off-diagonal cells (rows actual, columns predicted), largest first."""
     off = confusion.copy()
     np.fill_diagonal(off, 0)
     flat = np.argsort(-off, axis=None, kind="stable")[:n]
@@ -41,8 +61,8 @@ def confused_pairs(confusion: np.ndarray, class_names: Sequence[str], n: int = 6
     for index in flat:
         actual, predicted = np.unravel_index(index, off.shape)
         if off[actual, predicted] > 0:
-            pairs.append({"actual": class_names[actual], "predicted": class_names[predicted],
-                          "count": int(off[actual, predicted])})
+            pairs.append(ConfusedPair(actual=class_names[actual], predicted=class_names[predicted],
+                                      count=int(off[actual, predicted])))
     return pairs
 
 
@@ -54,61 +74,45 @@ def first_epoch_at_or_below(losses: Sequence[float], level: float) -> int | None
     return None
 
 
-@dataclass(frozen=True)
-class Spread:
+def spread(values: Sequence[float]) -> Spread:
     """A metric over seeds: mean, sample standard deviation and a 95% t-interval."""
-
-    values: tuple[float, ...]
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.values))
-
-    @property
-    def std(self) -> float | None:
-        return float(np.std(self.values, ddof=1)) if self.n > 1 else None
-
-    @property
-    def ci95(self) -> tuple[float, float] | None:
-        if self.n < 2:
-            return None
-        half = stats.t.ppf(0.975, self.n - 1) * self.std / math.sqrt(self.n)
-        return (self.mean - half, self.mean + half)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"n": self.n, "mean": self.mean, "std": self.std,
-                "ci95": list(self.ci95) if self.ci95 else None, "values": list(self.values)}
+    values = tuple(values)
+    n, mean = len(values), float(np.mean(values))
+    if n < 2:
+        return Spread(n=n, mean=mean, std=None, ci95=None, values=values)
+    std = float(np.std(values, ddof=1))
+    half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
+    return Spread(n=n, mean=mean, std=std, ci95=(mean - half, mean + half), values=values)
 
 
-def contrast(terms: Sequence[tuple[float, Spread]]) -> dict[str, Any]:
+WELCH = "Welch t-test (two-sided)"
+
+
+def contrast(terms: Sequence[tuple[float, Spread]]) -> Contrast:
     """sum(weight * mean) over independent sets of seeds, with a two-sided t-test and its 95%
     interval, Welch-Satterthwaite degrees of freedom (None with fewer than 2 seeds in a set)."""
-    result: dict[str, Any] = {"difference": sum(w * s.mean for w, s in terms),
-                              "test": "Welch t-test (two-sided)", "p_value": None, "ci95": None}
+    difference = sum(w * s.mean for w, s in terms)
+    untested = Contrast(difference=difference, test=WELCH, p_value=None, ci95=None)
     if any(s.n < 2 for _, s in terms):
-        return result
+        return untested
     variances = [(w**2 * s.std**2 / s.n, s.n) for w, s in terms]
     total = sum(v for v, _ in variances)
     if total == 0:
-        return result
+        return untested
     se = math.sqrt(total)
     dof = total**2 / sum(v**2 / (n - 1) for v, n in variances)
     half = stats.t.ppf(0.975, dof) * se
-    result["p_value"] = float(2 * stats.t.sf(abs(result["difference"]) / se, dof))
-    result["ci95"] = [result["difference"] - half, result["difference"] + half]
-    return result
+    return Contrast(difference=difference, test=WELCH,
+                    p_value=float(2 * stats.t.sf(abs(difference) / se, dof)),
+                    ci95=(difference - half, difference + half))
 
 
-def compare(a: Spread, b: Spread) -> dict[str, Any]:
+def compare(a: Spread, b: Spread) -> Contrast:
     """b - a, with Welch's t-test and its 95% interval (None with fewer than 2 seeds each)."""
     return contrast([(-1.0, a), (1.0, b)])
 
 
-def averaged_effect(pairs: Sequence[tuple[str, str]], spreads: dict[str, Spread]) -> dict[str, Any]:
+def averaged_effect(pairs: Sequence[tuple[str, str]], spreads: dict[str, Spread]) -> Contrast:
     """The mean of b - a over an ablation factor's pairs (a factor's main effect in a 2 x 2
     design: its change averaged over the other factor's levels), as one contrast."""
     weights: dict[str, float] = {}
@@ -118,12 +122,12 @@ def averaged_effect(pairs: Sequence[tuple[str, str]], spreads: dict[str, Spread]
     return contrast([(w, spreads[v]) for v, w in weights.items() if w])
 
 
-def verdict_word(comparison: dict[str, Any]) -> str:
+def verdict_word(contrast: Contrast | Comparison) -> str:
     """supported (the 95% interval of b - a is above 0), contradicted (below), not supported
     (it holds 0), or cannot tell (fewer than two seeds)."""
-    if comparison["ci95"] is None:
+    if contrast.ci95 is None:
         return "cannot tell"
-    low, high = comparison["ci95"]
+    low, high = contrast.ci95
     return "supported" if low > 0 else "contradicted" if high < 0 else "not supported"
 
 
@@ -136,7 +140,7 @@ def mean_curve(histories: Sequence[Sequence[dict[str, float]]], key: str
 
 
 def convergence(histories: dict[str, list[list[dict[str, float]]]], reference_variant: str,
-                levels: Sequence[float]) -> dict[str, Any]:
+                levels: Sequence[float]) -> Convergence:
     """How fast each variant's training loss falls; ``histories`` lists each variant's runs
     in the same seed order.
 
@@ -147,80 +151,79 @@ def convergence(histories: dict[str, list[list[dict[str, float]]]], reference_va
     run against seed k's run of every variant), so its spread shows the seed noise.
     """
     curves = {name: mean_curve(runs, "loss")[1] for name, runs in histories.items()}
-    result: dict[str, Any] = {
-        "levels": {name: {str(level): first_epoch_at_or_below(curve, level) for level in levels}
-                   for name, curve in curves.items()}}
-    reference_epoch = paper.CONVERGENCE["reference_epoch"]
+    first_at_level = {name: {str(level): first_epoch_at_or_below(curve, level) for level in levels}
+                      for name, curve in curves.items()}
+    reference_epoch = paper.CONVERGENCE_REFERENCE_EPOCH
     reference = curves.get(reference_variant)
-    if reference is not None and len(reference) >= reference_epoch:
-        target = float(reference[reference_epoch - 1])
-        per_seed = {name: [] for name in histories}
-        for k, reference_run in enumerate(histories[reference_variant]):
-            seed_target = reference_run[reference_epoch - 1]["loss"]
-            for name, runs in histories.items():
-                if k < len(runs):
-                    per_seed[name].append(first_epoch_at_or_below(
-                        [record["loss"] for record in runs[k]], seed_target))
-        result["paper_check"] = {
-            "reference_variant": reference_variant, "reference_epoch": reference_epoch,
-            "loss": target,
-            "first_epoch": {name: first_epoch_at_or_below(curve, target)
-                            for name, curve in curves.items()},
-            "per_seed": per_seed}
-    return result
+    if reference is None or len(reference) < reference_epoch:
+        return Convergence(levels=first_at_level)
+    target = float(reference[reference_epoch - 1])
+    per_seed: dict[str, list[int | None]] = {name: [] for name in histories}
+    for k, reference_run in enumerate(histories[reference_variant]):
+        seed_target = reference_run[reference_epoch - 1]["loss"]
+        for name, runs in histories.items():
+            if k < len(runs):
+                per_seed[name].append(first_epoch_at_or_below(
+                    [record["loss"] for record in runs[k]], seed_target))
+    return Convergence(levels=first_at_level, paper_check=PaperCheck(
+        reference_variant=reference_variant, reference_epoch=reference_epoch, loss=target,
+        first_epoch={name: first_epoch_at_or_below(curve, target) for name, curve in curves.items()},
+        per_seed={name: tuple(epochs) for name, epochs in per_seed.items()}))
 
 
-def summarise(config: Config, runs: list[TrainedRun], baseline: dict[str, Any],
-              data_info: dict[str, Any]) -> dict[str, Any]:
-    """The analysis (reports/analysis/analysis.json; the analyse stage adds the error analysis
-    and figures): per-variant spread over seeds, comparisons, convergence, the paper's numbers.
-    Variants in the order of every table: the paper's rows (analyse.paper_models), then the
-    others in params order."""
+def table_order(config: Config) -> list[str]:
+    """The variants in the order of every table: the paper's rows (analyse.paper_models),
+    then the others in params order."""
     paper_rows = config.analyse.paper_models
-    order = [*paper_rows, *(v for v in config.variants if v not in paper_rows)]
-    by_variant = {v: [r for r in runs if r.variant == v] for v in order}
+    return [*paper_rows, *(v for v in config.variants if v not in paper_rows)]
+
+
+def summarise(config: Config, runs: list[TrainedRun], baseline: BaselineMetrics,
+              data_info: DataInfo) -> Analysis:
+    """The analysis (the analyse stage adds the error analysis and figures): per-variant spread
+    over seeds, comparisons, convergence, the paper's numbers; variants in table_order."""
+    by_variant = {v: [r for r in runs if r.variant == v] for v in table_order(config)}
     variants = {}
     spreads = {}
     for variant, variant_runs in by_variant.items():
-        spreads[variant] = Spread(tuple(r.metrics["test_accuracy"] for r in variant_runs))
-        entry = {"test_accuracy": spreads[variant].as_json()}
-        for key in ("test_macro_f1", "test_loss", "best_epoch_test_accuracy_selected_on_test"):
-            if all(key in r.metrics for r in variant_runs):
-                entry[key] = Spread(tuple(r.metrics[key] for r in variant_runs)).as_json()
-        entry["parameters"] = variant_runs[0].run_info.parameters
-        entry["batch_norm"] = config.variants[variant].batch_norm
-        entry["train_seconds_mean"] = float(np.mean([r.run_info.train_seconds for r in variant_runs]))
+        spreads[variant] = spread([r.metrics.test_accuracy for r in variant_runs])
+        selected = [r.metrics.best_epoch_test_accuracy_selected_on_test for r in variant_runs]
         paper_model = config.analyse.paper_models.get(variant)
-        if paper_model:
-            entry["paper_model"] = paper_model
-            entry["paper_test_accuracy"] = round(paper.MODELS[paper_model] / 100, 4)
-        variants[variant] = entry
+        variants[variant] = VariantResult(
+            test_accuracy=spreads[variant],
+            test_macro_f1=spread([r.metrics.test_macro_f1 for r in variant_runs]),
+            test_loss=spread([r.metrics.test_loss for r in variant_runs]),
+            best_epoch_test_accuracy_selected_on_test=None if None in selected else spread(selected),
+            parameters=variant_runs[0].run_info.parameters,
+            batch_norm=config.variants[variant].batch_norm,
+            train_seconds_mean=float(np.mean([r.run_info.train_seconds for r in variant_runs])),
+            paper_model=paper_model,
+            paper_test_accuracy=round(paper.MODELS[paper_model] / 100, 4) if paper_model else None)
     # the paper's CNN2 (the first variant that reproduces it) is what batch norm is set against
     reference = next((v for v, model in config.analyse.paper_models.items() if model == "CNN2"),
                      next(iter(config.variants)))
     # the claims of analyse.comparisons, not every pair: a variant a user adds is compared only
     # when they list it there
-    comparisons = {f"{c.b} - {c.a}": {"claim": c.claim, "a": c.a, "b": c.b, "paper": c.paper,
-                                      "group": c.group, **compare(spreads[c.a], spreads[c.b])}
+    comparisons = {f"{c.b} - {c.a}": Comparison(claim=c.claim, a=c.a, b=c.b, paper=c.paper, group=c.group,
+                                                **asdict(compare(spreads[c.a], spreads[c.b])))
                    for c in config.analyse.comparisons}
     # each ablation factor (the comparisons of one group) averaged over its levels
     pairs: dict[str, list[tuple[str, str]]] = {}
     for c in config.analyse.comparisons:
         if c.group:
             pairs.setdefault(c.group, []).append((c.a, c.b))
-    factors = {group: averaged_effect(group_pairs, spreads) for group, group_pairs in pairs.items()}
     histories = {v: [r.history for r in rs] for v, rs in by_variant.items()}
-    return {
-        "data": {"source": data_info["source"], "canonical_split": data_info["canonical_split"],
-                 "note": data_info["note"]},
-        "seeds": list(config.train.seeds),
-        "epochs": config.train.epochs,
-        "variants": variants,
-        "baseline": baseline,
-        "comparisons": comparisons,
-        "factors": factors,
-        "convergence": convergence(histories, reference, config.analyse.loss_levels),
-    }
+    return Analysis(
+        data=DataFacts(source=data_info.source, canonical_split=data_info.canonical_split,
+                       note=data_info.note),
+        seeds=tuple(config.train.seeds),
+        epochs=config.train.epochs,
+        variants=variants,
+        baseline=baseline,
+        comparisons=comparisons,
+        factors={group: averaged_effect(group_pairs, spreads) for group, group_pairs in pairs.items()},
+        convergence=convergence(histories, reference, config.analyse.loss_levels),
+    )
 
 
 PAPER_MODEL_TAG = "paper_model"
@@ -234,37 +237,80 @@ def paper_model_tag(config: Config, variant: str) -> str:
     return "none: ours, beyond the paper" if variant in config.analyse.beyond_paper else "none: ours"
 
 
-def error_analysis(errors: list[dict[str, Any]], confusion: np.ndarray, report: dict[str, Any],
-                   class_names: tuple[str, ...], k: int, run: str) -> dict[str, Any]:
+def error_analysis(errors: list[Misclassified], confusion: np.ndarray, report: dict[str, Any],
+                   class_names: tuple[str, ...], k: int, run: str) -> ErrorAnalysis:
     """One run's k highest cross-entropy errors (``errors``: its misclassified images,
-    highest first), most confused pairs and per-class scores (Fig. 8, Tables III and IV)."""
-    return {"run": run, "top_errors": errors[:k],
-            "confused_pairs": confused_pairs(confusion, class_names),
-            "per_class": {name: report[name] for name in class_names}}
+    highest first), most confused pairs and per-class scores (Fig. 8, Tables III and IV;
+    ``report``: scikit-learn's classification report)."""
+    return ErrorAnalysis(run=run, top_errors=tuple(errors[:k]),
+                         confused_pairs=tuple(confused_pairs(confusion, class_names)),
+                         per_class={name: report[name] for name in class_names})
 
 
-def convergence_claim(summary: dict[str, Any]) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class Judged:
+    """A comparison or an ablation factor (``name``), with its verdict_word; a factor also with
+    the verdicts of its comparisons, one per level of the other factor."""
+
+    name: str
+    contrast: Contrast | Comparison
+    verdict: str
+    levels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VariantSpeed:
+    """The first epoch a variant reaches the reference's loss (mean curves; each seed's)."""
+
+    variant: str
+    epoch: int | None
+    per_seed: tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class ConvergenceClaim:
+    """The paper's "batch norm converges ~4x faster" against our runs; ``factors``: the
+    slowest and fastest speed-up of the paper's batch-norm rows (None when none is there)."""
+
+    verdict: str
+    factors: tuple[float, float] | None
+    variants: list[VariantSpeed]
+    check: PaperCheck
+
+
+@dataclass(frozen=True)
+class Claims:
+    """Every claim's verdict (check_claims); ``carried``: the factors whose averaged effect is
+    supported and reversed at no level."""
+
+    comparisons: list[Judged]
+    factors: dict[str, Judged]
+    carried: list[str]
+    convergence: ConvergenceClaim | None
+
+
+def convergence_claim(summary: Analysis) -> ConvergenceClaim | None:
     """The paper's "batch norm converges ~4x faster" against our runs (None with fewer epochs
     than the check needs): the variants of the paper's claims, each one's first epoch
     at the reference's loss, and how many times faster the batch-norm ones among the paper's
     rows (analyse.paper_models) are (mean curves and every seed); ``verdict``: supported (3x
     or more), partly (faster), not supported, or cannot tell (no batch-norm paper row)."""
-    check = summary["convergence"].get("paper_check")
+    check = summary.convergence.paper_check
     if not check:
         return None
-    reference = check["reference_epoch"]
+    reference = check.reference_epoch
     # the variants params.yaml sets beside the paper (analyse.paper_models, analyse.comparisons);
     # a variant a user adds to `variants` alone is not part of the paper's claims
-    claimed = ({v for v, entry in summary["variants"].items() if "paper_model" in entry}
-               | {c[side] for c in summary["comparisons"].values() for side in ("a", "b")})
+    claimed = ({v for v, entry in summary.variants.items() if entry.paper_model}
+               | {side for c in summary.comparisons.values() for side in (c.a, c.b)})
     variants, factors = [], []
-    for variant, epoch in check["first_epoch"].items():
-        if variant == check["reference_variant"] or variant not in claimed:
+    for variant, epoch in check.first_epoch.items():
+        if variant == check.reference_variant or variant not in claimed:
             continue
-        seeds = check.get("per_seed", {}).get(variant, [])
-        variants.append({"variant": variant, "epoch": epoch, "per_seed": seeds})
-        entry = summary["variants"][variant]
-        if entry["batch_norm"] and "paper_model" in entry:
+        seeds = check.per_seed.get(variant, ())
+        variants.append(VariantSpeed(variant, epoch, seeds))
+        entry = summary.variants[variant]
+        if entry.batch_norm and entry.paper_model:
             factors.append(reference / epoch if epoch else 0.0)
             factors += [reference / e if e else 0.0 for e in seeds]
     if not factors:
@@ -275,69 +321,59 @@ def convergence_claim(summary: dict[str, Any]) -> dict[str, Any] | None:
         verdict = "partly"
     else:
         verdict = "not supported"
-    return {"verdict": verdict, "factors": (min(factors), max(factors)) if factors else None,
-            "variants": variants, "reference_variant": check["reference_variant"],
-            "reference_epoch": reference, "loss": check["loss"]}
+    return ConvergenceClaim(verdict=verdict, factors=(min(factors), max(factors)) if factors else None,
+                            variants=variants, check=check)
 
 
-def check_claims(summary: dict[str, Any]) -> dict[str, Any]:
-    """Each claim's verdict: the comparisons of analyse.comparisons (``verdict``: see
-    verdict_word); per ablation factor (a comparisons ``group``), its verdict at each level of
-    the other factor and its averaged effect's (``factors``); ``carried``: the factors whose
-    averaged effect is supported and reversed at no level; the convergence claim (None when
-    the runs are too short)."""
-    comparisons = [{"key": key, **comparison, "verdict": verdict_word(comparison)}
-                   for key, comparison in summary["comparisons"].items()]
-    factors: dict[str, dict[str, Any]] = {
-        group: {**effect, "verdict": verdict_word(effect), "levels": []}
-        for group, effect in summary.get("factors", {}).items()}
-    for comparison in comparisons:
-        if comparison["group"]:
-            factors[comparison["group"]]["levels"].append(comparison["verdict"])
+def check_claims(summary: Analysis) -> Claims:
+    """Each claim's verdict: the comparisons of analyse.comparisons (see verdict_word); per
+    ablation factor (a comparisons ``group``), its verdict at each level of the other factor
+    and its averaged effect's; the convergence claim (None when the runs are too short)."""
+    comparisons = [Judged(name, comparison, verdict_word(comparison))
+                   for name, comparison in summary.comparisons.items()]
+    factors = {group: Judged(group, effect, verdict_word(effect),
+                             tuple(c.verdict for c in comparisons if c.contrast.group == group))
+               for group, effect in summary.factors.items()}
     carried = [group for group, factor in factors.items()
-               if factor["verdict"] == "supported" and "contradicted" not in factor["levels"]]
-    return {"comparisons": comparisons, "factors": factors, "carried": carried,
-            "convergence": convergence_claim(summary)}
+               if factor.verdict == "supported" and "contradicted" not in factor.levels]
+    return Claims(comparisons=comparisons, factors=factors, carried=carried,
+                  convergence=convergence_claim(summary))
 
 
-def compact(summary: dict[str, Any]) -> dict[str, Any]:
+def compact(summary: Analysis) -> Summary:
     """metrics/summary.json: the numbers `dvc metrics show` and `dvc exp show` compare
     (the full analysis is reports/analysis/analysis.json)."""
     def r(value: float | None) -> float | None:  # 6 decimals: 0.0001 % of accuracy
         return None if value is None else round(float(value), 6)
 
     variants = {}
-    for variant, entry in summary["variants"].items():
-        accuracy = entry["test_accuracy"]
-        variants[variant] = {
-            "seeds": accuracy["n"], "test_accuracy_mean": r(accuracy["mean"]),
-            "test_accuracy_std": r(accuracy["std"]),
-            "test_accuracy_ci95_low": r(accuracy["ci95"][0]) if accuracy["ci95"] else None,
-            "test_accuracy_ci95_high": r(accuracy["ci95"][1]) if accuracy["ci95"] else None,
-            "test_macro_f1_mean": r(entry["test_macro_f1"]["mean"]),
-            "paper_test_accuracy": entry.get("paper_test_accuracy"),
-        }
-    return {
-        "canonical_split": summary["data"]["canonical_split"],
-        "variants": variants,
-        "baseline": {**{k: summary["baseline"][k] for k in ("test_accuracy", "test_macro_f1", "train_size")
-                        if k in summary["baseline"]},
-                     "paper_test_accuracy": round(next(
-                         v for k, v in paper.BASELINES.items() if k.startswith("SVC")) / 100, 4)},
-        "comparisons": {name: {"difference": r(c["difference"]),
-                               "ci95_low": r(c["ci95"][0]) if c["ci95"] else None,
-                               "ci95_high": r(c["ci95"][1]) if c["ci95"] else None,
-                               "p_value": r(c["p_value"]), "test": c["test"], "claim": c["claim"]}
-                        for name, c in summary["comparisons"].items()},
-    }
+    for variant, entry in summary.variants.items():
+        accuracy = entry.test_accuracy
+        low, high = accuracy.ci95 or (None, None)
+        variants[variant] = VariantSummary(
+            seeds=accuracy.n, test_accuracy_mean=r(accuracy.mean), test_accuracy_std=r(accuracy.std),
+            test_accuracy_ci95_low=r(low), test_accuracy_ci95_high=r(high),
+            test_macro_f1_mean=r(entry.test_macro_f1.mean), paper_test_accuracy=entry.paper_test_accuracy)
+    svc = next(v for k, v in paper.BASELINES.items() if k.startswith("SVC"))
+    comparisons = {}
+    for name, c in summary.comparisons.items():
+        low, high = c.ci95 or (None, None)
+        comparisons[name] = ComparisonSummary(difference=r(c.difference), ci95_low=r(low), ci95_high=r(high),
+                                              p_value=r(c.p_value), test=c.test, claim=c.claim)
+    return Summary(
+        canonical_split=summary.data.canonical_split,
+        variants=variants,
+        baseline=BaselineSummary(test_accuracy=summary.baseline.test_accuracy,
+                                 test_macro_f1=summary.baseline.test_macro_f1,
+                                 train_size=summary.baseline.train_size,
+                                 paper_test_accuracy=round(svc / 100, 4)),
+        comparisons=comparisons,
+    )
 
 
-def numeric_summary(metrics: dict[str, Any]) -> dict[str, float]:
-    """The compact summary's numbers, flattened for MLflow."""
-    flat = {}
-    for variant, entry in metrics["variants"].items():
-        flat.update({f"{variant}.{key}": value for key, value in entry.items()
-                     if isinstance(value, float) and key != "seeds"})  # a count is no metric
-    if "test_accuracy" in metrics["baseline"]:
-        flat["baseline.test_accuracy"] = metrics["baseline"]["test_accuracy"]
+def numeric_summary(summary: Summary) -> dict[str, float]:
+    """The summary's numbers, flattened for MLflow (a count, like seeds, is no metric)."""
+    flat = {f"{variant}.{key}": value for variant, entry in summary.variants.items()
+            for key, value in asdict(entry).items() if isinstance(value, float)}
+    flat["baseline.test_accuracy"] = summary.baseline.test_accuracy
     return flat

@@ -11,11 +11,8 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-
-from fmnist.files import read_json
 
 # --- the data set's facts -----------------------------------------------------------------
 
@@ -81,11 +78,6 @@ def load_prepared(path: Path) -> Dataset:
                             f"{labels.shape} are not 28x28 uint8 images with one label each: "
                             + remedy)
     return data
-
-
-def data_info(info_file: Path) -> dict[str, Any]:
-    """What the prepare stage recorded: source, canonical split or not, sizes."""
-    return read_json(info_file, "written by the prepare stage")
 
 
 # --- splits -------------------------------------------------------------------------------

@@ -18,9 +18,8 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -37,8 +36,9 @@ from fmnist.data import (
     TRAIN_LABELS,
     split_stratified,
 )
-from fmnist.files import atomic_path, file_digest, write_json
+from fmnist.files import atomic_path, file_digest
 from fmnist.idx import IdxError, read_idx, write_idx
+from fmnist.records import SourceInfo
 
 NPM_TEST_FRACTION = 1 / 7  # 10,000 of 70,000, as in the canonical split
 
@@ -56,30 +56,8 @@ class DownloadError(RuntimeError):
     """No source gave verified Fashion-MNIST files."""
 
 
-@dataclass(frozen=True)
-class SourceInfo:
-    """What data/raw/source.json records."""
-
-    source: str
-    origin: str
-    canonical_split: bool
-    split_seed: int | None
-    note: str
-
-    def as_json(self, files: dict[str, str]) -> dict[str, Any]:
-        return {
-            "dataset": "fashion-mnist",
-            "source": self.source,
-            "origin": self.origin,
-            "canonical_split": self.canonical_split,
-            "split_seed": self.split_seed,
-            "note": self.note,
-            "md5": files,
-        }
-
-
-def download(config: DataConfig, dest: Path, local_dir: Path = paths.DATA_LOCAL) -> dict[str, Any]:
-    """Fill ``dest`` (data/raw) from ``config.source``; return what source.json says.
+def download(config: DataConfig, dest: Path, local_dir: Path = paths.DATA_LOCAL) -> SourceInfo:
+    """Fill ``dest`` (data/raw) from ``config.source``; return what its source.json says.
     ``local_dir`` is where ``data.source: local`` reads (data/local/, a DVC dependency).
 
     With ``local`` and none of the four files left in ``local_dir``, a ``dest`` copied from
@@ -101,28 +79,27 @@ def download(config: DataConfig, dest: Path, local_dir: Path = paths.DATA_LOCAL)
             info = _fetch_auto(config, tmp)
         else:
             info = copy_local(Path(local_dir), tmp)
-        files = {name: file_digest(tmp / name) for name in CANONICAL_MD5}
-        payload = info.as_json(files)
-        write_json(tmp / "source.json", payload)
+        info = replace(info, md5={name: file_digest(tmp / name) for name in CANONICAL_MD5})
+        info.write(tmp / SourceInfo.FILE)
     if not info.canonical_split:
         print(f"NOTE: {info.note}")
-    return payload
+    return info
 
 
-def _kept_local_copy(folder: Path, dest: Path) -> dict[str, Any] | None:
-    """What ``dest``/source.json says, when ``folder`` holds none of the four files and
+def _kept_local_copy(folder: Path, dest: Path) -> SourceInfo | None:
+    """What ``dest``'s source.json says, when ``folder`` holds none of the four files and
     ``dest`` is an intact copy made from it; else None (copy_local then says what lacks)."""
-    record = dest / "source.json"
+    record = dest / SourceInfo.FILE
     if any((folder / name).exists() for name in CANONICAL_MD5) or not record.is_file():
         return None
     try:
-        info = json.loads(record.read_text())
-        if info["source"] != "local" or Path(info["origin"]) != folder:
+        info = SourceInfo.read(record)
+        if info.source != "local" or Path(info.origin) != folder:
             return None
-        if any(not (dest / name).is_file() or file_digest(dest / name) != info["md5"][name]
+        if any(not (dest / name).is_file() or file_digest(dest / name) != info.md5.get(name)
                for name in CANONICAL_MD5):
             return None
-    except (ValueError, KeyError, TypeError):  # a damaged source.json: no copy to trust
+    except (ValueError, TypeError):  # a damaged source.json (CorruptFileError): no copy to trust
         return None
     print(f"NOTE: {folder}/ no longer holds the four files: {dest}/ keeps the copy made from "
           f"them (each file as its MD5 in {record} says). Put them back to copy them again.")

@@ -14,7 +14,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +24,21 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 from fmnist import paths, plots, progress, tracking
 from fmnist.config import Config
-from fmnist.files import atomic_path, read_json, remove, write_json
+from fmnist.files import atomic_path, read_json, remove
 from fmnist.models import feature_layer_names, load_model_file
 from fmnist.paths import RunRecord
-from fmnist.records import RunInfo
+from fmnist.records import (
+    MONITORED_TEST_ACCURACY,
+    BaselineMetrics,
+    Misclassified,
+    RunInfo,
+    RunMetrics,
+    Scores,
+)
 
 # models/ is a cached DVC output: DVC puts back what the train stage wrote, or trains again.
 MODEL_REMEDY = "run `dvc repro` (DVC restores it from its cache or re-runs the train stage)"
 
-SELECTED_ON_TEST = "best_epoch_test_accuracy_selected_on_test"
 _EPSILON = 1e-7  # Keras clips probabilities the same way in categorical cross-entropy
 
 
@@ -48,6 +54,19 @@ class Evaluation:
     @property
     def predictions(self) -> np.ndarray:
         return self.probabilities.argmax(axis=1)
+
+    @property
+    def scores(self) -> Scores:
+        """The scores every kind of model has, to 6 decimals (the SVC has no probabilities, so no loss)."""
+        macro, weighted = self.report["macro avg"], self.report["weighted avg"]
+        return Scores(test_accuracy=_rounded(self.accuracy), test_macro_f1=_rounded(macro["f1-score"]),
+                      test_weighted_f1=_rounded(weighted["f1-score"]),
+                      test_macro_precision=_rounded(macro["precision"]),
+                      test_macro_recall=_rounded(macro["recall"]))
+
+
+def _rounded(value: float) -> float:
+    return round(float(value), 6)
 
 
 def cross_entropy(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -100,29 +119,18 @@ def score(probabilities: np.ndarray, labels: np.ndarray, class_names: tuple[str,
         report=report, confusion=confusion_matrix(labels, predictions, labels=classes))
 
 
-def run_metrics(evaluation: Evaluation, history: list[dict[str, float]]) -> dict[str, Any]:
+def run_metrics(evaluation: Evaluation, history: list[dict[str, float]]) -> RunMetrics:
     """The DVC metrics file of one trained model."""
-    metrics = {
-        **tracked_results(evaluation),  # the names MLflow's runs table shows for the same numbers
-        "epochs": len(history),
-        "final_train_loss": round(history[-1]["loss"], 6),
-    }
-    monitored = [record["test_accuracy"] for record in history if "test_accuracy" in record]
-    if monitored:
-        # The paper's kind of number: the best epoch chosen by looking at the test set. Shown
-        # for comparison only; it flatters, and nothing in the pipeline selects on it.
-        metrics[SELECTED_ON_TEST] = round(max(monitored), 6)
-    return metrics
+    monitored = [record[MONITORED_TEST_ACCURACY] for record in history if MONITORED_TEST_ACCURACY in record]
+    best = _rounded(max(monitored)) if monitored else None
+    return RunMetrics(**asdict(evaluation.scores), test_loss=_rounded(evaluation.loss),
+                      epochs=len(history), final_train_loss=_rounded(history[-1]["loss"]),
+                      best_epoch_test_accuracy_selected_on_test=best)
 
 
-def tracked_results(evaluation: Evaluation) -> dict[str, float]:
-    """The test-set results in MLflow's vocabulary (tracking.RESULT_METRICS), shared by every
-    kind of model; a model without probabilities (the SVC) has no test loss."""
-    macro, weighted = evaluation.report["macro avg"], evaluation.report["weighted avg"]
-    results = {"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss,
-               "test_macro_f1": macro["f1-score"], "test_weighted_f1": weighted["f1-score"],
-               "test_macro_precision": macro["precision"], "test_macro_recall": macro["recall"]}
-    return {key: round(float(value), 6) for key, value in results.items()}
+def tracked_results(metrics: RunMetrics | BaselineMetrics) -> dict[str, float]:
+    """A metrics file's results, under the same names in MLflow (tracking.RESULT_METRICS)."""
+    return {key: value for key, value in metrics.as_json().items() if key in tracking.RESULT_METRICS}
 
 
 def report_table(evaluation: Evaluation, class_names: tuple[str, ...]) -> str:
@@ -147,22 +155,16 @@ def write_confusion_csv(evaluation: Evaluation, class_names: tuple[str, ...], pa
             writer.writerow([class_names[actual], class_names[predicted]])
 
 
-ERROR_COLUMNS = ("index", "actual", "predicted", "probability_predicted", "probability_actual",
-                 "cross_entropy")
-
-
 def write_errors_csv(evaluation: Evaluation, class_names: tuple[str, ...], path: Path) -> None:
-    """Every misclassified test image, highest cross-entropy first (ERROR_COLUMNS)."""
+    """Every misclassified test image, highest cross-entropy first."""
     losses = cross_entropy(evaluation.probabilities, evaluation.labels)
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(ERROR_COLUMNS)
-        for i in top_errors(evaluation.probabilities, evaluation.labels):
-            writer.writerow([int(i), class_names[evaluation.labels[i]],
-                             class_names[evaluation.predictions[i]],
-                             f"{evaluation.probabilities[i].max():.6g}",
-                             f"{evaluation.probabilities[i, evaluation.labels[i]]:.6g}",
-                             f"{losses[i]:.6g}"])
+    Misclassified.write_csv(path, [
+        Misclassified(index=int(i), actual=class_names[evaluation.labels[i]],
+                      predicted=class_names[evaluation.predictions[i]],
+                      probability_predicted=float(evaluation.probabilities[i].max()),
+                      probability_actual=float(evaluation.probabilities[i, evaluation.labels[i]]),
+                      cross_entropy=float(losses[i]))
+        for i in top_errors(evaluation.probabilities, evaluation.labels)])
 
 
 def draw_feature_maps(model: keras.Model, x_test: np.ndarray, y_test: np.ndarray,
@@ -180,7 +182,7 @@ def draw_feature_maps(model: keras.Model, x_test: np.ndarray, y_test: np.ndarray
 
 def evaluate_model(variant: str, seed: int, x_test: np.ndarray, y_test: np.ndarray,
                    class_names: tuple[str, ...], feature_map_classes: Sequence[str] = ()
-                   ) -> dict[str, Any]:
+                   ) -> RunMetrics:
     """Evaluate the run's model (paths.model_dir) and write every output where `paths` puts
     it: the metrics file, the run's record (feature maps of ``feature_map_classes``), the
     confusion CSV, the predictions; log them to its MLflow run."""
@@ -212,20 +214,17 @@ def evaluate_model(variant: str, seed: int, x_test: np.ndarray, y_test: np.ndarr
     write_confusion_csv(evaluation, class_names, paths.confusion_csv(variant, seed))
     with atomic_path(paths.predictions_file(variant, seed)) as tmp, tmp.open("wb") as f:
         np.savez_compressed(f, probabilities=probabilities.astype("float32"), labels=y_test)
-    write_json(paths.metrics_file(variant, seed), metrics)
+    metrics.write(paths.metrics_file(variant, seed))
 
     with tracking.resume(run_info.mlflow_run_id) as found:
         if found:
-            results = {**tracked_results(evaluation), "predict_seconds": round(predict_seconds, 2)}
-            if SELECTED_ON_TEST in metrics:
-                results[SELECTED_ON_TEST] = metrics[SELECTED_ON_TEST]
-            tracking.log_results(results)
+            tracking.log_results({**tracked_results(metrics), "predict_seconds": round(predict_seconds, 2)})
             tracking.log_artifacts(record_dir, folder="evaluation")
     return metrics
 
 
 def evaluate_variant(config: Config, variant: str, x_test: np.ndarray, y_test: np.ndarray
-                     ) -> dict[int, dict[str, Any]]:
+                     ) -> dict[int, RunMetrics]:
     """The evaluate stage of one variant: ``evaluate_model`` for every seed of train.seeds in
     this process (the first seed's runs draw the feature maps: the paper shows one model per
     variant); the outputs of seeds no longer listed are removed. Returns each seed's metrics."""

@@ -13,4 +13,5 @@ TOP_ERRORS = [("Ankle boot", "Sneaker"), ("Sandal", "Ankle boot"), ("T-shirt/top
               ("Dress", "Trouser"), ("Shirt", "Coat"), ("Ankle boot", "Sneaker")]
 # "With Batch Normalization we were able to achieve the same loss function value after
 # 10 epochs which was achieved after 40 epochs without" (section III-B).
-CONVERGENCE = {"reference_epoch": 40, "batch_norm_epoch": 10}
+CONVERGENCE_REFERENCE_EPOCH = 40
+CONVERGENCE_BATCH_NORM_EPOCH = 10

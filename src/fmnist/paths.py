@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fmnist import records
+
 PARAMS = Path("params.yaml")
 PIPELINE = Path("dvc.yaml")
 # Written by the check_params stage when params.yaml is valid; every other stage depends on
@@ -20,10 +22,10 @@ PARAMS_CHECKED = Path(".params_checked")
 DATA_LOCAL = Path("data/local")  # data.source: local reads the four IDX files placed here
 
 DATA_RAW = Path("data/raw")
-SOURCE_INFO = DATA_RAW / "source.json"
+SOURCE_INFO = DATA_RAW / records.SourceInfo.FILE
 DATA_PREPARED = Path("data/prepared")
 PREPARED_ARRAYS = DATA_PREPARED / "fashion_mnist.npz"
-PREPARED_INFO = DATA_PREPARED / "info.json"
+PREPARED_INFO = DATA_PREPARED / records.DataInfo.FILE
 
 MODELS = Path("models")
 CHECKPOINTS = Path(".checkpoints")  # resumable training state; not a DVC output (DVC deletes those)
@@ -33,10 +35,11 @@ REPORTS = Path("reports")
 DATASET_FIGURE = REPORTS / "figures" / "dataset.png"
 EVAL_REPORTS = REPORTS / "eval"
 ANALYSIS = REPORTS / "analysis"
+ANALYSIS_FILE = ANALYSIS / records.Analysis.FILE
 REPORT = REPORTS / "report.md"
-SUMMARY = METRICS / "summary.json"
-ACCURACY = METRICS / "accuracy.json"  # mean test accuracy per variant: `dvc exp show`'s columns
-BASELINE_METRICS = METRICS / "baseline.json"
+SUMMARY = METRICS / records.Summary.FILE
+ACCURACY = METRICS / records.Accuracy.FILE  # mean test accuracy per variant: `dvc exp show`'s columns
+BASELINE_METRICS = METRICS / records.BaselineMetrics.FILE
 CURVES = ANALYSIS / "curves.csv"
 
 MLFLOW_DB = "mlflow.db"
@@ -97,7 +100,7 @@ class RunFiles:
     @property
     def run_info(self) -> Path:
         """MLflow run id, backend, precision, device, training time, parameter count."""
-        return self.folder / "run.json"
+        return self.folder / records.RunInfo.FILE
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,7 @@ def checkpoint_dir(variant: str, seed: int) -> Path:
 
 
 def metrics_file(variant: str, seed: int) -> Path:
+    """A trained model's records.RunMetrics."""
     return variant_outputs(variant)["metrics"] / f"{seed_name(seed)}.json"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -20,22 +19,23 @@ from fmnist.data import (
     Dataset,
     hold_out_validation,
 )
-from fmnist.files import atomic_path, file_digest, read_json, write_json
+from fmnist.files import atomic_path, file_digest
 from fmnist.idx import IdxError, read_idx
+from fmnist.records import DataInfo, SourceInfo, SplitSizes
 
 
-def verify_raw(raw_dir: Path) -> dict[str, Any]:
+def verify_raw(raw_dir: Path) -> SourceInfo:
     """Check every raw file against the checksum the download stage recorded."""
-    info = read_json(Path(raw_dir) / "source.json", "written by the download stage")
+    info = SourceInfo.read(Path(raw_dir) / SourceInfo.FILE)
     for name in CANONICAL_MD5:
         path = Path(raw_dir) / name
         if not path.is_file():
             raise DataError(f"{path} is missing; run `dvc repro` (it re-runs download)")
         actual = file_digest(path)
-        if actual != info["md5"][name]:
+        if actual != info.md5.get(name):
             raise DataError(
                 f"{path}: checksum mismatch (md5 {actual}, but download recorded "
-                f"{info['md5'][name]}): the file is corrupt or was changed after download. "
+                f"{info.md5.get(name)}): the file is corrupt or was changed after download. "
                 "Run `dvc repro` to restore it (DVC sees the change and re-runs download).")
     return info
 
@@ -68,10 +68,10 @@ def validate_split(name: str, images: np.ndarray, labels: np.ndarray, full: bool
 
 
 def prepare(raw_dir: Path, out_file: Path, info_file: Path, validation_size: int,
-            validation_seed: int) -> tuple[Dataset, dict[str, Any]]:
+            validation_seed: int) -> tuple[Dataset, DataInfo]:
     """Verify, validate and split data/raw/ into one .npz; returns the data and its info."""
     source = verify_raw(raw_dir)
-    full = source["canonical_split"] or source["source"] == "npm"
+    full = source.canonical_split or source.source == "npm"
     x_train, y_train = _read(raw_dir / TRAIN_IMAGES), _read(raw_dir / TRAIN_LABELS)
     x_test, y_test = _read(raw_dir / TEST_IMAGES), _read(raw_dir / TEST_LABELS)
     validate_split("train", x_train, y_train, full)
@@ -89,14 +89,9 @@ def prepare(raw_dir: Path, out_file: Path, info_file: Path, validation_size: int
     with atomic_path(out_file) as tmp:
         with tmp.open("wb") as f:
             np.savez_compressed(f, **vars(data))
-    info = {
-        "source": source["source"],
-        "origin": source["origin"],
-        "canonical_split": source["canonical_split"],
-        "split_seed": source["split_seed"],
-        "note": source["note"],
-        "sizes": {"train": len(y_train), "validation": len(y_val), "test": len(y_test)},
-        "validation_seed": validation_seed,
-    }
-    write_json(info_file, info)
+    info = DataInfo(source=source.source, origin=source.origin, canonical_split=source.canonical_split,
+                    split_seed=source.split_seed, note=source.note,
+                    sizes=SplitSizes(train=len(y_train), validation=len(y_val), test=len(y_test)),
+                    validation_seed=validation_seed)
+    info.write(info_file)
     return data, info

@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from fmnist import paths
-from fmnist.files import read_json, write_json
+from fmnist.records import Accuracy, BaselineMetrics, Summary
 
 BASELINE = "svc"  # the SVC baseline's row and key
 # The SVC of a fresh clone: its stage is up to date by the committed dvc.lock, so `dvc repro`
@@ -21,36 +20,35 @@ BASELINE = "svc"  # the SVC baseline's row and key
 # The analyse stage logs them to MLflow as a run tagged so; the table marks the row.
 SOURCE_TAG = "source"
 COMMITTED_REFERENCE = "committed reference"
-_SAME_RUN = ("test_accuracy", "train_seconds")  # a fit's accuracy and its time: one fit's
+# a fit's accuracy and its time: one fit's (BaselineMetrics' fields, MLflow's result names)
+_SAME_RUN = ("test_accuracy", "train_seconds")
 
 
-def baseline_runs(experiment: str, baseline: dict[str, Any]) -> dict[str, bool]:
+def baseline_runs(experiment: str, baseline: BaselineMetrics) -> dict[str, bool]:
     """Which runs of the SVC with ``baseline``'s results (metrics/baseline.json) the MLflow
     store holds: {"fitted": one the baseline stage logged, "reference": one logged from the
     committed file}."""
     from fmnist import tracking
 
     same = [run for run in tracking.finished_runs(experiment, {"kind": "baseline"})
-            if all(abs(run["metrics"].get(key, float("nan")) - baseline[key]) < 1e-9
-                   for key in _SAME_RUN if key in baseline)]
+            if all(abs(run["metrics"].get(key, float("nan")) - getattr(baseline, key)) < 1e-9
+                   for key in _SAME_RUN)]
     reference = [run["tags"].get(SOURCE_TAG) == COMMITTED_REFERENCE for run in same]
     return {"fitted": not all(reference), "reference": any(reference)}
 
 
-def accuracy_by_variant(summary: dict[str, Any]) -> dict[str, float]:
+def accuracy_by_variant(summary: Summary) -> Accuracy:
     """metrics/accuracy.json: each variant's mean test accuracy over seeds (%, 2 decimals)
     and the SVC's, keyed by the names the user gave them, so that `dvc exp show` has one
     short column per variant."""
-    accuracy = {variant: round(100 * entry["test_accuracy_mean"], 2)
-                for variant, entry in summary["variants"].items()}
-    if "test_accuracy" in summary["baseline"]:
-        accuracy[BASELINE] = round(100 * summary["baseline"]["test_accuracy"], 2)
-    return accuracy
+    percent = {variant: round(100 * entry.test_accuracy_mean, 2)
+               for variant, entry in summary.variants.items()}
+    return Accuracy({**percent, BASELINE: round(100 * summary.baseline.test_accuracy, 2)})
 
 
-def write_accuracy(summary_file: Path, accuracy_file: Path) -> dict[str, float]:
-    accuracy = accuracy_by_variant(read_json(summary_file, "written by the analyse stage"))
-    write_json(accuracy_file, accuracy)
+def write_accuracy(summary_file: Path, accuracy_file: Path) -> Accuracy:
+    accuracy = accuracy_by_variant(Summary.read(summary_file))
+    accuracy.write(accuracy_file)
     return accuracy
 
 
@@ -59,26 +57,25 @@ def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def table(summary: dict[str, Any], baseline_source: str = "") -> str:
+def table(summary: Summary, baseline_source: str = "") -> str:
     """Variant, seeds, mean ± std test accuracy (%) of the final models, the paper's number;
     ``baseline_source`` (e.g. COMMITTED_REFERENCE) is added to the SVC's row."""
     rows = [("Variant", "Seeds", "Test accuracy (%)", "Paper (%)")]
-    for variant, entry in summary["variants"].items():
-        spread = pct(entry["test_accuracy_mean"])
-        if entry["test_accuracy_std"] is not None:
-            spread += f" ± {100 * entry['test_accuracy_std']:.2f}"
-        rows.append((variant, str(entry["seeds"]), spread, pct(entry.get("paper_test_accuracy"))))
-    baseline = summary["baseline"]
-    if "test_accuracy" in baseline:
-        source = f"; {baseline_source}" if baseline_source else ""
-        rows.append((f"{BASELINE} (baseline, {baseline.get('train_size', '?')} images{source})", "-",
-                     pct(baseline["test_accuracy"]), pct(baseline.get("paper_test_accuracy"))))
+    for variant, entry in summary.variants.items():
+        spread = pct(entry.test_accuracy_mean)
+        if entry.test_accuracy_std is not None:
+            spread += f" ± {100 * entry.test_accuracy_std:.2f}"
+        rows.append((variant, str(entry.seeds), spread, pct(entry.paper_test_accuracy)))
+    baseline = summary.baseline
+    source = f"; {baseline_source}" if baseline_source else ""
+    rows.append((f"{BASELINE} (baseline, {baseline.train_size} images{source})", "-",
+                 pct(baseline.test_accuracy), pct(baseline.paper_test_accuracy)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
                        for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
              for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    if not summary.get("canonical_split", True):
+    if not summary.canonical_split:
         lines.append("NOTE: not the canonical train/test split (see reports/report.md): the paper's "
                      "numbers are not directly comparable.")
     return "\n".join(lines)
@@ -88,8 +85,7 @@ def main() -> None:
     path = paths.SUMMARY
     if not path.is_file():
         sys.exit(f"ERROR: {path} not found; run `dvc repro` (or `make run`) first")
-    summary = read_json(path, "written by the analyse stage")
-    print(table(summary, _baseline_source()))
+    print(table(Summary.read(path), _baseline_source()))
     print(f"Full report: {paths.REPORT}; every run: `make mlflow-ui`")
 
 
@@ -105,7 +101,7 @@ def _baseline_source() -> str:
     try:
         tracking.use_store(create=False)
         runs = baseline_runs(load_params(paths.PARAMS).tracking.experiment,
-                             read_json(paths.BASELINE_METRICS, "written by the baseline stage"))
+                             BaselineMetrics.read(paths.BASELINE_METRICS))
     except (tracking.TrackingError, ValueError) as error:  # the table matters more than the mark
         print(f"(could not read the MLflow store: {error})")
         return ""

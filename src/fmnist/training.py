@@ -29,7 +29,7 @@ from fmnist.data import NUM_CLASSES, Dataset
 from fmnist.files import atomic_path, error_reason, remove, write_json, write_text
 from fmnist.models import build_model, summary_text
 from fmnist.params import flatten
-from fmnist.records import RunInfo
+from fmnist.records import MONITORED_TEST_ACCURACY, MONITORED_TEST_LOSS, DataInfo, RunInfo
 
 
 class TrainingError(RuntimeError):
@@ -64,11 +64,11 @@ class EpochRecorder(keras.callbacks.Callback):
                                 "lower train.learning_rate or check the data")
         # the rate the schedule gives the next step, i.e. at this epoch's end
         record["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        if self.test is not None and "test_accuracy" not in record:  # the JAX loop computes it
+        if self.test is not None and MONITORED_TEST_ACCURACY not in record:  # the JAX loop computes it
             scores = self.model.evaluate(*self.test, batch_size=self.batch_size, verbose=0,
                                          return_dict=True)
-            record["test_loss"] = float(scores["loss"])
-            record["test_accuracy"] = float(scores["accuracy"])
+            record[MONITORED_TEST_LOSS] = float(scores["loss"])
+            record[MONITORED_TEST_ACCURACY] = float(scores["accuracy"])
         record["epoch_seconds"] = time.perf_counter() - self._started
         self.on_epoch(record)
 
@@ -202,13 +202,13 @@ def fit(model: keras.Model, data: Dataset, train: TrainConfig, callbacks: list,
               callbacks=callbacks, shuffle=True, verbose=verbose)
 
 
-def seed_settings(config: Config, variant: str, seed: int, data_info: dict[str, Any], precision: str,
+def seed_settings(config: Config, variant: str, seed: int, data_info: DataInfo, precision: str,
                   devices: int) -> str:
     """A fingerprint of everything that shapes one seed's training but the code and the data
     files: the variant's model and recipe, train's keys, the seed, the data's facts, the
     resolved backend, precision and device count. A checkpoint of other settings is discarded."""
-    return _fingerprint(asdict(config.variant(variant)), _train_settings(config, variant), seed, data_info,
-                        device.backend(), precision, devices)
+    return _fingerprint(asdict(config.variant(variant)), _train_settings(config, variant), seed,
+                        data_info.as_json(), device.backend(), precision, devices)
 
 
 def _train_settings(config: Config, variant: str) -> dict[str, Any]:
@@ -217,7 +217,7 @@ def _train_settings(config: Config, variant: str) -> dict[str, Any]:
             if k != "seeds"}
 
 
-def train_seeds(config: Config, variant: str, data: Dataset, data_info: dict[str, Any],
+def train_seeds(config: Config, variant: str, data: Dataset, data_info: DataInfo,
                 inputs: str) -> list[TrainedModel]:
     """The train stage of one variant: every seed of ``train.seeds`` in this process, one
     after the other (each with its own folder models/<variant>/seed<k>/, MLflow run and
@@ -257,7 +257,7 @@ def _made_by(out_dir: Path) -> str | None:
     return RunInfo.fingerprint_of(files.run_info)
 
 
-def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_info: dict[str, Any],
+def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_info: DataInfo,
                   out_dir: Path, checkpoint_dir: Path, inputs: str = "",
                   seeds_after: int = 0) -> TrainedModel:
     """Train ``variant`` under ``seed``; write model, history, summary and run id to ``out_dir``.
@@ -275,7 +275,7 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
                       experiment_id, precision, devices, inputs, seeds_after)
 
 
-def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: dict[str, Any],
+def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: DataInfo,
            out_dir: Path, checkpoint_dir: Path, experiment_id: str, precision: str,
            devices: int, inputs: str, seeds_after: int = 0) -> TrainedModel:
     spec: ModelSpec = config.variant(variant)
@@ -299,7 +299,7 @@ def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: di
         "kind": "cnn", "variant": variant, "seed": str(seed),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc_stage": paths.stage_name("train", variant),
-        "data_source": data_info["source"], "canonical_split": str(data_info["canonical_split"]),
+        "data_source": data_info.source, "canonical_split": str(data_info.canonical_split),
         "keras_backend": device.backend(), "precision": precision, "device": device.describe(),
     }
     test = (data.x_test, to_targets(data.y_test)) if config.train.monitor_test else None
@@ -314,9 +314,9 @@ def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: di
                                                                   earlier_seconds)) as run_id:
             tracking.log_params(flatten({"variant": variant, "seed": seed, "model": spec,
                                          "train": train_settings,
-                                         "data": {"source": data_info["source"],
-                                                  "canonical_split": data_info["canonical_split"],
-                                                  **data_info["sizes"]}}))
+                                         "data": {"source": data_info.source,
+                                                  "canonical_split": data_info.canonical_split,
+                                                  **asdict(data_info.sizes)}}))
             tracking.log_params({"model.parameters": model.count_params()})
             tracking.log_dataset("fashion-mnist-train", data.x_train, data.y_train, "training", data_info)
             tracking.log_dataset("fashion-mnist-test", data.x_test, data.y_test, "testing", data_info)
@@ -359,7 +359,7 @@ def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: di
     return result
 
 
-def write_outputs(result: TrainedModel, out_dir: Path, data_info: dict[str, Any],
+def write_outputs(result: TrainedModel, out_dir: Path, data_info: DataInfo,
                   class_names: tuple[str, ...], fingerprint: str) -> None:
     """models/<variant>/seed<k>/: every file of paths.RunFiles (its run_info also names the
     classes in the model's output order, for fmnist.predict, and the fingerprint of the
@@ -378,5 +378,5 @@ def write_outputs(result: TrainedModel, out_dir: Path, data_info: dict[str, Any]
         RunInfo(mlflow_run_id=result.run_id, keras_backend=result.backend, precision=result.precision,
                 device=result.device, train_seconds=round(result.train_seconds, 1),
                 epochs=len(result.history), parameters=result.model.count_params(),
-                canonical_split=data_info["canonical_split"], data_source=data_info["source"],
+                canonical_split=data_info.canonical_split, data_source=data_info.source,
                 class_names=tuple(class_names), fingerprint=fingerprint).write(files.run_info)

@@ -106,5 +106,6 @@ __all__ = [
     "ModelOrigin", "load_logged_model", "load_pyfunc", "log_keras_model", "model_metadata",
     "model_origin", "model_signature", "scoring_app",
     # registry
-    "alias_version", "messages_off", "model_version", "register_version", "set_alias", "tag_version", "version_of_run",
+    "alias_version", "messages_off", "model_version", "register_version", "set_alias", "tag_version",
+    "version_of_run",
 ]

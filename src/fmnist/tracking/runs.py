@@ -24,6 +24,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from fmnist import paths
+from fmnist.records import DataInfo
 from fmnist.tracking.provenance import EXECUTION_TAG, execution, provenance_tags
 from fmnist.tracking.store import (
     MAX_PARAM_LENGTH,
@@ -275,7 +276,7 @@ def log_results(results: dict[str, float]) -> None:
 
 @guarded("logging the data set")
 def log_dataset(name: str, images: np.ndarray, labels: np.ndarray, context: str,
-                data_info: dict[str, Any]) -> None:
+                data_info: DataInfo) -> None:
     """Images and labels of the prepared data as an MLflow dataset input of the active run
     (the runs table's Dataset column). Source: the prepared arrays' file; digest: the MD5 of
     the arrays' bytes (the same data gives the same digest in every run); tags: where the data
@@ -288,7 +289,7 @@ def log_dataset(name: str, images: np.ndarray, labels: np.ndarray, context: str,
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
         dataset = mlflow.data.from_numpy(images, targets=labels, source=source, name=name,
                                          digest=digest.hexdigest()[:16])
-    tags = {"origin": str(data_info["origin"]), "canonical_split": str(data_info["canonical_split"])}
+    tags = {"origin": data_info.origin, "canonical_split": str(data_info.canonical_split)}
     # Runs started at once (queue workers) may both find the data set new and both insert it;
     # the loser's insert breaks the unique key.
     settling_races(lambda: mlflow.log_input(dataset, context=context, tags=tags),
