@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +203,24 @@ def make_dvc_repo(dest: Path, params: dict, local_data: Path | None = None) -> P
     if local_data is not None:  # tiny: committed, so that `dvc exp run --queue` copies have them
         run(["git", "add", "-f", "data/local"], dest)
     run(["git", "commit", "-qm", "pipeline"], dest)
+    return dest
+
+
+def copy_repo(source: Path, dest: Path) -> Path:
+    """A copy of a built repository (git, DVC cache, models, MLflow store) that is its own:
+    the store's absolute artifact locations are moved from ``source`` to ``dest``."""
+    shutil.copytree(source, dest, symlinks=True)
+    db = dest / "mlflow.db"
+    if db.exists():
+        old, new = str(source), str(dest)
+        with sqlite3.connect(db) as store:
+            tables = [name for (name,) in store.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                for column in store.execute(f"PRAGMA table_info('{table}')").fetchall():
+                    if column[2].upper().startswith(("TEXT", "VARCHAR")):
+                        name = column[1]
+                        store.execute(f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?) '
+                                      f'WHERE instr("{name}", ?) > 0', (old, new, old))
     return dest
 
 
