@@ -44,8 +44,9 @@ small: $(VENV)/.installed
 	@echo "Experiment 'small' (2 epochs, seed 0, SVC on 10,000 images: NOT the paper's numbers) beside the committed results:"
 	@dvc metrics diff HEAD small --all --no-path --targets metrics/accuracy.json
 
+# the test files spread over one worker per core (pytest-xdist), each file on one worker
 test: $(VENV)/.installed-dev lint deps-system
-	python -m pytest
+	python -m pytest -n auto --dist loadfile
 
 lint: $(VENV)/.installed-dev
 	ruff check src stages tests benchmarks

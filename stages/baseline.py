@@ -1,6 +1,6 @@
 """DVC stage `baseline`: the paper's Table I SVC on scaled pixels (see fmnist.baseline)."""
 
-from fmnist import cli, paths  # cli before fmnist.baseline, which imports Keras (see fmnist.cli)
+from fmnist import cli, paths
 from fmnist.baseline import run_baseline
 from fmnist.data import load_prepared
 from fmnist.params import load_params

@@ -4,6 +4,7 @@ fabricated Fashion-MNIST-shaped IDX files, temporary MLflow stores and DVC repos
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shutil
 import sqlite3
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from filelock import FileLock
 
 from fmnist import cli, data  # cli first: it sets TensorFlow's log level before Keras loads
 from fmnist.config import parse_params
@@ -214,14 +216,48 @@ def copy_repo(source: Path, dest: Path) -> Path:
     if db.exists():
         old, new = str(source), str(dest)
         with sqlite3.connect(db) as store:
-            tables = [name for (name,) in store.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-            for table in tables:
+            for (table,) in store.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
                 for column in store.execute(f"PRAGMA table_info('{table}')").fetchall():
                     if column[2].upper().startswith(("TEXT", "VARCHAR")):
                         name = column[1]
                         store.execute(f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?) '
                                       f'WHERE instr("{name}", ?) > 0', (old, new, old))
     return dest
+
+
+# The tiny pipeline most end-to-end tests start from: one variant of ours and the authors'
+# exact model (analyse.paper_models; the shipped champion), one seed, 2 epochs.
+BUILT_VARIANTS = ["cnn2", "authors_cnn2_bn_skip"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    repo: Path  # never changed by a test: each takes its own copy (``built_copy``)
+    params: dict
+    output: str  # what its first run, `python -m fmnist.repro` (as `make run`), printed
+
+
+@pytest.fixture(scope="session")
+def built_pipeline(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Built:
+    """``BUILT_VARIANTS``' tiny pipeline after its first run: built once per test session,
+    under pytest-xdist once for all its workers (the first builds, the others wait)."""
+    params = only_variants(shrink(real_params()), BUILT_VARIANTS)
+    if worker_id == "master":  # no xdist
+        root = tmp_path_factory.mktemp("built")
+    else:
+        root = tmp_path_factory.getbasetemp().parent / "built"
+    output = root / "first-run.txt"
+    with FileLock(str(root) + ".lock"):
+        if not output.exists():
+            root.mkdir(exist_ok=True)
+            repo = make_dvc_repo(root / "repo", params, local_data=write_tiny_idx(root / "tiny_idx"))
+            output.write_text(run([sys.executable, "-m", "fmnist.repro"], repo).stdout)
+    return Built(root / "repo", params, output.read_text())
+
+
+def built_copy(built: Built, dest: Path) -> Path:
+    """A repository of its own, as ``built`` left it (its first run not committed)."""
+    return copy_repo(built.repo, dest)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from scipy import stats
 
 from fmnist import analysis, evaluation, plots, report
 from fmnist.config import parse_params
-from fmnist.evaluation import run_metrics, score
 from fmnist.models import build_model
 from fmnist.params import load_params
 from fmnist.paths import RunRecord
@@ -34,6 +33,7 @@ from fmnist.records import (
     Summary,
     VariantResult,
 )
+from fmnist.scoring import run_metrics, score
 from tests.conftest import REPO, real_params
 
 CLASSES = tuple(f"c{i}" for i in range(10))

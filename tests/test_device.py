@@ -13,7 +13,7 @@ import yaml
 
 from fmnist import device
 from fmnist.config import ConfigError
-from tests.conftest import only_variants, run, venv_env
+from tests.conftest import BUILT_VARIANTS, built_copy, run, venv_env
 
 
 def test_auto_precision_is_bfloat16_only_on_amx_cpus_under_tensorflow(monkeypatch):
@@ -116,34 +116,24 @@ def test_the_compiled_jax_epoch_equals_the_stepwise_one(tmp_path, variant):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
 
 
-def _ran(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
-
-
 @pytest.mark.slow
-def test_backend_and_precision_params_retrain_only_what_depends_on_them(dvc_repo, tiny_params):
-    params = only_variants(tiny_params, ["cnn2"])
-    (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "commit", "-qam", "one tiny variant"], dvc_repo)
-    run(["dvc", "repro"], dvc_repo)
-    run_info = json.loads((dvc_repo / "models/cnn2/seed0/run.json").read_text())
-    assert run_info["keras_backend"] == "tensorflow"  # auto, on a machine without a GPU
-    assert run_info["precision"] == device.resolve_precision("auto")
-    assert run_info["device"].startswith("cpu")
-    run(["git", "add", "-A"], dvc_repo)
-    run(["git", "commit", "-qm", "first run"], dvc_repo)
-
-    downstream = {"check_params", "train@cnn2", "evaluate@cnn2", "analyse",  # the check: any edit
-                  "register"}
-    jax_run = run(["dvc", "exp", "run", "-S", "train.backend=jax"], dvc_repo)
-    assert _ran(jax_run.stdout) == downstream
-    run_info = json.loads((dvc_repo / "models/cnn2/seed0/run.json").read_text())
-    assert run_info["keras_backend"] == "jax"
-    assert run_info["precision"] == "float32"  # auto: bfloat16 is for TensorFlow on AMX CPUs only
-    assert "(jax, float32)" in (dvc_repo / "reports/report.md").read_text()  # the "Every run" table
-
-    run(["git", "reset", "-q", "--hard"], dvc_repo)
-    bf16 = run(["dvc", "exp", "run", "-S", "train.precision=mixed_bfloat16"], dvc_repo)
-    assert _ran(bf16.stdout) == downstream
-    run_info = json.loads((dvc_repo / "models/cnn2/seed0/run.json").read_text())
-    assert (run_info["keras_backend"], run_info["precision"]) == ("tensorflow", "mixed_bfloat16")
+def test_backend_and_precision_params_retrain_only_what_depends_on_them(tmp_path, built_pipeline):
+    """Each is a param of the train stages alone (and of the params check): DVC re-trains for
+    it and what follows from the models; the data and the SVC stay. The run under JAX itself:
+    tests/test_benchmarks.py's GPU-check rehearsal."""
+    repo = built_copy(built_pipeline, tmp_path / "repo")
+    for variant in BUILT_VARIANTS:
+        run_info = json.loads((repo / f"models/{variant}/seed0/run.json").read_text())
+        assert run_info["keras_backend"] == "tensorflow"  # auto, on a machine without a GPU
+        assert run_info["precision"] == device.resolve_precision("auto")
+        assert run_info["device"].startswith("cpu")
+    trains = {f"train@{variant}" for variant in BUILT_VARIANTS}
+    for key, value in [("backend", "jax"), ("precision", "mixed_bfloat16")]:
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["train"][key] = value
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        changed = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+        assert set(changed) == {"check_params", *trains}, (key, changed)
+        for stage in trains:
+            assert changed[stage] == [{"changed deps": {"params.yaml": {f"train.{key}": "modified"}}}]
+        run(["git", "checkout", "--", "params.yaml"], repo)

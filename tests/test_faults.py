@@ -89,7 +89,7 @@ def _mistakes(params: dict) -> list[tuple[str, dict, str]]:
 
 
 @pytest.mark.slow
-def test_1_params_mistakes_stop_dvc_repro_before_any_stage_and_no_output_is_lost(
+def test_params_mistakes_stop_dvc_repro_before_any_stage_and_no_output_is_lost(
         tmp_path, tiny_params, tiny_idx_dir):
     params = _one_variant(tiny_params)
     repo = make_dvc_repo(tmp_path / "repo", params, local_data=tiny_idx_dir)
@@ -125,7 +125,7 @@ def test_1_params_mistakes_stop_dvc_repro_before_any_stage_and_no_output_is_lost
 
 # --- 2. numbers as users write them -----------------------------------------------------
 
-def test_2_exponent_numbers_are_numbers(tmp_path):
+def test_exponent_numbers_are_numbers(tmp_path):
     text = (REPO / "params.yaml").read_text()
     text = text.replace("learning_rate: 0.001", "learning_rate: 1e-4")
     text = text.replace("C: 10.0", "C: 1E1")
@@ -151,7 +151,7 @@ def _write_other_tiny_labels(folder: Path) -> None:
 
 
 @pytest.mark.slow
-def test_3_the_local_folder_decides_whether_download_reruns_and_garbage_fails_there(
+def test_the_local_folder_decides_whether_download_reruns_and_garbage_fails_there(
         tmp_path, tiny_params, tiny_idx_dir):
     repo = make_dvc_repo(tmp_path / "repo", _one_variant(tiny_params), local_data=tiny_idx_dir)
     assert {"check_params", "download", "prepare"} <= _ran(run(["dvc", "repro", "prepare"], repo).stdout)
@@ -182,7 +182,7 @@ def test_3_the_local_folder_decides_whether_download_reruns_and_garbage_fails_th
 
 
 @pytest.mark.slow
-def test_3_local_files_deleted_after_the_download_keep_data_raw_and_repro_goes_on(
+def test_local_files_deleted_after_the_download_keep_data_raw_and_repro_goes_on(
         tmp_path, tiny_params, tiny_idx_dir):
     # DVC saw data/local change, deleted data/raw and re-ran download, which failed: every
     # later `dvc repro` stopped there
@@ -198,7 +198,7 @@ def test_3_local_files_deleted_after_the_download_keep_data_raw_and_repro_goes_o
     assert "Data and pipelines are up to date" in run(["dvc", "status", "download"], repo).stdout
 
 
-def test_3_a_copy_of_deleted_local_files_is_kept_only_while_intact(tmp_path, tiny_config, tiny_idx_dir):
+def test_a_copy_of_deleted_local_files_is_kept_only_while_intact(tmp_path, tiny_config, tiny_idx_dir):
     raw = tmp_path / "raw"
     copied = download.download(tiny_config.data, raw, local_dir=tiny_idx_dir)
     for file in tiny_idx_dir.glob("*.gz"):
@@ -209,7 +209,7 @@ def test_3_a_copy_of_deleted_local_files_is_kept_only_while_intact(tmp_path, tin
         download.download(tiny_config.data, raw, local_dir=tiny_idx_dir)
 
 
-def test_3_garbage_local_files_fail_at_download_naming_the_file(tmp_path, tiny_config, tiny_idx_dir):
+def test_garbage_local_files_fail_at_download_naming_the_file(tmp_path, tiny_config, tiny_idx_dir):
     images = tiny_idx_dir / data.TEST_IMAGES
     write_idx(images, np.zeros((60, 28, 27), np.uint8))
     with pytest.raises(DownloadError, match=re.escape(f"{images}: holds an array of shape")):
@@ -261,7 +261,7 @@ def _server(api_status: int | None):
         server.server_close()
 
 
-def test_4_mlflow_http_defaults_are_bounded_and_a_users_setting_wins():
+def test_mlflow_http_defaults_are_bounded_and_a_users_setting_wins():
     # set when a server is used, not on import (importing a module changes nothing)
     code = ("import os, fmnist.tracking as t\n"
             "keys = ('MLFLOW_HTTP_REQUEST_TIMEOUT', 'MLFLOW_HTTP_REQUEST_MAX_RETRIES', "
@@ -275,7 +275,7 @@ def test_4_mlflow_http_defaults_are_bounded_and_a_users_setting_wins():
     assert result.stdout.strip().splitlines() == ["['7', None, None]", "['7', '2', '1']"]
 
 
-def test_4_a_server_whose_api_fails_or_hangs_is_a_one_line_error_soon(tmp_path, monkeypatch):
+def test_a_server_whose_api_fails_or_hangs_is_a_one_line_error_soon(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
@@ -298,7 +298,7 @@ def test_4_a_server_whose_api_fails_or_hangs_is_a_one_line_error_soon(tmp_path, 
         assert "\n" not in str(error.value)
 
 
-def test_4_a_run_that_could_not_be_ended_is_marked_failed_at_the_next_start(mlflow_store, monkeypatch):
+def test_a_run_that_could_not_be_ended_is_marked_failed_at_the_next_start(mlflow_store, monkeypatch):
     experiment_id = tracking.connect("faults", root=mlflow_store)
 
     def store_fails(*args, **kwargs):
@@ -324,7 +324,7 @@ class _Echo(mlflow.pyfunc.PythonModel):
         return model_input
 
 
-def test_4_sigterm_during_a_registry_write_lets_it_finish_then_exits_130(mlflow_store, monkeypatch, capsys):
+def test_sigterm_during_a_registry_write_lets_it_finish_then_exits_130(mlflow_store, monkeypatch, capsys):
     """The register stage's writes of several steps (a version and its tags; the alias moved
     from one model to another) finish before a SIGTERM acts: one line, exit 130, nothing half-done."""
     experiment_id = tracking.connect("faults", root=mlflow_store)
@@ -405,7 +405,7 @@ class _InterruptAt(training.keras.callbacks.Callback):
 
 
 @pytest.mark.slow
-def test_4_resume_relogs_the_epoch_the_store_failed_to_log(tiny_config, tiny_data, mlflow_store,
+def test_resume_relogs_the_epoch_the_store_failed_to_log(tiny_config, tiny_data, mlflow_store,
                                                            monkeypatch):
     real_log = mlflow.log_metrics
     calls = []
@@ -450,7 +450,7 @@ class _FillDiskAfterEpoch1(training.keras.callbacks.Callback):
 
 
 @pytest.mark.slow
-def test_4_a_store_whose_disk_fills_up_is_one_line_naming_the_cause_without_mlflows_tracebacks(
+def test_a_store_whose_disk_fills_up_is_one_line_naming_the_cause_without_mlflows_tracebacks(
         tiny_config, tiny_data, tmp_path, monkeypatch, capfd):
     disk = tmp_path / "small-disk"  # a real full disk: a 16 MiB tmpfs holding the SQLite store
     disk.mkdir()
@@ -494,7 +494,7 @@ def _hanging_registry() -> tuple[socket.socket, list]:
     return listener, accepted
 
 
-def test_4_an_npm_registry_that_never_answers_times_out(tmp_path, monkeypatch):
+def test_an_npm_registry_that_never_answers_times_out(tmp_path, monkeypatch):
     listener, accepted = _hanging_registry()
     monkeypatch.setenv("npm_config_registry", f"http://127.0.0.1:{listener.getsockname()[1]}/")
     monkeypatch.setenv("npm_config_cache", str(tmp_path / "npm-cache"))
@@ -520,7 +520,7 @@ def _stage(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_5_garbage_prepared_data_and_a_damaged_model_are_one_line_errors(tmp_path, tiny_params, tiny_data):
+def test_garbage_prepared_data_and_a_damaged_model_are_one_line_errors(tmp_path, tiny_params, tiny_data):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
     prepared = tmp_path / "data" / "prepared"
     prepared.mkdir(parents=True)
@@ -550,7 +550,7 @@ def test_5_garbage_prepared_data_and_a_damaged_model_are_one_line_errors(tmp_pat
 
 
 @pytest.mark.slow
-def test_5_ctrl_c_says_after_which_epoch_and_how_to_resume(tiny_config, tiny_data, mlflow_store,
+def test_ctrl_c_says_after_which_epoch_and_how_to_resume(tiny_config, tiny_data, mlflow_store,
                                                           monkeypatch, capsys):
     _patch_fit(monkeypatch, _InterruptAt(2))
     previous = signal.getsignal(signal.SIGTERM)
@@ -566,7 +566,7 @@ def test_5_ctrl_c_says_after_which_epoch_and_how_to_resume(tiny_config, tiny_dat
     assert "Traceback" not in err
 
 
-def test_5_npm_failures_are_npms_own_words(tmp_path):
+def test_npm_failures_are_npms_own_words(tmp_path):
     with pytest.raises(DownloadError) as error:
         download.fetch_npm(str(tmp_path / "no-such-package"), "0" * 40, tmp_path, 0)
     message = str(error.value)
@@ -574,7 +574,7 @@ def test_5_npm_failures_are_npms_own_words(tmp_path):
     assert "npm error" not in message and "complete log" not in message and "\n" not in message
 
 
-def test_5_a_model_without_test_errors_gets_its_figure(tmp_path):
+def test_a_model_without_test_errors_gets_its_figure(tmp_path):
     labels = np.arange(10)
     perfect = np.eye(10)[labels]
     worst = evaluation.top_errors(perfect, labels, k=6)
@@ -584,7 +584,7 @@ def test_5_a_model_without_test_errors_gets_its_figure(tmp_path):
     assert (tmp_path / "top_errors.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_5_unexpected_errors_are_one_line_unless_debugging(tmp_path, monkeypatch, capsys):
+def test_unexpected_errors_are_one_line_unless_debugging(tmp_path, monkeypatch, capsys):
     def broken() -> None:
         raise ZeroDivisionError("division by zero")
 
@@ -603,7 +603,7 @@ def test_5_unexpected_errors_are_one_line_unless_debugging(tmp_path, monkeypatch
 # --- 6. a corrupt checkpoint ------------------------------------------------------------
 
 @pytest.mark.slow
-def test_6_a_corrupt_checkpoint_is_discarded_its_run_failed_and_training_starts_afresh(
+def test_a_corrupt_checkpoint_is_discarded_its_run_failed_and_training_starts_afresh(
         tiny_config, tiny_data, mlflow_store, monkeypatch, capsys):
     with monkeypatch.context() as patch:
         _patch_fit(patch, _InterruptAt(2))
@@ -651,7 +651,7 @@ class _NanAt(training.keras.callbacks.Callback):
 
 
 @pytest.mark.slow
-def test_7_train_seconds_sum_the_parts_and_a_nan_stop_leaves_no_checkpoint(
+def test_train_seconds_sum_the_parts_and_a_nan_stop_leaves_no_checkpoint(
         tiny_config, tiny_data, mlflow_store, monkeypatch):
     with monkeypatch.context() as patch:
         _patch_fit(patch, _SlowFirstEpoch(), _InterruptAt(2))
@@ -736,8 +736,11 @@ def test_a_stop_signal_that_lands_in_a_gc_callback_still_stops_the_stage(tmp_pat
     # a KeyboardInterrupt raised there is printed ("Exception ignored in") and dropped
     (tmp_path / "stage.py").write_text(STOP_INSIDE_GC)
     started = time.monotonic()
+    # started as from a terminal: SIGINT not ignored (a shell's background job inherits it ignored,
+    # and a stage then rightly leaves it so)
     result = subprocess.run([sys.executable, "stage.py", signal_name], cwd=tmp_path, env=_env(),
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert result.returncode == 130, (result.stdout, result.stderr)
     assert "went on" not in result.stdout and time.monotonic() - started < 20
     assert result.stderr.strip().splitlines() == [
@@ -775,7 +778,7 @@ def test_a_full_disk_names_the_output_and_says_to_free_space(tmp_path, monkeypat
     assert capsys.readouterr().err == f"ERROR: {error.value}\n"
 
 
-# --- 33.7: a stage's log starts with its own first line, not TensorFlow's start-up -----
+# --- 8. a stage's log starts with its own first line, not TensorFlow's start-up -----
 def test_a_stage_importing_keras_on_the_cpu_starts_with_its_own_line():
     """stages/evaluate.py and stages/baseline.py import Keras before their first line; the
     train stage and the search first look whether TensorFlow is installed (fmnist.device, a

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from fmnist import download, tracking, tracking_server
 from fmnist.prepare import prepare
-from tests.conftest import make_dvc_repo, only_variants, run, venv_env
+from tests.conftest import built_copy, make_dvc_repo, only_variants, run, venv_env
 
 EXPERIMENT = "fashion-mnist-cnn"  # params.yaml's tracking.experiment
 LEARNING_RATES = ("0.002", "0.003")  # one queued experiment each
@@ -310,17 +310,21 @@ def test_two_queued_experiments_on_the_sqlite_store(tmp_path, tiny_params, tiny_
 
     _queue_two_experiments(repo, venv_env())
 
-    # the queue ran in temporary copies; the runs landed in the repository's own store
-    _assert_two_finished_runs(f"sqlite:///{repo / 'mlflow.db'}", tmp_path / "downloads")
+    # the queue ran in temporary copies; the runs and their artifacts landed in the repository's
+    # own store
+    tracking_uri = f"sqlite:///{repo / 'mlflow.db'}"
+    _assert_two_finished_runs(tracking_uri, tmp_path / "downloads")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for found in client.search_runs([e.experiment_id for e in client.search_experiments()]):
+        assert found.info.artifact_uri.startswith((repo / "mlartifacts").as_uri()), found.info.artifact_uri
     assert _processes_in(repo) == []
 
 
 @pytest.mark.slow
-def test_a_fresh_clone_pulls_from_the_dvc_remote_and_reruns_nothing(tmp_path, tiny_params, tiny_idx_dir):
-    repo = make_dvc_repo(tmp_path / "repo", only_variants(tiny_params, ["cnn2"]), local_data=tiny_idx_dir)
+def test_a_fresh_clone_pulls_from_the_dvc_remote_and_reruns_nothing(tmp_path, built_pipeline):
+    repo = built_copy(built_pipeline, tmp_path / "repo")
     remote = tmp_path / "remote"  # a team's would be s3://, ssh:// or https:// (see docs/team.md)
     run(["dvc", "remote", "add", "-d", "team", str(remote)], repo)
-    run(["dvc", "repro"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "a run"], repo)
     pushed = run(["dvc", "push"], repo)

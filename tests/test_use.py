@@ -22,21 +22,17 @@ from PIL import Image
 
 from fmnist import paths, serve
 from fmnist.tracking_server import free_port
-from tests.conftest import make_dvc_repo, only_variants, real_params, run, shrink, venv_env, write_tiny_idx
+from tests.conftest import BUILT_VARIANTS, built_copy, real_params, run, shrink, venv_env
 
 pytestmark = pytest.mark.slow
-VARIANTS = ["cnn2", "authors_cnn2_bn_skip"]
+VARIANTS = BUILT_VARIANTS
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
+def pipeline(tmp_path_factory, built_pipeline) -> Path:
     """A tiny repository after `dvc repro`: two variants, one seed, registered."""
-    root = tmp_path_factory.mktemp("use")
-    params = only_variants(shrink(real_params()), VARIANTS)
-    assert params["registry"]["champion_variant"] == "authors_cnn2_bn_skip"  # the shipped default
-    repo = make_dvc_repo(root / "repo", params, local_data=write_tiny_idx(root / "idx"))
-    run(["dvc", "repro"], repo)
-    return repo
+    assert built_pipeline.params["registry"]["champion_variant"] == "authors_cnn2_bn_skip"  # the default
+    return built_copy(built_pipeline, tmp_path_factory.mktemp("use") / "repo")
 
 
 def _client(repo: Path) -> MlflowClient:

@@ -13,8 +13,8 @@ from sklearn.preprocessing import StandardScaler
 from fmnist import tracking
 from fmnist.config import BaselineConfig
 from fmnist.data import Dataset, split_stratified
-from fmnist.evaluation import score, tracked_results
 from fmnist.records import BaselineMetrics, DataInfo
+from fmnist.scoring import score, tracked_results
 from fmnist.svc import PairwiseSVC
 
 
