@@ -33,7 +33,7 @@ from fmnist.params import load_params
 from fmnist.prepare import prepare
 from fmnist.tracking import TrackingError
 from fmnist.training import TrainingError, train_variant
-from tests.conftest import REPO, make_dvc_repo, only_variants, run, tiny_images, venv_env
+from tests.conftest import REPO, built_copy, make_dvc_repo, only_variants, run, tiny_images, venv_env
 
 STAGE_ENV_DROP = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "FMNIST_DEBUG")
@@ -89,12 +89,10 @@ def _mistakes(params: dict) -> list[tuple[str, dict, str]]:
 
 
 @pytest.mark.slow
-def test_params_mistakes_stop_dvc_repro_before_any_stage_and_no_output_is_lost(
-        tmp_path, tiny_params, tiny_idx_dir):
-    params = _one_variant(tiny_params)
-    repo = make_dvc_repo(tmp_path / "repo", params, local_data=tiny_idx_dir)
-    first = run(["dvc", "repro"], repo)
-    assert "check_params" in _ran(first.stdout) and "analyse" in _ran(first.stdout)
+def test_params_mistakes_stop_dvc_repro_before_any_stage_and_no_output_is_lost(tmp_path, built_pipeline):
+    params = built_pipeline.params
+    repo = built_copy(built_pipeline, tmp_path / "repo")
+    assert "check_params" in _ran(built_pipeline.output) and "analyse" in _ran(built_pipeline.output)
     before = {path: _digest(repo / path) for path in KEPT_OUTPUTS}
 
     for what, broken, message in _mistakes(params):
