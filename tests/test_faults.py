@@ -83,7 +83,7 @@ def _mistakes(params: dict) -> list[tuple[str, dict, str]]:
          "unknown key variants.cnn2.dropout"),
         ("wrong type", edit(lambda p: p["train"].update(batch_size="big")), "train.batch_size = 'big'"),
         ("bad value", edit(lambda p: p["model_defaults"].update(dropout_rate=1.5)),
-         "variants.cnn2.dropout_rate = 1.5"),
+         ".dropout_rate = 1.5 is invalid"),
         ("renamed key", edit(rename), "unknown key train.epoch"),
     ]
 

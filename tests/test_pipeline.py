@@ -27,6 +27,9 @@ from tests.conftest import (
     venv_env,
 )
 
+# one worker under `make test` (pytest-xdist): its tests take turns, in order, on one repository
+pytestmark = pytest.mark.xdist_group("test_pipeline")
+
 VARIANTS = BUILT_VARIANTS  # ours and the authors' exact model
 
 
