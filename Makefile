@@ -44,10 +44,10 @@ small: $(VENV)/.installed
 	@echo "Experiment 'small' (2 epochs, seed 0, SVC on 10,000 images: NOT the paper's numbers) beside the committed results:"
 	@dvc metrics diff HEAD small --all --no-path --targets metrics/accuracy.json
 
-# the tests spread over one worker per core (pytest-xdist); a module whose tests share a
-# fixture stays on one worker (its xdist_group)
+# the test files spread over one worker per core (pytest-xdist), each file on one worker: a
+# module's tests may share a fixture and run in order
 test: $(VENV)/.installed-dev lint deps-system
-	python -m pytest -n auto --dist loadgroup
+	python -m pytest -n auto --dist loadfile
 
 lint: $(VENV)/.installed-dev
 	ruff check src stages tests benchmarks

@@ -13,9 +13,6 @@ from fmnist.models import build_model, feature_layer_names
 from fmnist.params import load_params
 from tests.conftest import REPO
 
-# one worker under `make test` (pytest-xdist): its tests share the module's models
-pytestmark = pytest.mark.xdist_group("test_models")
-
 # CNN2 matches the authors' public code (113,386); BN adds 2 x (4 + 64) BN weights;
 # the skip variant needs padding 'same', so its dense layer sees 7x7x32 instead of 5x5x32.
 PAPER_PARAMETERS = {"cnn2": 113_386, "cnn2_bn": 113_518, "cnn2_bn_skip": 211_822}

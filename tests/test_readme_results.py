@@ -18,9 +18,6 @@ from fmnist.records import Analysis, BaselineMetrics, Comparison, Contrast, Vari
 from fmnist.results import pct
 from tests.conftest import REPO
 
-# one worker under `make test` (pytest-xdist): its tests share the module's fixture
-pytestmark = pytest.mark.xdist_group("test_readme_results")
-
 README = REPO / "README.md"
 RESULTS_PAGE = REPO / "docs" / "results.md"
 

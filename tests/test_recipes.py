@@ -23,9 +23,6 @@ from fmnist.params import load_params
 from tests.conftest import REPO, TINY_TRAIN_PER_CLASS, real_params, tiny_images, venv_env
 from tests.test_config import _with
 
-# one worker under `make test` (pytest-xdist): its tests share the module's trained models
-pytestmark = pytest.mark.xdist_group("test_recipes")
-
 AUGMENTING = ("RandomTranslation", "RandomFlip")
 
 

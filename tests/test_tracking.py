@@ -27,6 +27,18 @@ def test_importing_the_package_sets_nothing():
     assert result.stdout.split() == ["True", "False", "[]"]
 
 
+def test_a_new_store_is_created_without_a_line_from_mlflow(tmp_path):
+    """A first stage on a fresh clone creates the SQLite store: MLflow's "Creating initial
+    MLflow database tables..." and "Updating database tables" are not the user's business."""
+    code = ("import sys\nfrom pathlib import Path\nfrom fmnist import tracking\n"
+            "tracking.connect('fashion-mnist-cnn', Path(sys.argv[1]))\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=300,
+                            env={**venv_env(), "PYTHONPATH": str(REPO / "src")})
+    assert result.returncode == 0 and (tmp_path / "mlflow.db").is_file(), result.stdout
+    assert result.stdout == ""
+
+
 def test_the_package_re_exports_its_names_without_hiding_its_modules():
     for name in tracking.__all__:
         assert getattr(tracking, name) is not None, name

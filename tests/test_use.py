@@ -24,8 +24,7 @@ from fmnist import paths, serve
 from fmnist.tracking_server import free_port
 from tests.conftest import BUILT_VARIANTS, built_copy, real_params, run, shrink, venv_env
 
-# one worker under `make test` (pytest-xdist): its tests share the module's repositories
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_use")]
+pytestmark = pytest.mark.slow
 
 VARIANTS = BUILT_VARIANTS
 

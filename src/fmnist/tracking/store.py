@@ -70,12 +70,14 @@ def reason(error: BaseException) -> str:
     return text if len(text) <= 400 else text[:400] + " ..."
 
 
-class _DropStoreTracebacks(logging.Filter):
-    """MLflow logs each database error with its traceback (mlflow.store.db.utils) before it
-    raises it; the TrackingError that follows says the same in one line."""
+class _QuietStore(logging.Filter):
+    """MLflow's store (mlflow.store.db.utils) says when it creates or updates its tables, a
+    line the user did not ask for, and logs each database error with its traceback before it
+    raises it: the TrackingError that follows says the same in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("SQLAlchemy database error")
+        return record.levelno >= logging.WARNING and not record.getMessage().startswith(
+            "SQLAlchemy database error")
 
 
 _STORE_LOGGER = "mlflow.store.db.utils"
@@ -141,8 +143,8 @@ def use_store(root: Path | None = None, create: bool = True) -> str:
         _check_server(uri)
     store_logger = logging.getLogger(_STORE_LOGGER)
     debugging = os.environ.get("FMNIST_DEBUG", "").strip() not in ("", "0")  # as fmnist.cli
-    if not debugging and not any(isinstance(f, _DropStoreTracebacks) for f in store_logger.filters):
-        store_logger.addFilter(_DropStoreTracebacks())
+    if not debugging and not any(isinstance(f, _QuietStore) for f in store_logger.filters):
+        store_logger.addFilter(_QuietStore())
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///").split("?")[0])
         if not create and not db.is_file():
