@@ -269,7 +269,8 @@ def test_a_seed_added_trains_alone_and_a_seed_removed_leaves_the_others(pipeline
     assert (repo / paths.metrics_file("cnn2", 1)).is_file()
     assert (repo / paths.run_record("cnn2", 1).history).is_file()
 
-    only_seed1 = {**params, "train": {**params["train"], "seeds": [1]}}
+    only_seed1 = {**params, "train": {**params["train"], "seeds": [1]},
+                  "registry": {**params["registry"], "champion_seed": 1}}
     (repo / "params.yaml").write_text(yaml.safe_dump(only_seed1, sort_keys=False))
     removed = run(["dvc", "repro", "evaluate@cnn2"], repo).stdout
     assert "cnn2-seed1: kept" in removed
