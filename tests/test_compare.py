@@ -191,6 +191,14 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, built_pi
         names = {name for (name,) in db.execute("SELECT name FROM runs")}
     for name in ("fewer-epochs", "lower-lr"):
         assert {f"{v}-seed0 @ {name}" for v in VARIANTS} | {f"analysis @ {name}"} <= names
+    # both registered their models, tagged with their names, and left @champion where it was
+    champion = "fashion-mnist-authors_cnn2_bn_skip"  # registry.champion_variant
+    with _store(repo) as db:
+        aliases = db.execute("SELECT name, alias, version FROM registered_model_aliases").fetchall()
+        experiments = dict(db.execute("SELECT version, value FROM model_version_tags WHERE name = ? "
+                                      "AND key = 'dvc_exp_name'", (champion,)).fetchall())
+    assert aliases == [(champion, "champion", 1)]
+    assert {experiments.get(2), experiments.get(3)} == {"fewer-epochs", "lower-lr"}, experiments
     command = _docs_exp_show()
     shown = run(command, repo, env={**venv_env(), "COLUMNS": "160"}).stdout
     assert max(len(line) for line in shown.splitlines()) <= 160, shown
