@@ -21,7 +21,7 @@ import numpy as np
 
 from fmnist import paths, plots, progress, tracking
 from fmnist.config import Config
-from fmnist.files import atomic_path, read_json, remove
+from fmnist.files import atomic_path, read_json
 from fmnist.models import feature_layer_names, load_model_file
 from fmnist.paths import RunRecord
 from fmnist.records import (
@@ -167,9 +167,6 @@ def evaluate_variant(config: Config, variant: str, x_test: np.ndarray, y_test: n
         print(progress.stage_label("evaluate", config.variants, seeds, variant, seed), flush=True)
         results[seed] = evaluate_model(variant, seed, x_test, y_test, config.evaluate.class_names,
                                        config.analyse.feature_map_classes if seed == seeds[0] else ())
-    for folder in paths.variant_outputs(variant).values():
-        if folder != paths.variant_outputs(variant)["models"]:  # the train stage's
-            for entry in paths.stale_seed_entries(folder, seeds):
-                print(f"Removing {entry}: its seed is no longer in train.seeds")
-                remove(entry)
+    paths.remove_stale_seeds([folder for name, folder in paths.variant_outputs(variant).items()
+                              if name != "models"], seeds)  # models/: the train stage's
     return results

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fmnist import records
+from fmnist.files import remove
 
 PARAMS = Path("params.yaml")
 PIPELINE = Path("dvc.yaml")
@@ -215,6 +217,15 @@ def stale_seed_entries(folder: Path, seeds: list[int]) -> list[Path]:
     kept = {seed_name(seed) for seed in seeds}
     return sorted(entry for entry in folder.iterdir()
                   if re.fullmatch(r"seed\d+(\.\w+)?", entry.name) and entry.name.split(".")[0] not in kept)
+
+
+def remove_stale_seeds(folders: Iterable[Path], seeds: list[int]) -> None:
+    """Delete, saying so, the entries of per-variant output folders whose seed is no longer in
+    train.seeds (``stale_seed_entries``)."""
+    for folder in folders:
+        for entry in stale_seed_entries(folder, seeds):
+            print(f"Removing {entry}: its seed is no longer in train.seeds")
+            remove(entry)
 
 
 def stage_deps(stage: str) -> list[Path]:

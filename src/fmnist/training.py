@@ -26,7 +26,7 @@ from fmnist import cli, device, paths, progress, recipes, tracking
 from fmnist.cli import Interrupted
 from fmnist.config import Config, ModelSpec, TrainConfig
 from fmnist.data import NUM_CLASSES, Dataset
-from fmnist.files import atomic_path, error_reason, remove, write_json, write_text
+from fmnist.files import atomic_path, error_reason, write_json, write_text
 from fmnist.models import build_model, summary_text
 from fmnist.params import flatten
 from fmnist.records import MONITORED_TEST_ACCURACY, MONITORED_TEST_LOSS, DataInfo, RunInfo
@@ -242,9 +242,7 @@ def train_seeds(config: Config, variant: str, data: Dataset, data_info: DataInfo
         trained.append(train_variant(config, variant, seed, data, data_info, paths.model_dir(variant, seed),
                                      paths.checkpoint_dir(variant, seed), inputs,
                                      seeds_after=len(to_train) - position - 1))
-    for entry in paths.stale_seed_entries(paths.variant_outputs(variant)["models"], config.train.seeds):
-        print(f"Removing {entry}: its seed is no longer in train.seeds")
-        remove(entry)
+    paths.remove_stale_seeds([paths.variant_outputs(variant)["models"]], config.train.seeds)
     return trained
 
 
