@@ -16,6 +16,14 @@ epoch's value the mean over its images, as in ``model.fit``'s logs. Callbacks ge
 epoch-level calls (train begin/end, epoch begin/end) and, where each batch is a call from
 Python (``compiled_epochs`` off), ``on_train_batch_begin``; the other batch-level hooks are
 not called.
+
+Seeds together (``fit_seeds``): models of one architecture, each built under its own seed,
+train in one loop. Their (trainable, non-trainable, optimizer) states are stacked on a new
+leading axis (one entry per seed; the non-trainable state holds each model's dropout and
+augmentation seed-generator state) and the step and the evaluation are ``jax.vmap``-ped over
+that axis and over the per-seed shuffle keys, so every call trains all the seeds at once: on
+a GPU, three seeds cost about one. Each seed's shuffle is its lone run's; its numbers are its
+lone run's up to float reassociation (XLA batches the seeds' convolutions into one).
 """
 
 from __future__ import annotations
@@ -62,9 +70,22 @@ def _padded_chunks(images: np.ndarray, labels: np.ndarray) -> tuple[jax.Array, j
             jnp.asarray(y.reshape(chunks, size)), jnp.asarray(mask.reshape(chunks, size)))
 
 
+def _stack(states: Sequence[tuple[list, list, list]]) -> tuple[list, list, list]:
+    """Per-seed states -> one state whose every array has a leading (seeds,) axis."""
+    return jax.tree_util.tree_map(lambda *values: jnp.stack(values), *states)
+
+
+def _unstack(state: tuple[list, list, list], index: int) -> tuple[list, list, list]:
+    return jax.tree_util.tree_map(lambda value: value[index], state)
+
+
 def make_epoch_functions(model: keras.Model, n_train: int, batch_size: int, compiled_epochs: bool,
-                         before_step: Callable[[int], None] | None = None):
+                         before_step: Callable[[int], None] | None = None, stacked: bool = False):
     """(train_epoch, evaluate) for the model's state and device arrays.
+
+    ``stacked``: the state carries a leading (seeds,) axis (``_stack``) and ``train_epoch``
+    takes one shuffle key per seed; the step and the evaluation are vmapped over that axis
+    (models of ``model``'s architecture and optimizer), the images and labels shared.
 
     ``compiled_epochs``: each epoch (each evaluation) is one compiled call with a
     ``lax.scan`` over the batches: what a GPU needs. Otherwise a Python loop calls the same
@@ -116,8 +137,11 @@ def make_epoch_functions(model: keras.Model, n_train: int, batch_size: int, comp
     def scores_logs(loss_sum, correct, mask):
         return {"loss": loss_sum / mask.sum(), "accuracy": correct / mask.sum()}
 
+    def over_seeds(function, in_axes):
+        """``function`` vmapped over the seeds' axis where the state is stacked."""
+        return jax.vmap(function, in_axes=in_axes) if stacked else function
+
     if compiled_epochs:
-        @jax.jit
         def train_epoch(state, x_all, y_all, key):
             order = jax.random.permutation(key, n_train)
             loss_sum, correct = jnp.float32(0.0), jnp.int32(0)
@@ -131,24 +155,27 @@ def make_epoch_functions(model: keras.Model, n_train: int, batch_size: int, comp
                 loss_sum, correct = loss_sum + loss, correct + last
             return state, epoch_logs(loss_sum, correct)
 
-        @jax.jit
         def evaluate(trainable, non_trainable, x_chunks, y_chunks, mask):
             _, (losses, corrects) = jax.lax.scan(
                 lambda carry, arrays: (carry, chunk_scores(trainable, non_trainable, *arrays)),
                 None, (x_chunks, y_chunks, mask))
             return scores_logs(losses.sum(), corrects.sum(), mask)
 
-        return train_epoch, evaluate
+        return (jax.jit(over_seeds(train_epoch, (0, None, None, 0))),
+                jax.jit(over_seeds(evaluate, (0, 0, None, None, None))))
 
-    step_once, scores_once = jax.jit(step), jax.jit(chunk_scores)
+    step_once = jax.jit(over_seeds(step, (0, None, None, 0)))
+    scores_once = jax.jit(over_seeds(chunk_scores, (0, 0, None, None, None)))
+    permutation = over_seeds(lambda key: jax.random.permutation(key, n_train), 0)
 
     def train_epoch_stepwise(state, x_all, y_all, key):
-        order = jax.random.permutation(key, n_train)
+        order = permutation(key)  # (n,), or (seeds, n) stacked
         loss_sum, correct = 0.0, 0
         for batch, begin in enumerate(range(0, n_train, batch_size)):
             if before_step is not None:
                 before_step(batch)
-            state, (loss, batch_correct) = step_once(state, x_all, y_all, order[begin:begin + batch_size])
+            state, (loss, batch_correct) = step_once(state, x_all, y_all,
+                                                     order[..., begin:begin + batch_size])
             loss_sum, correct = loss_sum + loss, correct + batch_correct
         return state, epoch_logs(loss_sum, correct)
 
@@ -172,33 +199,67 @@ def fit(model: keras.Model, images: np.ndarray, labels: np.ndarray, *, batch_siz
     remaining epochs as the uninterrupted run would have. ``compiled_epochs`` (default: on a
     GPU or other accelerator, not on the CPU): see ``make_epoch_functions``.
     """
-    if not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
+    fit_seeds([model], images, labels, batch_size=batch_size, epochs=epochs,
+              initial_epoch=initial_epoch, seeds=[seed], callbacks=[callbacks], validation=validation,
+              test=test, compiled_epochs=compiled_epochs, verbose=verbose)
+
+
+def fit_seeds(models: Sequence[keras.Model], images: np.ndarray, labels: np.ndarray, *, batch_size: int,
+              epochs: int, seeds: Sequence[int], callbacks: Sequence[Sequence[keras.callbacks.Callback]],
+              initial_epoch: int = 0, validation: tuple[np.ndarray, np.ndarray] | None = None,
+              test: tuple[np.ndarray, np.ndarray] | None = None, compiled_epochs: bool | None = None,
+              verbose: bool = True) -> None:
+    """``fit`` for several models of one architecture and recipe, ``models[i]`` trained
+    under ``seeds[i]`` (its shuffles) with ``callbacks[i]``, all in one vmapped loop (see the
+    module's docstring); one model trains unstacked, as ``fit`` has it. Every model gets its
+    epoch's state and callbacks after each epoch (``callbacks[i]`` see ``models[i]``)."""
+    if not (len(models) == len(seeds) == len(callbacks)) or not models:
+        raise ValueError(f"fit_seeds needs one seed and one callback list per model; got "
+                         f"{len(models)} models, {len(seeds)} seeds, {len(callbacks)} callback lists")
+    for model in models:
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
     if compiled_epochs is None:
         compiled_epochs = jax.default_backend() != "cpu"
-    callback_list = keras.callbacks.CallbackList(list(callbacks), model=model)
-    train_epoch, evaluate = make_epoch_functions(model, len(labels), batch_size, compiled_epochs,
-                                                 before_step=callback_list.on_train_batch_begin)
+    stacked = len(models) > 1
+    callback_lists = [keras.callbacks.CallbackList(list(given), model=model)
+                      for model, given in zip(models, callbacks, strict=True)]
+
+    def before_step(batch: int) -> None:
+        for callback_list in callback_lists:
+            callback_list.on_train_batch_begin(batch)
+
+    train_epoch, evaluate = make_epoch_functions(models[0], len(labels), batch_size, compiled_epochs,
+                                                 before_step=before_step, stacked=stacked)
     x_all, y_all = jnp.asarray(images), jnp.asarray(labels.astype(np.int32))
     monitored = {prefix: _padded_chunks(*arrays)
                  for prefix, arrays in (("val_", validation), ("test_", test))
                  if arrays is not None and len(arrays[1])}
-    base_key = jax.random.PRNGKey(seed)
-    model.stop_training = False
-    callback_list.on_train_begin()
+    base_keys = [jax.random.PRNGKey(seed) for seed in seeds]
+    for model in models:
+        model.stop_training = False
+    for callback_list in callback_lists:
+        callback_list.on_train_begin()
+    state = _stack([_state(model) for model in models]) if stacked else _state(models[0])
     for epoch in range(initial_epoch, epochs):
-        callback_list.on_epoch_begin(epoch)
+        for callback_list in callback_lists:
+            callback_list.on_epoch_begin(epoch)
         started = time.perf_counter()
-        state, results = train_epoch(_state(model), x_all, y_all, jax.random.fold_in(base_key, epoch))
+        keys = [jax.random.fold_in(key, epoch) for key in base_keys]
+        state, results = train_epoch(state, x_all, y_all, jnp.stack(keys) if stacked else keys[0])
         for prefix, chunks in monitored.items():
             scores = evaluate(state[0], state[1], *chunks)
             results.update({prefix + key: value for key, value in scores.items()})
-        logs = {key: float(value) for key, value in jax.device_get(results).items()}
-        _assign(model, state)
-        if verbose:
-            print(f"Epoch {epoch + 1}/{epochs} - {time.perf_counter() - started:.1f}s - "
-                  + " - ".join(f"{key}: {value:.4f}" for key, value in logs.items()), flush=True)
-        callback_list.on_epoch_end(epoch, logs)
-        if model.stop_training:
+        results = jax.device_get(results)  # one transfer: every seed's numbers, (seeds,) each
+        for index, (model, callback_list) in enumerate(zip(models, callback_lists, strict=True)):
+            logs = {key: float(value[index] if stacked else value) for key, value in results.items()}
+            _assign(model, _unstack(state, index) if stacked else state)
+            if verbose:
+                print(f"Epoch {epoch + 1}/{epochs} (seed {seeds[index]}) - "
+                      f"{time.perf_counter() - started:.1f}s - "
+                      + " - ".join(f"{key}: {value:.4f}" for key, value in logs.items()), flush=True)
+            callback_list.on_epoch_end(epoch, logs)
+        if any(model.stop_training for model in models):
             break
-    callback_list.on_train_end()
+    for callback_list in callback_lists:
+        callback_list.on_train_end()
