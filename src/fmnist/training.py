@@ -7,6 +7,7 @@ model kept is the one after the last epoch.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -14,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import numpy as np
 
 from fmnist import cli, device, paths, progress, recipes, tracking
 from fmnist.cli import Interrupted
-from fmnist.config import Config, ModelSpec, TrainConfig
+from fmnist.config import Config, TrainConfig
 from fmnist.data import NUM_CLASSES, Dataset
 from fmnist.files import atomic_path, error_reason, write_json, write_text
 from fmnist.models import build_model, summary_text
@@ -129,6 +130,7 @@ class Checkpoint:
             self._discard(state.get("run_id"), f"{self.model_file.name} cannot be read "
                                                f"({error_reason(error)})")
             return None
+        _restore_seed_generators(model, state.get("seed_generators", []))
         return state, model
 
     def _discard(self, run_id: str | None, problem: str | None) -> None:
@@ -147,10 +149,26 @@ class Checkpoint:
             with atomic_path(self.model_file) as tmp:  # tmp keeps the .keras suffix
                 model.save(tmp)
         write_json(self.state_file, {"fingerprint": self.fingerprint, "run_id": run_id,
-                                     "history": history, "train_seconds": train_seconds})
+                                     "history": history, "train_seconds": train_seconds,
+                                     "seed_generators": [] if model is None else [
+                                         np.asarray(v).tolist() for v in _seed_generator_states(model)]})
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _seed_generator_states(model: keras.Model) -> list:
+    """The state of the model's seed generators (dropout, augmentation), in layer order: the
+    .keras file does not keep them (a loaded model draws new ones), so the checkpoint does,
+    and a resumed run draws the masks the uninterrupted run would have."""
+    return [v for v in model.non_trainable_variables if v.name == "seed_generator_state"]
+
+
+def _restore_seed_generators(model: keras.Model, saved: list) -> None:
+    variables = _seed_generator_states(model)
+    if len(saved) == len(variables):  # else a checkpoint written before they were kept
+        for variable, value in zip(variables, saved, strict=True):
+            variable.assign(np.asarray(value, dtype=variable.dtype))
 
 
 @dataclass(frozen=True)
@@ -202,6 +220,19 @@ def fit(model: keras.Model, data: Dataset, train: TrainConfig, callbacks: list,
               callbacks=callbacks, shuffle=True, verbose=verbose)
 
 
+def fit_seeds(models: list[keras.Model], data: Dataset, train: TrainConfig, callbacks: list[list],
+              initial_epoch: int, seeds: list[int]) -> None:
+    """Train ``models`` (one architecture and recipe, ``models[i]`` under ``seeds[i]``, with
+    ``callbacks[i]``) together from ``initial_epoch``: JAX on one device only (``fit``'s loop,
+    vmapped over the seeds: fmnist.jax_loop.fit_seeds)."""
+    from fmnist import jax_loop
+
+    jax_loop.fit_seeds(models, data.x_train, data.y_train, batch_size=train.batch_size,
+                       epochs=train.epochs, initial_epoch=initial_epoch, seeds=seeds, callbacks=callbacks,
+                       validation=(data.x_val, data.y_val),
+                       test=(data.x_test, data.y_test) if train.monitor_test else None, verbose=False)
+
+
 def seed_settings(config: Config, variant: str, seed: int, data_info: DataInfo, precision: str,
                   devices: int) -> str:
     """A fingerprint of everything that shapes one seed's training but the code and the data
@@ -219,13 +250,14 @@ def _train_settings(config: Config, variant: str) -> dict[str, Any]:
 
 def train_seeds(config: Config, variant: str, data: Dataset, data_info: DataInfo,
                 inputs: str) -> list[TrainedModel]:
-    """The train stage of one variant: every seed of ``train.seeds`` in this process, one
-    after the other (each with its own folder models/<variant>/seed<k>/, MLflow run and
-    checkpoint). A seed whose folder was made by the same settings and the same ``inputs``
-    (a digest of the stage's code and data files) is kept, so adding a seed to
-    ``train.seeds`` trains only that seed; folders of seeds no longer listed are removed.
-    Returns the models trained now."""
-    trained = []
+    """The train stage of one variant: every seed of ``train.seeds`` in this process (each
+    with its own folder models/<variant>/seed<k>/, MLflow run and checkpoint). A seed whose
+    folder was made by the same settings and the same ``inputs`` (a digest of the stage's code
+    and data files) is kept, so adding a seed to ``train.seeds`` trains only that seed; folders
+    of seeds no longer listed are removed. Under JAX on one device the seeds to train that
+    start at the same epoch (all fresh, or all resuming after the same epoch) train together,
+    in one vmapped loop (``train_together``); else one after the other. Returns the models
+    trained now."""
     to_train = []
     for seed in config.train.seeds:
         with device.training_setup(config.train.precision) as (precision, devices):
@@ -236,14 +268,23 @@ def train_seeds(config: Config, variant: str, data: Dataset, data_info: DataInfo
                   "and data)", flush=True)
         else:
             to_train.append(seed)
-    for position, seed in enumerate(to_train):
-        print(progress.stage_label("train", config.variants, config.train.seeds, variant, seed),
-              flush=True)
-        trained.append(train_variant(config, variant, seed, data, data_info, paths.model_dir(variant, seed),
-                                     paths.checkpoint_dir(variant, seed), inputs,
-                                     seeds_after=len(to_train) - position - 1))
+    if _trains_together():
+        trained = train_together(config, variant, to_train, data, data_info, inputs)
+    else:
+        trained = []
+        for position, seed in enumerate(to_train):
+            print(progress.stage_label("train", config.variants, config.train.seeds, variant, seed),
+                  flush=True)
+            trained.append(train_variant(config, variant, seed, data, data_info,
+                                         paths.model_dir(variant, seed), paths.checkpoint_dir(variant, seed),
+                                         inputs, seeds_after=len(to_train) - position - 1))
     paths.remove_stale_seeds([paths.variant_outputs(variant)["models"]], config.train.seeds)
     return trained
+
+
+def _trains_together() -> bool:
+    """Seeds train together in one vmapped loop where fmnist.jax_loop trains: JAX on one device."""
+    return device.backend() == "jax" and device.data_parallel_devices() == 1
 
 
 def _made_by(out_dir: Path) -> str | None:
@@ -267,94 +308,191 @@ def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_i
     seeds the stage trains after this one (the epoch line's ETA of the stage).
     """
     experiment_id = tracking.connect(config.tracking.experiment)
-    keras.utils.set_random_seed(seed)
     with device.training_setup(config.train.precision) as (precision, devices):
-        return _train(config, variant, seed, data, data_info, out_dir, checkpoint_dir,
-                      experiment_id, precision, devices, inputs, seeds_after)
+        run = _prepare(config, variant, seed, data, data_info, out_dir, checkpoint_dir, precision,
+                       devices, inputs)
+        return _train(config, [run], data, data_info, experiment_id, seeds_after)[0]
 
 
-def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: DataInfo,
-           out_dir: Path, checkpoint_dir: Path, experiment_id: str, precision: str,
-           devices: int, inputs: str, seeds_after: int = 0) -> TrainedModel:
-    spec: ModelSpec = config.variant(variant)
-    recipe = config.recipe(variant)
-    name = paths.run_name(variant, seed)
-    train_settings = _train_settings(config, variant)
+def train_together(config: Config, variant: str, seeds: list[int], data: Dataset, data_info: DataInfo,
+                   inputs: str) -> list[TrainedModel]:
+    """Train ``variant`` under each of ``seeds`` (JAX on one device), in its own folder,
+    checkpoint and MLflow run as ``train_variant`` has them, the seeds that start at the same
+    epoch in one vmapped loop (fmnist.jax_loop.fit_seeds): a group per start epoch, all fresh
+    seeds in one. Each model is built under its own seed (the weights a lone run starts from);
+    its ``train_seconds`` is the loop time it shared with its group."""
+    if not seeds:
+        return []
+    experiment_id = tracking.connect(config.tracking.experiment)
+    trained = []
+    with device.training_setup(config.train.precision) as (precision, devices):
+        runs = [_prepare(config, variant, seed, data, data_info, paths.model_dir(variant, seed),
+                         paths.checkpoint_dir(variant, seed), precision, devices, inputs)
+                for seed in seeds]
+        groups: dict[int, list[_SeedRun]] = {}
+        for run in runs:
+            groups.setdefault(len(run.history), []).append(run)
+        left = len(runs)
+        for first_epoch in sorted(groups):
+            group = groups[first_epoch]
+            left -= len(group)
+            for run in group:
+                print(progress.stage_label("train", config.variants, config.train.seeds, variant, run.seed)
+                      + (f" (with seeds {', '.join(str(r.seed) for r in group if r is not run)})"
+                         if len(group) > 1 else ""), flush=True)
+            trained += _train(config, group, data, data_info, experiment_id, seeds_after=left)
+    return trained
+
+
+@dataclass
+class _SeedRun:
+    """One seed's training while it runs: what it resumes from, its model and its run."""
+
+    variant: str
+    seed: int
+    out_dir: Path
+    checkpoint: Checkpoint
+    settings: str  # seed_settings
+    made_by: str  # the fingerprint its run.json records (settings and inputs)
+    precision: str
+    devices: int
+    model: keras.Model
+    history: list[dict[str, float]]
+    earlier_seconds: float  # training time of earlier attempts
+    resumed_run_id: str | None
+    run_id: str = ""
+    loop_started: float = 0.0
+    result: TrainedModel | None = None
+
+    @property
+    def name(self) -> str:
+        return paths.run_name(self.variant, self.seed)
+
+    def elapsed(self) -> float:
+        return self.earlier_seconds + time.perf_counter() - self.loop_started
+
+
+def _prepare(config: Config, variant: str, seed: int, data: Dataset, data_info: DataInfo, out_dir: Path,
+             checkpoint_dir: Path, precision: str, devices: int, inputs: str) -> _SeedRun:
+    """A seed's model: its checkpoint's (an earlier attempt stopped), else built and compiled
+    under the seed (Keras' global seed: the weights and the seed generators' state)."""
+    keras.utils.set_random_seed(seed)
     settings = seed_settings(config, variant, seed, data_info, precision, devices)
     checkpoint = Checkpoint(checkpoint_dir, settings)
     resumed = checkpoint.load()
     state: dict[str, Any] = resumed[0] if resumed else {}
     history: list[dict[str, float]] = list(state.get("history", []))
-    earlier_seconds = float(state.get("train_seconds", 0.0))
     if resumed and resumed[1] is not None:
         model = resumed[1]
-        print(f"Resuming {name} after epoch {len(history)} from {checkpoint.folder}")
+        print(f"Resuming {paths.run_name(variant, seed)} after epoch {len(history)} from "
+              f"{checkpoint.folder}")
     else:
         history = []
-        model = recipes.compile_model(build_model(spec, variant), recipe, config.train.epochs,
-                                      len(data.y_train), config.train.batch_size)
-    tags = {
-        "kind": "cnn", "variant": variant, "seed": str(seed),
-        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
-        "dvc_stage": paths.stage_name("train", variant),
-        "data_source": data_info.source, "canonical_split": str(data_info.canonical_split),
-        "keras_backend": device.backend(), "precision": precision, "device": device.describe(),
-    }
-    test = (data.x_test, to_targets(data.y_test)) if config.train.monitor_test else None
-    started = time.perf_counter()
+        model = recipes.compile_model(build_model(config.variant(variant), variant), config.recipe(variant),
+                                      config.train.epochs, len(data.y_train), config.train.batch_size)
+    return _SeedRun(variant, seed, Path(out_dir), checkpoint, settings, _fingerprint(settings, inputs),
+                    precision, devices, model, history, float(state.get("train_seconds", 0.0)),
+                    state.get("run_id"))
 
-    def elapsed() -> float:
-        return earlier_seconds + time.perf_counter() - started
 
+def _train(config: Config, runs: list[_SeedRun], data: Dataset, data_info: DataInfo, experiment_id: str,
+           seeds_after: int = 0) -> list[TrainedModel]:
+    """Train ``runs`` (one variant, the same first epoch) in one loop, each in its own MLflow
+    run (all open at once: the per-epoch logs go by run id; each run's own logging and its end
+    happen while it is MLflow's active run, the runs nested in the order they started)."""
     try:
-        with tracking.run(experiment_id, name, tags, run_id=state.get("run_id"),
-                          on_start=lambda run_id: checkpoint.save(run_id, history, None,
-                                                                  earlier_seconds)) as run_id:
-            tracking.log_params(flatten({"variant": variant, "seed": seed, "model": spec,
-                                         "train": train_settings,
-                                         "data": {"source": data_info.source,
-                                                  "canonical_split": data_info.canonical_split,
-                                                  **asdict(data_info.sizes)}}))
-            tracking.log_params({"model.parameters": model.count_params()})
-            tracking.log_dataset("fashion-mnist-train", data.x_train, data.y_train, "training", data_info)
-            tracking.log_dataset("fashion-mnist-test", data.x_test, data.y_test, "testing", data_info)
-            tracking.log_missing_steps(history)  # epochs an earlier attempt could not log
-
-            def on_epoch(record: dict[str, float]) -> None:
-                history.append(record)
-                checkpoint.save(run_id, history, model, elapsed())
-                tracking.log_epoch(record)
-                epoch_line(record)
-
-            epoch_line = progress.EpochLine(progress.stage_label(
-                "train", config.variants, config.train.seeds, variant, seed), config.train.epochs,
-                first_epoch=len(history), seeds_after=seeds_after)
-            recorder = EpochRecorder(on_epoch, test, config.train.batch_size)
+        with contextlib.ExitStack() as stack:
+            for run in runs:
+                stack.enter_context(_tracked(config, run, data, data_info, experiment_id))
+            epoch_lines = [progress.EpochLine(progress.stage_label(
+                "train", config.variants, config.train.seeds, run.variant, run.seed), config.train.epochs,
+                first_epoch=len(run.history), seeds_after=seeds_after) for run in runs]
+            test = (data.x_test, to_targets(data.y_test)) if config.train.monitor_test else None
+            callbacks = [[StopWhenAsked(), EpochRecorder(_on_epoch(run, line), test, config.train.batch_size)]
+                         for run, line in zip(runs, epoch_lines, strict=True)]
+            started = time.perf_counter()
+            for run in runs:
+                run.loop_started = started
             with cli.stop_at_safe_points():
-                fit(model, data, config.train, [StopWhenAsked(), recorder], initial_epoch=len(history),
-                    seed=seed)
-            result = TrainedModel(model, history, run_id, device.backend(), precision,
-                                  device.describe(), elapsed(), name)
-            write_outputs(result, out_dir, data_info, config.evaluate.class_names,
-                          _fingerprint(settings, inputs))
-            files = paths.RunFiles(out_dir)
-            tracking.log_results({"train_seconds": round(result.train_seconds, 1)})
-            tracking.log_artifacts(files.history, files.architecture)
-            examples = -(-2 // devices) * devices  # 2, or a multiple of the devices that split it
-            tracking.log_keras_model(model, name, data.x_test[:examples], config.evaluate.class_names,
-                                     device.pip_requirements())
+                if len(runs) == 1:
+                    fit(runs[0].model, data, config.train, callbacks[0], initial_epoch=len(runs[0].history),
+                        seed=runs[0].seed)
+                else:
+                    fit_seeds([run.model for run in runs], data, config.train, callbacks,
+                              initial_epoch=len(runs[0].history), seeds=[run.seed for run in runs])
+            # each run's outputs and model are logged as its _tracked context exits (last first)
     except TrainingError:
-        checkpoint.clear()  # resuming would only repeat the failure
+        for run in runs:  # resuming would repeat the failure (the seeds started together)
+            run.checkpoint.clear()
         raise
     except tracking.TrackingError as error:
         raise tracking.TrackingError(
-            f"{error}. The checkpoint {checkpoint.folder} (after epoch {len(history)}) is kept: "
-            "run `dvc repro` again to resume once the store works") from error
+            f"{error}. {_kept(runs)}: run `dvc repro` again to resume once the store works") from error
     except KeyboardInterrupt as error:
-        raise Interrupted(f"interrupted after epoch {len(history)}; run `dvc repro` again to "
-                          f"resume (the checkpoint {checkpoint.folder} is kept)") from error
-    checkpoint.clear()
-    return result
+        folders = ", ".join(str(run.checkpoint.folder) for run in runs)
+        kept = (f"the checkpoint {folders} is kept" if len(runs) == 1
+                else f"the checkpoints {folders} are kept")
+        raise Interrupted(f"interrupted after epoch {min(len(run.history) for run in runs)}; run `dvc repro` "
+                          f"again to resume ({kept})") from error
+    for run in runs:
+        run.checkpoint.clear()
+    return [run.result for run in runs if run.result is not None]
+
+
+def _kept(runs: list[_SeedRun]) -> str:
+    if len(runs) == 1:
+        return f"The checkpoint {runs[0].checkpoint.folder} (after epoch {len(runs[0].history)}) is kept"
+    return "The checkpoints " + ", ".join(f"{run.checkpoint.folder} (after epoch {len(run.history)})"
+                                          for run in runs) + " are kept"
+
+
+def _on_epoch(run: _SeedRun, epoch_line: progress.EpochLine) -> Callable[[dict[str, float]], None]:
+    def on_epoch(record: dict[str, float]) -> None:
+        run.history.append(record)
+        run.checkpoint.save(run.run_id, run.history, run.model, run.elapsed())
+        tracking.log_epoch(record, run_id=run.run_id)
+        epoch_line(record)
+
+    return on_epoch
+
+
+@contextlib.contextmanager
+def _tracked(config: Config, run: _SeedRun, data: Dataset, data_info: DataInfo,
+             experiment_id: str) -> Iterator[None]:
+    """``run``'s MLflow run around its training: started (or resumed) and its params and data
+    logged on entry; on a normal exit its outputs written (``run.result``) and logged."""
+    variant, spec = run.variant, config.variant(run.variant)
+    tags = {
+        "kind": "cnn", "variant": variant, "seed": str(run.seed),
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc_stage": paths.stage_name("train", variant),
+        "data_source": data_info.source, "canonical_split": str(data_info.canonical_split),
+        "keras_backend": device.backend(), "precision": run.precision, "device": device.describe(),
+    }
+    with tracking.run(experiment_id, run.name, tags, run_id=run.resumed_run_id,
+                      on_start=lambda run_id: run.checkpoint.save(run_id, run.history, None,
+                                                                  run.earlier_seconds)) as run_id:
+        run.run_id = run_id
+        tracking.log_params(flatten({"variant": variant, "seed": run.seed, "model": spec,
+                                     "train": _train_settings(config, variant),
+                                     "data": {"source": data_info.source,
+                                              "canonical_split": data_info.canonical_split,
+                                              **asdict(data_info.sizes)}}))
+        tracking.log_params({"model.parameters": run.model.count_params()})
+        tracking.log_dataset("fashion-mnist-train", data.x_train, data.y_train, "training", data_info)
+        tracking.log_dataset("fashion-mnist-test", data.x_test, data.y_test, "testing", data_info)
+        tracking.log_missing_steps(run.history)  # epochs an earlier attempt could not log
+        yield
+        result = TrainedModel(run.model, run.history, run_id, device.backend(), run.precision,
+                              device.describe(), run.elapsed(), run.name)
+        write_outputs(result, run.out_dir, data_info, config.evaluate.class_names, run.made_by)
+        files = paths.RunFiles(run.out_dir)
+        tracking.log_results({"train_seconds": round(result.train_seconds, 1)})
+        tracking.log_artifacts(files.history, files.architecture)
+        examples = -(-2 // run.devices) * run.devices  # 2, or a multiple of the devices that split it
+        tracking.log_keras_model(run.model, run.name, data.x_test[:examples], config.evaluate.class_names,
+                                 device.pip_requirements())
+        run.result = result
 
 
 def write_outputs(result: TrainedModel, out_dir: Path, data_info: DataInfo,

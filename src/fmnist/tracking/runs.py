@@ -22,6 +22,7 @@ import mlflow
 import numpy as np
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context import registry as context_registry
 
 from fmnist import paths
 from fmnist.records import DataInfo
@@ -155,9 +156,16 @@ def run(experiment_id: str, name: str, tags: dict[str, str], run_id: str | None 
     """
     where = execution()
     title = run_title(name, where) if name else ""
+    # Seeds trained together keep their runs open at once: a run started while another is
+    # active goes on MLflow's stack of active runs above it (ended first), not under it.
+    sibling = mlflow.active_run() is not None and parent_run_id is None
     try:
         if run_id is not None and run_is_usable(run_id):
-            active = mlflow.start_run(run_id=run_id)
+            active = mlflow.start_run(run_id=run_id, nested=sibling)
+        elif sibling:  # MLflow would make a new nested run the active run's child
+            created = MlflowClient().create_run(experiment_id, run_name=title,
+                                                tags=context_registry.resolve_tags({}))
+            active = mlflow.start_run(run_id=created.info.run_id, nested=True)
         else:
             active = mlflow.start_run(experiment_id=experiment_id, run_name=title,
                                       parent_run_id=parent_run_id, nested=parent_run_id is not None)
@@ -259,10 +267,11 @@ def epoch_metric_name(key: str) -> str:
     return name
 
 
-def log_epoch(record: dict[str, float]) -> None:
-    """One epoch's record (its ``epoch`` key is the step) as the per-epoch series."""
+def log_epoch(record: dict[str, float], run_id: str | None = None) -> None:
+    """One epoch's record (its ``epoch`` key is the step) as the per-epoch series of run
+    ``run_id`` (default: the active run; seeds trained together have several runs open)."""
     log_metrics({epoch_metric_name(key): value for key, value in record.items() if key != "epoch"},
-                step=int(record["epoch"]))
+                step=int(record["epoch"]), run_id=run_id)
 
 
 def log_results(results: dict[str, float]) -> None:
@@ -305,8 +314,8 @@ def log_html(html: str, artifact_file: str) -> None:
 
 
 @guarded("logging metrics")
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step)
+def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
+    mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step, run_id=run_id)
 
 
 @guarded("re-logging the checkpoint's epochs")
