@@ -23,7 +23,9 @@ leading axis (one entry per seed; the non-trainable state holds each model's dro
 augmentation seed-generator state) and the step and the evaluation are ``jax.vmap``-ped over
 that axis and over the per-seed shuffle keys, so every call trains all the seeds at once: on
 a GPU, three seeds cost about one. Each seed's shuffle is its lone run's; its numbers are its
-lone run's up to float reassociation (XLA batches the seeds' convolutions into one).
+lone run's up to float reassociation (XLA batches the seeds' convolutions into one). On the
+CPU the seeds take turns in each epoch instead, through the same compiled functions (see
+``fit_seeds``).
 """
 
 from __future__ import annotations
@@ -208,11 +210,18 @@ def fit_seeds(models: Sequence[keras.Model], images: np.ndarray, labels: np.ndar
               epochs: int, seeds: Sequence[int], callbacks: Sequence[Sequence[keras.callbacks.Callback]],
               initial_epoch: int = 0, validation: tuple[np.ndarray, np.ndarray] | None = None,
               test: tuple[np.ndarray, np.ndarray] | None = None, compiled_epochs: bool | None = None,
-              verbose: bool = True) -> None:
+              vmapped: bool | None = None, verbose: bool = True) -> None:
     """``fit`` for several models of one architecture and recipe, ``models[i]`` trained
-    under ``seeds[i]`` (its shuffles) with ``callbacks[i]``, all in one vmapped loop (see the
-    module's docstring); one model trains unstacked, as ``fit`` has it. Every model gets its
-    epoch's state and callbacks after each epoch (``callbacks[i]`` see ``models[i]``)."""
+    under ``seeds[i]`` (its shuffles) with ``callbacks[i]``, in one loop: every model gets
+    its epoch's state and its callbacks' epoch calls after each epoch.
+
+    ``vmapped`` (default: on an accelerator, not on the CPU): the seeds' states stacked and
+    each call vmapped over them (the module's docstring). Otherwise each epoch calls the
+    same compiled functions once per seed: one compile for all the seeds (a lone run per
+    seed compiles its own), each seed's numbers exactly its lone run's. On XLA's CPU backend
+    the vmapped step ran 1.4x slower than the seeds' steps one after the other (batched
+    convolutions; benchmarks/results/seeds_together-*.json), so there it is off.
+    """
     if not (len(models) == len(seeds) == len(callbacks)) or not models:
         raise ValueError(f"fit_seeds needs one seed and one callback list per model; got "
                          f"{len(models)} models, {len(seeds)} seeds, {len(callbacks)} callback lists")
@@ -221,7 +230,9 @@ def fit_seeds(models: Sequence[keras.Model], images: np.ndarray, labels: np.ndar
             model.optimizer.build(model.trainable_variables)
     if compiled_epochs is None:
         compiled_epochs = jax.default_backend() != "cpu"
-    stacked = len(models) > 1
+    if vmapped is None:
+        vmapped = jax.default_backend() != "cpu"
+    stacked = vmapped and len(models) > 1
     callback_lists = [keras.callbacks.CallbackList(list(given), model=model)
                       for model, given in zip(models, callbacks, strict=True)]
 
@@ -235,30 +246,47 @@ def fit_seeds(models: Sequence[keras.Model], images: np.ndarray, labels: np.ndar
     monitored = {prefix: _padded_chunks(*arrays)
                  for prefix, arrays in (("val_", validation), ("test_", test))
                  if arrays is not None and len(arrays[1])}
+
+    def run_epoch(state, key):
+        state, results = train_epoch(state, x_all, y_all, key)
+        for prefix, chunks in monitored.items():
+            scores = evaluate(state[0], state[1], *chunks)
+            results.update({prefix + name: value for name, value in scores.items()})
+        return state, results
+
     base_keys = [jax.random.PRNGKey(seed) for seed in seeds]
     for model in models:
         model.stop_training = False
     for callback_list in callback_lists:
         callback_list.on_train_begin()
-    state = _stack([_state(model) for model in models]) if stacked else _state(models[0])
+    if stacked:
+        state = _stack([_state(model) for model in models])
+    else:
+        states = [_state(model) for model in models]
     for epoch in range(initial_epoch, epochs):
         for callback_list in callback_lists:
             callback_list.on_epoch_begin(epoch)
         started = time.perf_counter()
         keys = [jax.random.fold_in(key, epoch) for key in base_keys]
-        state, results = train_epoch(state, x_all, y_all, jnp.stack(keys) if stacked else keys[0])
-        for prefix, chunks in monitored.items():
-            scores = evaluate(state[0], state[1], *chunks)
-            results.update({prefix + key: value for key, value in scores.items()})
-        results = jax.device_get(results)  # one transfer: every seed's numbers, (seeds,) each
+        if stacked:
+            state, results = run_epoch(state, jnp.stack(keys))
+            results = jax.device_get(results)  # one transfer: every seed's numbers, (seeds,) each
+            states = [_unstack(state, index) for index in range(len(models))]
+            seed_logs = [{key: float(value[index]) for key, value in results.items()}
+                         for index in range(len(models))]
+        else:
+            outcomes = [run_epoch(state, key) for state, key in zip(states, keys, strict=True)]
+            states = [state for state, _ in outcomes]
+            seed_logs = [{key: float(value) for key, value in logs.items()}
+                         for logs in jax.device_get([results for _, results in outcomes])]
         for index, (model, callback_list) in enumerate(zip(models, callback_lists, strict=True)):
-            logs = {key: float(value[index] if stacked else value) for key, value in results.items()}
-            _assign(model, _unstack(state, index) if stacked else state)
+            _assign(model, states[index])
             if verbose:
                 print(f"Epoch {epoch + 1}/{epochs} (seed {seeds[index]}) - "
                       f"{time.perf_counter() - started:.1f}s - "
-                      + " - ".join(f"{key}: {value:.4f}" for key, value in logs.items()), flush=True)
-            callback_list.on_epoch_end(epoch, logs)
+                      + " - ".join(f"{key}: {value:.4f}" for key, value in seed_logs[index].items()),
+                      flush=True)
+            callback_list.on_epoch_end(epoch, seed_logs[index])
         if any(model.stop_training for model in models):
             break
     for callback_list in callback_lists:

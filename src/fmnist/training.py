@@ -221,16 +221,17 @@ def fit(model: keras.Model, data: Dataset, train: TrainConfig, callbacks: list,
 
 
 def fit_seeds(models: list[keras.Model], data: Dataset, train: TrainConfig, callbacks: list[list],
-              initial_epoch: int, seeds: list[int]) -> None:
+              initial_epoch: int, seeds: list[int], vmapped: bool | None = None) -> None:
     """Train ``models`` (one architecture and recipe, ``models[i]`` under ``seeds[i]``, with
-    ``callbacks[i]``) together from ``initial_epoch``: JAX on one device only (``fit``'s loop,
-    vmapped over the seeds: fmnist.jax_loop.fit_seeds)."""
+    ``callbacks[i]``) together from ``initial_epoch``: JAX on one device only (``fit``'s loop
+    for all the seeds; ``vmapped``: see fmnist.jax_loop.fit_seeds)."""
     from fmnist import jax_loop
 
     jax_loop.fit_seeds(models, data.x_train, data.y_train, batch_size=train.batch_size,
                        epochs=train.epochs, initial_epoch=initial_epoch, seeds=seeds, callbacks=callbacks,
                        validation=(data.x_val, data.y_val),
-                       test=(data.x_test, data.y_test) if train.monitor_test else None, verbose=False)
+                       test=(data.x_test, data.y_test) if train.monitor_test else None,
+                       vmapped=vmapped, verbose=False)
 
 
 def seed_settings(config: Config, variant: str, seed: int, data_info: DataInfo, precision: str,
