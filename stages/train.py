@@ -1,5 +1,6 @@
-"""DVC stage `train@<variant>`: train one variant under every seed of train.seeds, one after
-the other in this process (see fmnist.training.train_seeds)."""
+"""DVC stage `train@<variant>`: train one variant under every seed of train.seeds in this
+process, together in one loop under JAX, one after the other under TensorFlow (see
+fmnist.training.train_seeds)."""
 
 import json
 

@@ -219,8 +219,8 @@ def fit_seeds(models: Sequence[keras.Model], images: np.ndarray, labels: np.ndar
     each call vmapped over them (the module's docstring). Otherwise each epoch calls the
     same compiled functions once per seed: one compile for all the seeds (a lone run per
     seed compiles its own), each seed's numbers exactly its lone run's. On XLA's CPU backend
-    the vmapped step ran 1.4x slower than the seeds' steps one after the other (batched
-    convolutions; benchmarks/results/seeds_together-*.json), so there it is off.
+    a vmapped epoch of 3 seeds took 1.1-1.2x the time of their turns (batched convolutions;
+    benchmarks/results/seeds_together-amd-epyc.json), so there it is off.
     """
     if not (len(models) == len(seeds) == len(callbacks)) or not models:
         raise ValueError(f"fit_seeds needs one seed and one callback list per model; got "

@@ -1,4 +1,5 @@
-"""The train stage: fit one variant under one seed, resumably, tracked in MLflow.
+"""The train stage: fit one variant under each of its seeds, resumably, tracked in MLflow
+(under JAX the seeds together in one loop, each with its own run, checkpoint and folder).
 
 Test loss and accuracy are computed after every epoch because the paper plots them
 (Fig. 3); they are only monitored: nothing here selects an epoch or stops on them, and the
