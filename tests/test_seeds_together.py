@@ -161,3 +161,109 @@ def assert_close_weights(actual: Path, expected: Path, rtol: float = 1e-3) -> No
     assert got.files == want.files
     for key in want.files:
         np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=1e-5 if rtol else 0, err_msg=key)
+
+
+CHUNKS = textwrap.dedent("""
+    import json, os
+    from pathlib import Path
+
+    import yaml
+    from fmnist import jax_loop, training
+    from fmnist.config import parse_params
+    from fmnist.data import load_prepared
+    from fmnist.records import DataInfo
+
+    root = Path.cwd()
+    config = parse_params(yaml.safe_load(Path("params.yaml").read_text()))
+    data, info = load_prepared(root / "d.npz"), DataInfo.read(root / "i.json")
+    report, saves = {}, []
+    real_fit, real_save = jax_loop.fit_seeds, training.Checkpoint.save
+
+    def chunks_of(length, stop_at=None):  # the GPU's compiled epochs, forced on the CPU
+        def fit_seeds(models, *args, callbacks, **kwargs):
+            callbacks = [[*given, Interrupt()] for given in callbacks] if stop_at else callbacks
+            return real_fit(models, *args, callbacks=callbacks, **kwargs, compiled_epochs=True,
+                            chunk_epochs=length)
+        jax_loop.fit_seeds = fit_seeds
+
+    def counted_save(self, run_id, history, model, seconds):
+        if model is not None:
+            saves.append(len(history))
+        return real_save(self, run_id, history, model, seconds)
+
+    training.Checkpoint.save = counted_save
+
+    class Interrupt(training.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt("simulated Ctrl-C")
+
+    def train(folder):
+        (root / folder).mkdir()
+        os.chdir(root / folder)
+        saves.clear()
+        results = training.train_seeds(config, "cnn2", data, info, "code+data")
+        report[folder] = {r.name: {"history": r.history, "run_id": r.run_id} for r in results}
+        report[folder + "-saves"] = list(saves)
+
+    chunks_of(1)
+    train("epochs")
+    chunks_of(2)
+    train("chunks")
+    chunks_of(2, stop_at=2)
+    try:
+        train("interrupted")
+    except KeyboardInterrupt as error:
+        report["interrupted-saves"] = list(saves)
+    chunks_of(2)
+    saves.clear()
+    results = training.train_seeds(config, "cnn2", data, info, "code+data")
+    report["resumed"] = {r.name: {"history": r.history, "run_id": r.run_id} for r in results}
+    report["resumed-saves"] = list(saves)
+    print("REPORT " + json.dumps(report))
+""")
+
+
+@pytest.mark.slow
+def test_compiled_epochs_in_chunks_checkpoint_and_log_once_per_chunk_and_resume_there(
+        tmp_path, tiny_params, tiny_config, tiny_idx_dir):
+    download.download(tiny_config.data, tmp_path / "raw", local_dir=tiny_idx_dir)
+    prepare(tmp_path / "raw", tmp_path / "d.npz", tmp_path / "i.json", validation_size=20,
+            validation_seed=0)
+    # a decaying rate: each epoch of a chunk must log its own
+    tiny_params["train"].update(seeds=[3, 4], epochs=3, lr_schedule="cosine")
+    tiny_params["registry"]["champion_seed"] = 3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+    (tmp_path / "chunks.py").write_text(CHUNKS)
+    env = {**venv_env(), "KERAS_BACKEND": "jax", "DVC_ROOT": str(tmp_path)}
+    done = subprocess.run([sys.executable, "chunks.py"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    report = json.loads(done.stdout.split("REPORT ", 1)[1])
+
+    # 3 epochs in chunks of 2: a checkpoint of each seed after epochs 2 and 3 (per epoch unchunked)
+    assert report["epochs-saves"] == [1, 1, 2, 2, 3, 3]
+    assert report["chunks-saves"] == [2, 2, 3, 3]
+    # a scan over the epochs gives each epoch's numbers, its own learning rate among them
+    n_test = len(np.load(tmp_path / "d.npz")["y_test"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name, run in report["chunks"].items():
+        for got, want in zip(run["history"], report["epochs"][name]["history"], strict=True):
+            for key in ("loss", "val_loss", "test_loss", "learning_rate"):
+                assert got[key] == pytest.approx(want[key], rel=1e-4), (name, key)
+            for key in ("accuracy", "val_accuracy", "test_accuracy"):
+                assert abs(got[key] - want[key]) <= 1 / n_test + 1e-6, (name, key)
+        for metric in ("loss", "monitor_test_accuracy", "learning_rate", "epoch_seconds"):
+            logged = client.get_metric_history(run["run_id"], metric)
+            assert sorted(m.step for m in logged) == [1, 2, 3], metric
+    assert len({r["learning_rate"] for r in report["chunks"]["cnn2-seed3"]["history"]}) == 3  # decays
+
+    # stopped before the second chunk: each seed's checkpoint after the first (epoch 2); the
+    # resumed run trains the second chunk only and ends as the uninterrupted one
+    assert report["interrupted-saves"] == [2, 2]
+    assert report["resumed-saves"] == [3, 3]
+    for name, run in report["resumed"].items():
+        assert [r["epoch"] for r in run["history"]] == [1, 2, 3]
+        for got, want in zip(run["history"], report["chunks"][name]["history"], strict=True):
+            assert {k: v for k, v in got.items() if k != "epoch_seconds"} == pytest.approx(
+                {k: v for k, v in want.items() if k != "epoch_seconds"}, rel=1e-5)

@@ -43,6 +43,9 @@ from fmnist.data import NUM_CLASSES
 from fmnist.recipes import label_smoothing
 
 EVAL_CHUNK = 1000  # images per evaluation step (on a GPU all steps run in one call)
+# epochs per compiled call on an accelerator: one host transfer, checkpoint and MLflow write
+# each; an interrupted run redoes at most this many epochs (a few seconds on a GPU)
+EPOCH_CHUNK = 10
 
 
 def _state(model: keras.Model) -> tuple[list, list, list]:
@@ -210,10 +213,10 @@ def fit_seeds(models: Sequence[keras.Model], images: np.ndarray, labels: np.ndar
               epochs: int, seeds: Sequence[int], callbacks: Sequence[Sequence[keras.callbacks.Callback]],
               initial_epoch: int = 0, validation: tuple[np.ndarray, np.ndarray] | None = None,
               test: tuple[np.ndarray, np.ndarray] | None = None, compiled_epochs: bool | None = None,
-              vmapped: bool | None = None, verbose: bool = True) -> None:
+              vmapped: bool | None = None, chunk_epochs: int | None = None, verbose: bool = True) -> None:
     """``fit`` for several models of one architecture and recipe, ``models[i]`` trained
     under ``seeds[i]`` (its shuffles) with ``callbacks[i]``, in one loop: every model gets
-    its epoch's state and its callbacks' epoch calls after each epoch.
+    its state and its callbacks' epoch calls after each chunk of epochs.
 
     ``vmapped`` (default: on an accelerator, not on the CPU): the seeds' states stacked and
     each call vmapped over them (the module's docstring). Otherwise each epoch calls the
@@ -221,6 +224,15 @@ def fit_seeds(models: Sequence[keras.Model], images: np.ndarray, labels: np.ndar
     seed compiles its own), each seed's numbers exactly its lone run's. On XLA's CPU backend
     a vmapped epoch of 3 seeds took 1.1-1.2x the time of their turns (batched convolutions;
     benchmarks/results/seeds_together-amd-epyc.json), so there it is off.
+
+    ``chunk_epochs`` (with ``compiled_epochs``; default EPOCH_CHUNK there, else 1): that many
+    epochs per compiled call (a ``lax.scan`` over the epochs), their numbers brought to the
+    host in one transfer. Chunks end at multiples of ``chunk_epochs`` (and at ``epochs``), so
+    a run resumed from a chunk's end goes on in the same chunks. The callbacks get every
+    epoch's ``on_epoch_begin`` before the chunk runs and its ``on_epoch_end`` after it (the
+    model then holds the chunk's last state; the logs carry each epoch's ``learning_rate``
+    and ``epoch_seconds``, the chunk's time shared out), then ``on_chunk_end(last_epoch)``
+    where a callback has it: the moment to checkpoint and log once per chunk.
     """
     if not (len(models) == len(seeds) == len(callbacks)) or not models:
         raise ValueError(f"fit_seeds needs one seed and one callback list per model; got "
@@ -232,6 +244,10 @@ def fit_seeds(models: Sequence[keras.Model], images: np.ndarray, labels: np.ndar
         compiled_epochs = jax.default_backend() != "cpu"
     if vmapped is None:
         vmapped = jax.default_backend() != "cpu"
+    if chunk_epochs is None:
+        chunk_epochs = EPOCH_CHUNK if compiled_epochs else 1
+    if chunk_epochs < 1 or (chunk_epochs > 1 and not compiled_epochs):
+        raise ValueError(f"chunk_epochs must be 1, or more with compiled_epochs; got {chunk_epochs}")
     stacked = vmapped and len(models) > 1
     callback_lists = [keras.callbacks.CallbackList(list(given), model=model)
                       for model, given in zip(models, callbacks, strict=True)]
@@ -247,12 +263,24 @@ def fit_seeds(models: Sequence[keras.Model], images: np.ndarray, labels: np.ndar
                  for prefix, arrays in (("val_", validation), ("test_", test))
                  if arrays is not None and len(arrays[1])}
 
-    def run_epoch(state, key):
+    def run_epoch(state, key, x_all, y_all, monitored):
         state, results = train_epoch(state, x_all, y_all, key)
         for prefix, chunks in monitored.items():
             scores = evaluate(state[0], state[1], *chunks)
             results.update({prefix + name: value for name, value in scores.items()})
         return state, results
+
+    @jax.jit
+    def run_chunk(state, keys, x_all, y_all, monitored):
+        """``len(keys)`` epochs in one call; each result gets a leading (epochs,) axis."""
+        return jax.lax.scan(lambda s, key: run_epoch(s, key, x_all, y_all, monitored), state, keys)
+
+    def run(state, keys):
+        """(state after the chunk, the chunk's results) for ``keys`` (epochs, ...)."""
+        if chunk_epochs == 1:  # no scan: the step called per batch on the CPU
+            state, results = run_epoch(state, keys[0], x_all, y_all, monitored)
+            return state, jax.tree_util.tree_map(lambda value: value[None], results)
+        return run_chunk(state, keys, x_all, y_all, monitored)
 
     base_keys = [jax.random.PRNGKey(seed) for seed in seeds]
     for model in models:
@@ -263,31 +291,61 @@ def fit_seeds(models: Sequence[keras.Model], images: np.ndarray, labels: np.ndar
         state = _stack([_state(model) for model in models])
     else:
         states = [_state(model) for model in models]
-    for epoch in range(initial_epoch, epochs):
-        for callback_list in callback_lists:
-            callback_list.on_epoch_begin(epoch)
+    begin = initial_epoch
+    while begin < epochs:
+        end = min(epochs, (begin // chunk_epochs + 1) * chunk_epochs)
+        for epoch in range(begin, end):
+            for callback_list in callback_lists:
+                callback_list.on_epoch_begin(epoch)
         started = time.perf_counter()
-        keys = [jax.random.fold_in(key, epoch) for key in base_keys]
+        # (epochs, 2) per seed, or (epochs, seeds, 2) stacked
+        keys = [jnp.stack([jax.random.fold_in(key, epoch) for epoch in range(begin, end)])
+                for key in base_keys]
         if stacked:
-            state, results = run_epoch(state, jnp.stack(keys))
-            results = jax.device_get(results)  # one transfer: every seed's numbers, (seeds,) each
+            state, results = run(state, jnp.stack(keys, axis=1))
+            results = jax.device_get(results)  # one transfer: every seed's numbers, (epochs, seeds)
             states = [_unstack(state, index) for index in range(len(models))]
-            seed_logs = [{key: float(value[index]) for key, value in results.items()}
-                         for index in range(len(models))]
+            seed_results = [{key: value[:, index] for key, value in results.items()}
+                            for index in range(len(models))]
         else:
-            outcomes = [run_epoch(state, key) for state, key in zip(states, keys, strict=True)]
+            outcomes = [run(state, key) for state, key in zip(states, keys, strict=True)]
             states = [state for state, _ in outcomes]
-            seed_logs = [{key: float(value) for key, value in logs.items()}
-                         for logs in jax.device_get([results for _, results in outcomes])]
+            seed_results = jax.device_get([results for _, results in outcomes])
+        seconds = (time.perf_counter() - started) / (end - begin)
         for index, (model, callback_list) in enumerate(zip(models, callback_lists, strict=True)):
             _assign(model, states[index])
-            if verbose:
-                print(f"Epoch {epoch + 1}/{epochs} (seed {seeds[index]}) - "
-                      f"{time.perf_counter() - started:.1f}s - "
-                      + " - ".join(f"{key}: {value:.4f}" for key, value in seed_logs[index].items()),
-                      flush=True)
-            callback_list.on_epoch_end(epoch, seed_logs[index])
+            steps_done = int(model.optimizer.iterations.numpy())
+            for offset, epoch in enumerate(range(begin, end)):
+                logs = {key: float(value[offset]) for key, value in seed_results[index].items()}
+                if end - begin > 1:  # the model holds the chunk's end: each epoch's own rate
+                    logs["learning_rate"] = _learning_rate(
+                        model, steps_done - (end - epoch - 1) * _steps(len(labels), batch_size))
+                    logs["epoch_seconds"] = seconds
+                if verbose:
+                    print(f"Epoch {epoch + 1}/{epochs} (seed {seeds[index]}) - {seconds:.1f}s - "
+                          + " - ".join(f"{key}: {value:.4f}" for key, value in logs.items()), flush=True)
+                callback_list.on_epoch_end(epoch, logs)
+            for callback in callback_list.callbacks:
+                if hasattr(callback, "on_chunk_end"):
+                    callback.on_chunk_end(end - 1)
         if any(model.stop_training for model in models):
             break
+        begin = end
     for callback_list in callback_lists:
         callback_list.on_train_end()
+
+
+def _steps(n_train: int, batch_size: int) -> int:
+    return math.ceil(n_train / batch_size)
+
+
+def _learning_rate(model: keras.Model, iterations: int) -> float:
+    """The rate the optimizer's schedule gives after ``iterations`` steps (the model's
+    optimizer is set there for the reading and put back)."""
+    counter = model.optimizer.iterations
+    now = counter.numpy()
+    counter.assign(iterations)
+    try:
+        return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+    finally:
+        counter.assign(now)

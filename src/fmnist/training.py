@@ -45,15 +45,22 @@ def to_targets(labels: np.ndarray) -> np.ndarray:
 
 class EpochRecorder(keras.callbacks.Callback):
     """Completes each epoch's record: monitored test metrics, timing, a finite-loss check,
-    then hands it to ``on_epoch`` (which checkpoints and logs it)."""
+    then hands it to ``on_epoch`` (which checkpoints and logs it). Where the loop runs
+    epochs in chunks (fmnist.jax_loop), it calls ``on_chunk`` at each chunk's end."""
 
     def __init__(self, on_epoch: Callable[[dict[str, float]], None],
-                 test: tuple[np.ndarray, np.ndarray] | None, batch_size: int):
+                 test: tuple[np.ndarray, np.ndarray] | None, batch_size: int,
+                 on_chunk: Callable[[], None] | None = None):
         super().__init__()
         self.on_epoch = on_epoch
+        self.on_chunk = on_chunk
         self.test = test
         self.batch_size = batch_size
         self._started = 0.0
+
+    def on_chunk_end(self, epoch: int) -> None:
+        if self.on_chunk is not None:
+            self.on_chunk()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._started = time.perf_counter()
@@ -64,14 +71,15 @@ class EpochRecorder(keras.callbacks.Callback):
         if not math.isfinite(record.get("loss", 0.0)):
             raise TrainingError(f"training loss became {record['loss']} at epoch {epoch + 1}; "
                                 "lower train.learning_rate or check the data")
-        # the rate the schedule gives the next step, i.e. at this epoch's end
-        record["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        if "learning_rate" not in record:  # a chunk's loop gives each epoch's
+            # the rate the schedule gives the next step, i.e. at this epoch's end
+            record["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         if self.test is not None and MONITORED_TEST_ACCURACY not in record:  # the JAX loop computes it
             scores = self.model.evaluate(*self.test, batch_size=self.batch_size, verbose=0,
                                          return_dict=True)
             record[MONITORED_TEST_LOSS] = float(scores["loss"])
             record[MONITORED_TEST_ACCURACY] = float(scores["accuracy"])
-        record["epoch_seconds"] = time.perf_counter() - self._started
+        record.setdefault("epoch_seconds", time.perf_counter() - self._started)
         self.on_epoch(record)
 
 
@@ -410,7 +418,8 @@ def _train(config: Config, runs: list[_SeedRun], data: Dataset, data_info: DataI
                 "train", config.variants, config.train.seeds, run.variant, run.seed), config.train.epochs,
                 first_epoch=len(run.history), seeds_after=seeds_after) for run in runs]
             test = (data.x_test, to_targets(data.y_test)) if config.train.monitor_test else None
-            callbacks = [[StopWhenAsked(), EpochRecorder(_on_epoch(run, line), test, config.train.batch_size)]
+            callbacks = [[StopWhenAsked(), _recorder(run, line, test, config.train.batch_size,
+                                                     chunked=_trains_together())]
                          for run, line in zip(runs, epoch_lines, strict=True)]
             started = time.perf_counter()
             for run in runs:
@@ -448,14 +457,27 @@ def _kept(runs: list[_SeedRun]) -> str:
                                           for run in runs) + " are kept"
 
 
-def _on_epoch(run: _SeedRun, epoch_line: progress.EpochLine) -> Callable[[dict[str, float]], None]:
+def _recorder(run: _SeedRun, epoch_line: progress.EpochLine, test: tuple[np.ndarray, np.ndarray] | None,
+              batch_size: int, chunked: bool) -> EpochRecorder:
+    """``run``'s EpochRecorder: each epoch's record into the history, the checkpoint and
+    MLflow, and its epoch line. ``chunked`` (fmnist.jax_loop calls ``on_chunk_end``): the
+    checkpoint and MLflow once per chunk of epochs, its records in one batch."""
+    pending: list[dict[str, float]] = []
+
+    def flush() -> None:
+        if pending:
+            run.history.extend(pending)
+            run.checkpoint.save(run.run_id, run.history, run.model, run.elapsed())
+            tracking.log_epochs(pending, run_id=run.run_id)
+            pending.clear()
+
     def on_epoch(record: dict[str, float]) -> None:
-        run.history.append(record)
-        run.checkpoint.save(run.run_id, run.history, run.model, run.elapsed())
-        tracking.log_epoch(record, run_id=run.run_id)
+        pending.append(record)
+        if not chunked:
+            flush()
         epoch_line(record)
 
-    return on_epoch
+    return EpochRecorder(on_epoch, test, batch_size, on_chunk=flush if chunked else None)
 
 
 @contextlib.contextmanager

@@ -65,6 +65,7 @@ from fmnist.tracking.runs import (
     log_artifacts,
     log_dataset,
     log_epoch,
+    log_epochs,
     log_html,
     log_metrics,
     log_missing_steps,
@@ -99,9 +100,9 @@ __all__ = [
     "params_changed", "provenance_tags", "workspace_committed",
     # runs
     "MONITOR_PREFIX", "RESULT_METRICS", "RUN_KEY_TAG", "analysis_experiment", "epoch_metric_name",
-    "final_epoch_metric", "finished_runs", "log_artifacts", "log_dataset", "log_epoch", "log_html",
-    "log_metrics", "log_missing_steps", "log_params", "log_results", "mark_failed", "resume", "run",
-    "run_is_usable", "run_key", "run_tags", "run_title", "search_experiment", "tag_run",
+    "final_epoch_metric", "finished_runs", "log_artifacts", "log_dataset", "log_epoch", "log_epochs",
+    "log_html", "log_metrics", "log_missing_steps", "log_params", "log_results", "mark_failed",
+    "resume", "run", "run_is_usable", "run_key", "run_tags", "run_title", "search_experiment", "tag_run",
     # models
     "ModelOrigin", "load_logged_model", "load_pyfunc", "log_keras_model", "model_metadata",
     "model_origin", "model_signature", "scoring_app",

@@ -318,6 +318,18 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str 
     mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step, run_id=run_id)
 
 
+@guarded("logging epochs")
+def log_epochs(records: list[dict[str, float]], run_id: str | None = None) -> None:
+    """Epoch records (``log_epoch``'s names, step = ``epoch``) in one write to run ``run_id``
+    (default: the active run)."""
+    run_id = run_id or mlflow.active_run().info.run_id
+    timestamp = int(time.time() * 1000)
+    metrics = [Metric(epoch_metric_name(key), float(value), timestamp, int(record["epoch"]))
+               for record in records for key, value in record.items() if key != "epoch"]
+    for start in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+        MlflowClient().log_batch(run_id, metrics=metrics[start:start + 1000])
+
+
 @guarded("re-logging the checkpoint's epochs")
 def log_missing_steps(records: list[dict[str, float]], step_key: str = "epoch") -> int:
     """Log every (metric, step) of ``records`` (epoch records, named as ``log_epoch`` names
