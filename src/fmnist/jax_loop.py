@@ -222,7 +222,7 @@ def fit_seeds(models: Sequence[keras.Model], images: np.ndarray, labels: np.ndar
     each call vmapped over them (the module's docstring). Otherwise each epoch calls the
     same compiled functions once per seed: one compile for all the seeds (a lone run per
     seed compiles its own), each seed's numbers exactly its lone run's. On XLA's CPU backend
-    a vmapped epoch of 3 seeds took 1.1-1.2x the time of their turns (batched convolutions;
+    a vmapped epoch of 3 seeds took 1.1-1.5x the time of their turns (batched convolutions;
     benchmarks/results/seeds_together-amd-epyc.json), so there it is off.
 
     ``chunk_epochs`` (with ``compiled_epochs``; default EPOCH_CHUNK there, else 1): that many
