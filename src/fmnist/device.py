@@ -119,7 +119,11 @@ def keep_tensorflow_unloaded() -> None:
         return
     from keras.src.utils import module_utils
 
-    module_utils.tensorflow._available = False  # Keras' lazy module caches this answer
+    lazy = getattr(module_utils, "tensorflow", None)
+    # Keras' lazy module caches its answer in _available (looked up in vars(): a missing
+    # attribute would make it import TensorFlow); another Keras only costs the import
+    if lazy is not None and "_available" in vars(lazy):
+        lazy._available = False
 
 
 def select_backend(name: str) -> str:
