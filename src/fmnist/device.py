@@ -112,7 +112,7 @@ def prepare_jax() -> None:
 def keep_tensorflow_unloaded() -> None:
     """Under JAX or torch, stop Keras from importing TensorFlow where it only asks whether it
     is installed (``keras.utils.set_random_seed`` to seed it, saving a model to check objects
-    for TensorFlow types): +4 s of start-up for nothing. TensorFlow imported later by anyone
+    for TensorFlow types): 2-4 s of start-up for nothing. TensorFlow imported later by anyone
     still works; Keras then only skips seeding it (nothing here uses it under these
     backends) and its type checks (no TensorFlow object can exist before it is imported)."""
     if backend() == "tensorflow" or "tensorflow" in sys.modules:
