@@ -309,7 +309,8 @@ def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: Da
     try:
         with tracking.run(experiment_id, name, tags, run_id=state.get("run_id"),
                           on_start=lambda run_id: checkpoint.save(run_id, history, None,
-                                                                  earlier_seconds)) as run_id:
+                                                                  earlier_seconds),
+                          system_metrics=True) as run_id:
             tracking.log_params(flatten({"variant": variant, "seed": seed, "model": spec,
                                          "train": train_settings,
                                          "data": {"source": data_info.source,
@@ -321,6 +322,7 @@ def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: Da
             tracking.log_missing_steps(history)  # epochs an earlier attempt could not log
 
             def on_epoch(record: dict[str, float]) -> None:
+                record["images_per_second"] = len(data.y_train) / record["epoch_seconds"]
                 history.append(record)
                 checkpoint.save(run_id, history, model, elapsed())
                 tracking.log_epoch(record)
