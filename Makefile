@@ -44,10 +44,11 @@ small: $(VENV)/.installed
 	@echo "Experiment 'small' (2 epochs, seed 0, SVC on 10,000 images: NOT the paper's numbers) beside the committed results:"
 	@dvc metrics diff HEAD small --all --no-path --targets metrics/accuracy.json
 
-# the test files spread over one worker per core (pytest-xdist), each file on one worker: a
-# module's tests may share a fixture and run in order
+# the test files spread over one worker per core (pytest-xdist), each file on one worker (a
+# module's tests may share a fixture and run in order), the longest files first
+# (tests/conftest.py: LONGEST_FIRST); the slowest tests are listed at the end
 test: $(VENV)/.installed-dev lint deps-system
-	python -m pytest -n auto --dist loadfile
+	python -m pytest -n auto --dist loadfile --no-loadscope-reorder --durations=15
 
 lint: $(VENV)/.installed-dev
 	ruff check src stages tests benchmarks

@@ -76,6 +76,26 @@ def pytest_runtest_makereport(item, call):
             report.sections.append((f"last {name} of the timed-out {error.cmd!r}",
                                     (output or "(nothing)")[-3000:]))
     return report
+# The test files that run pipelines, longest first (`make test` lists the slowest tests). `make
+# test` spreads whole files over two workers (xdist's loadfile, without its default reorder
+# by number of tests, which put these last): starting with the longest, the two workers end
+# together instead of one running test_compare alone at the end.
+LONGEST_FIRST = ["test_team.py", "test_compare.py", "test_faults.py", "test_use.py",
+                 "test_pipeline.py", "test_benchmarks.py", "test_search.py", "test_training.py",
+                 "test_recipes.py", "test_device.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    missing = set(LONGEST_FIRST) - {path.name for path in Path(__file__).parent.glob("test_*.py")}
+    assert not missing, f"tests/conftest.py's LONGEST_FIRST names no test file {sorted(missing)}"
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: a file's tests keep their order
+
+
 TINY_TRAIN_PER_CLASS = 24
 TINY_TEST_PER_CLASS = 6
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fmnist import paths
 from fmnist.config import ConfigError
 
 # The extra that installs each backend's GPU build (pyproject.toml); see docs/gpu.md.
@@ -65,12 +66,76 @@ def resolve_backend(name: str) -> str:
                       "installed; run `make run` (or pip install -e .) first")
 
 
+# JAX's own variables that size its GPU memory; where the user set one, none is added
+JAX_MEMORY_VARIABLES = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+                        "XLA_PYTHON_CLIENT_ALLOCATOR")
+JAX_CACHE_MAX_BYTES = 2**30  # beyond it JAX evicts the least recently used programs
+
+
+def jax_environment(root: Path) -> dict[str, str]:
+    """The environment every JAX process of the project starts with (JAX reads these when it
+    is imported), for the project at ``root``:
+
+    - a persistent compilation cache in ``root``/.cache/jax, shared by every stage and queue
+      worker (under ``dvc exp run --queue``, ``root`` is DVC_ROOT, the main workspace): a new
+      process loads the epoch function and Keras' many small init programs compiled by an
+      earlier one instead of compiling them (see docs/timing.md). Every program is cached
+      (no minimum compile time or size), the folder is bounded (JAX_CACHE_MAX_BYTES, which
+      also makes JAX lock it against concurrent writers), and on a GPU XLA's per-fusion
+      autotune results are kept in it too (JAX passes that flag to the GPU compiler only);
+    - memory allocated as needed (XLA_PYTHON_CLIENT_PREALLOCATE=false), not 75 % of the GPU
+      at start, so that two stages or queue workers share one GPU; left out where the user
+      set any of JAX_MEMORY_VARIABLES.
+    """
+    environment = {
+        "JAX_COMPILATION_CACHE_DIR": str(root / paths.JAX_CACHE),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+        "JAX_COMPILATION_CACHE_MAX_SIZE": str(JAX_CACHE_MAX_BYTES),
+        "JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES": "xla_gpu_per_fusion_autotune_cache_dir",
+    }
+    if not any(variable in os.environ for variable in JAX_MEMORY_VARIABLES):
+        environment["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return environment
+
+
+def prepare_jax() -> None:
+    """Put ``jax_environment`` into this process' environment (a value already set wins);
+    call before JAX is first imported, which ``select_backend`` does."""
+    if "jax" in sys.modules:
+        raise RuntimeError("JAX was imported before fmnist.device.prepare_jax could set its "
+                           "compilation cache and memory settings")
+    for key, value in jax_environment(paths.project_root()).items():
+        os.environ.setdefault(key, value)
+
+
+def keep_tensorflow_unloaded() -> None:
+    """Under JAX or torch, stop Keras from importing TensorFlow where it only asks whether it
+    is installed (``keras.utils.set_random_seed`` to seed it, saving a model to check objects
+    for TensorFlow types): 2-4 s of start-up for nothing. TensorFlow imported later by anyone
+    still works; Keras then only skips seeding it (nothing here uses it under these
+    backends) and its type checks (no TensorFlow object can exist before it is imported)."""
+    if backend() == "tensorflow" or "tensorflow" in sys.modules:
+        return
+    from keras.src.utils import module_utils
+
+    lazy = getattr(module_utils, "tensorflow", None)
+    # Keras' lazy module caches its answer in _available (looked up in vars(): a missing
+    # attribute would make it import TensorFlow); another Keras only costs the import
+    if lazy is not None and "_available" in vars(lazy):
+        lazy._available = False
+
+
 def select_backend(name: str) -> str:
     """Set KERAS_BACKEND from ``train.backend`` before Keras is imported; return the backend.
 
     The param, not the environment, decides (DVC tracks params, not environment variables);
-    a KERAS_BACKEND set in the environment is overridden with a note.
+    a KERAS_BACKEND set in the environment is overridden with a note. Where JAX is installed,
+    its environment (``jax_environment``) is set first: ``auto`` imports JAX to look for a
+    GPU. Under JAX or torch, Keras is kept from importing TensorFlow (``keep_tensorflow_unloaded``).
     """
+    if _installed("jax") and "jax" not in sys.modules:
+        prepare_jax()
     backend_name = resolve_backend(name)
     if "keras" in sys.modules:
         import keras
@@ -84,6 +149,8 @@ def select_backend(name: str) -> str:
         print(f"NOTE: KERAS_BACKEND={previous} in the environment is ignored: train.backend "
               f"({name}) selects {backend_name}.")
     os.environ["KERAS_BACKEND"] = backend_name
+    if backend_name != "tensorflow":
+        keep_tensorflow_unloaded()  # imports Keras, with the backend just set
     return backend_name
 
 

@@ -31,6 +31,9 @@ PREPARED_INFO = DATA_PREPARED / records.DataInfo.FILE
 
 MODELS = Path("models")
 CHECKPOINTS = Path(".checkpoints")  # resumable training state; not a DVC output (DVC deletes those)
+# JAX's persistent compilation cache (and XLA's GPU autotune results), shared by every stage
+# process and queue worker of the project (fmnist.device.jax_environment); safe to delete
+JAX_CACHE = Path(".cache/jax")
 PREDICTIONS = Path("predictions")
 METRICS = Path("metrics")
 REPORTS = Path("reports")

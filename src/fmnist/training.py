@@ -418,7 +418,9 @@ def _train(config: Config, runs: list[_SeedRun], data: Dataset, data_info: DataI
                 "train", config.variants, config.train.seeds, run.variant, run.seed), config.train.epochs,
                 first_epoch=len(run.history), seeds_after=seeds_after) for run in runs]
             test = (data.x_test, to_targets(data.y_test)) if config.train.monitor_test else None
-            callbacks = [[StopWhenAsked(), _recorder(run, line, test, config.train.batch_size,
+            # images per second: those of every seed in the loop (they share each epoch's time)
+            images = len(runs) * len(data.y_train)
+            callbacks = [[StopWhenAsked(), _recorder(run, line, test, config.train.batch_size, images,
                                                      chunked=_trains_together())]
                          for run, line in zip(runs, epoch_lines, strict=True)]
             started = time.perf_counter()
@@ -458,10 +460,11 @@ def _kept(runs: list[_SeedRun]) -> str:
 
 
 def _recorder(run: _SeedRun, epoch_line: progress.EpochLine, test: tuple[np.ndarray, np.ndarray] | None,
-              batch_size: int, chunked: bool) -> EpochRecorder:
-    """``run``'s EpochRecorder: each epoch's record into the history, the checkpoint and
-    MLflow, and its epoch line. ``chunked`` (fmnist.jax_loop calls ``on_chunk_end``): the
-    checkpoint and MLflow once per chunk of epochs, its records in one batch."""
+              batch_size: int, images: int, chunked: bool) -> EpochRecorder:
+    """``run``'s EpochRecorder: each epoch's record (with ``images`` trained per epoch over
+    its time) into the history, the checkpoint and MLflow, and its epoch line. ``chunked``
+    (fmnist.jax_loop calls ``on_chunk_end``): the checkpoint and MLflow once per chunk of
+    epochs, its records in one batch."""
     pending: list[dict[str, float]] = []
 
     def flush() -> None:
@@ -472,6 +475,7 @@ def _recorder(run: _SeedRun, epoch_line: progress.EpochLine, test: tuple[np.ndar
             pending.clear()
 
     def on_epoch(record: dict[str, float]) -> None:
+        record["images_per_second"] = images / record["epoch_seconds"]
         pending.append(record)
         if not chunked:
             flush()
@@ -495,7 +499,8 @@ def _tracked(config: Config, run: _SeedRun, data: Dataset, data_info: DataInfo,
     }
     with tracking.run(experiment_id, run.name, tags, run_id=run.resumed_run_id,
                       on_start=lambda run_id: run.checkpoint.save(run_id, run.history, None,
-                                                                  run.earlier_seconds)) as run_id:
+                                                                  run.earlier_seconds),
+                      system_metrics=True) as run_id:
         run.run_id = run_id
         tracking.log_params(flatten({"variant": variant, "seed": run.seed, "model": spec,
                                      "train": _train_settings(config, variant),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import time
 import warnings
 from collections.abc import Iterator
@@ -40,6 +41,36 @@ from fmnist.tracking.store import (
 )
 
 RUN_KEY_TAG = "fmnist.run_key"  # workspace + run name: finds runs an earlier attempt left RUNNING
+# MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes,
+# system/gpu_0_utilization_percentage with nvidia-ml-py, ...): one sample every this many
+# seconds (MLflow's default, 10, leaves a GPU run of 20 s with one point and a shorter run
+# with none: MLflow drops the samples since its last write when the run ends)
+SYSTEM_METRICS_INTERVAL = 2.0
+
+
+@contextlib.contextmanager
+def _system_metrics_interval() -> Iterator[None]:
+    """MLflow reads its sampling interval from the environment when a run starts: set it
+    for that moment only (a value the user exported wins)."""
+    from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL as interval
+
+    # its start/stop lines at INFO, four per run, are noise in a stage's output
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    if interval.defined:
+        yield
+        return
+    interval.set(SYSTEM_METRICS_INTERVAL)
+    try:
+        yield
+    finally:
+        interval.unset()
+
+
+def system_metrics_wanted() -> bool:
+    """On, unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is set false in the environment."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING as enabled
+
+    return not enabled.defined or enabled.get()
 
 
 def run_title(name: str, execution_name: str) -> str:
@@ -142,7 +173,8 @@ def _end(status: str) -> None:
 
 @contextlib.contextmanager
 def run(experiment_id: str, name: str, tags: dict[str, str], run_id: str | None = None,
-        on_start: Any = None, parent_run_id: str | None = None) -> Iterator[str]:
+        on_start: Any = None, parent_run_id: str | None = None,
+        system_metrics: bool = False) -> Iterator[str]:
     """Start (or, given ``run_id``, resume) a run; end it FINISHED, KILLED or FAILED.
 
     ``name`` (``cnn2-seed0``) is the run's name within a pipeline execution; MLflow's run
@@ -160,15 +192,20 @@ def run(experiment_id: str, name: str, tags: dict[str, str], run_id: str | None 
     # active goes on MLflow's stack of active runs above it (ended first), not under it.
     sibling = mlflow.active_run() is not None and parent_run_id is None
     try:
-        if run_id is not None and run_is_usable(run_id):
-            active = mlflow.start_run(run_id=run_id, nested=sibling)
-        elif sibling:  # MLflow would make a new nested run the active run's child
-            created = MlflowClient().create_run(experiment_id, run_name=title,
-                                                tags=context_registry.resolve_tags({}))
-            active = mlflow.start_run(run_id=created.info.run_id, nested=True)
-        else:
-            active = mlflow.start_run(experiment_id=experiment_id, run_name=title,
-                                      parent_run_id=parent_run_id, nested=parent_run_id is not None)
+        # False, not None: MLflow's own variable must not turn it on for runs that did not ask
+        sample = system_metrics and system_metrics_wanted()
+        with _system_metrics_interval():
+            if run_id is not None and run_is_usable(run_id):
+                active = mlflow.start_run(run_id=run_id, nested=sibling, log_system_metrics=sample)
+            elif sibling:  # MLflow would make a new nested run the active run's child
+                created = MlflowClient().create_run(experiment_id, run_name=title,
+                                                    tags=context_registry.resolve_tags({}))
+                active = mlflow.start_run(run_id=created.info.run_id, nested=True,
+                                          log_system_metrics=sample)
+            else:
+                active = mlflow.start_run(experiment_id=experiment_id, run_name=title,
+                                          parent_run_id=parent_run_id, nested=parent_run_id is not None,
+                                          log_system_metrics=sample)
     except STORE_ERRORS as error:
         raise store_error(error, f"starting run {title or run_id}") from error
     try:
