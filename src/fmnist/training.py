@@ -471,7 +471,10 @@ def _recorder(run: _SeedRun, epoch_line: progress.EpochLine, test: tuple[np.ndar
         if pending:
             run.history.extend(pending)
             run.checkpoint.save(run.run_id, run.history, run.model, run.elapsed())
-            tracking.log_epochs(pending, run_id=run.run_id)
+            if len(pending) == 1:
+                tracking.log_epoch(pending[0], run_id=run.run_id)
+            else:
+                tracking.log_epochs(pending, run_id=run.run_id)
             pending.clear()
 
     def on_epoch(record: dict[str, float]) -> None:
