@@ -182,11 +182,11 @@ CHUNKS = textwrap.dedent("""
     report, saves = {}, []
     real_fit, real_save = jax_loop.fit_seeds, training.Checkpoint.save
 
-    def chunks_of(length, stop_at=None):  # the GPU's compiled epochs, forced on the CPU
+    def chunks_of(length, stop_at=None):  # the GPU's way (compiled epochs, vmapped), on the CPU
         def fit_seeds(models, *args, callbacks, **kwargs):
             callbacks = [[*given, Interrupt()] for given in callbacks] if stop_at else callbacks
-            return real_fit(models, *args, callbacks=callbacks, **kwargs, compiled_epochs=True,
-                            chunk_epochs=length)
+            return real_fit(models, *args, callbacks=callbacks, **{**kwargs, "vmapped": True},
+                            compiled_epochs=True, chunk_epochs=length)
         jax_loop.fit_seeds = fit_seeds
 
     def counted_save(self, run_id, history, model, seconds):
