@@ -163,6 +163,10 @@ class TrainedModel:
     device: str
     train_seconds: float
     name: str  # the run's name (paths.run_name)
+    # the final model's class probabilities on the test set, (n, 10) float32: the evaluate
+    # stage scores these instead of loading the model; and how long predicting them took
+    test_probabilities: np.ndarray
+    predict_seconds: float
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -249,8 +253,8 @@ def train_seeds(config: Config, variant: str, data: Dataset, data_info: DataInfo
 def _made_by(out_dir: Path) -> str | None:
     """The fingerprint a complete models/<variant>/seed<k>/ folder was made with, else None."""
     files = paths.RunFiles(out_dir)
-    if not all(path.is_file() for path in (files.model, files.history, files.history_csv,
-                                           files.architecture, files.run_info)):
+    if not all(path.is_file() for path in (files.model, files.test_probabilities, files.history,
+                                           files.history_csv, files.architecture, files.run_info)):
         return None
     return RunInfo.fingerprint_of(files.run_info)
 
@@ -333,12 +337,15 @@ def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: Da
             with cli.stop_at_safe_points():
                 fit(model, data, config.train, [StopWhenAsked(), recorder], initial_epoch=len(history),
                     seed=seed)
+            train_seconds = elapsed()
+            probabilities, predict_seconds = predict_test(model, data.x_test)
             result = TrainedModel(model, history, run_id, device.backend(), precision,
-                                  device.describe(), elapsed(), name)
+                                  device.describe(), train_seconds, name, probabilities, predict_seconds)
             write_outputs(result, out_dir, data_info, config.evaluate.class_names,
                           _fingerprint(settings, inputs))
             files = paths.RunFiles(out_dir)
-            tracking.log_results({"train_seconds": round(result.train_seconds, 1)})
+            tracking.log_results({"train_seconds": round(result.train_seconds, 1),
+                                  "predict_seconds": round(result.predict_seconds, 2)})
             tracking.log_artifacts(files.history, files.architecture)
             examples = -(-2 // devices) * devices  # 2, or a multiple of the devices that split it
             tracking.log_keras_model(model, name, data.x_test[:examples], config.evaluate.class_names,
@@ -357,6 +364,15 @@ def _train(config: Config, variant: str, seed: int, data: Dataset, data_info: Da
     return result
 
 
+def predict_test(model: keras.Model, x_test: np.ndarray) -> tuple[np.ndarray, float]:
+    """The trained model's class probabilities on the test set, (n, 10) float32 (also for a
+    model trained in bfloat16), and the seconds ``predict`` took. Inference only: the model's
+    weights and the training are as they were."""
+    started = time.perf_counter()
+    probabilities = np.asarray(model.predict(x_test, batch_size=1024, verbose=0), dtype="float32")
+    return probabilities, time.perf_counter() - started
+
+
 def write_outputs(result: TrainedModel, out_dir: Path, data_info: DataInfo,
                   class_names: tuple[str, ...], fingerprint: str) -> None:
     """models/<variant>/seed<k>/: every file of paths.RunFiles (its run_info also names the
@@ -366,6 +382,7 @@ def write_outputs(result: TrainedModel, out_dir: Path, data_info: DataInfo,
         tmp.mkdir()
         files = paths.RunFiles(tmp)
         result.model.save(files.model)
+        np.save(files.test_probabilities, result.test_probabilities)
         files.history.write_text(json.dumps(result.history, indent=1) + "\n")
         columns = list(dict.fromkeys(key for record in result.history for key in record))
         with files.history_csv.open("w", newline="") as f:
@@ -375,6 +392,7 @@ def write_outputs(result: TrainedModel, out_dir: Path, data_info: DataInfo,
         write_text(files.architecture, summary_text(result.model))
         RunInfo(mlflow_run_id=result.run_id, keras_backend=result.backend, precision=result.precision,
                 device=result.device, train_seconds=round(result.train_seconds, 1),
+                predict_seconds=round(result.predict_seconds, 2),
                 epochs=len(result.history), parameters=result.model.count_params(),
                 canonical_split=data_info.canonical_split, data_source=data_info.source,
                 class_names=tuple(class_names), fingerprint=fingerprint).write(files.run_info)
