@@ -102,7 +102,9 @@ def draw_feature_maps(config: Config, data: Dataset, variants: list[str], out_di
     figures' final paths (in ``out_dir``)."""
     seed = config.train.seeds[0]
     classes = config.analyse.feature_map_classes
-    drawn = {}
+    drawn: dict[str, list[Path]] = {}
+    if not classes:
+        return drawn
     for variant in variants:
         final = [paths.feature_maps_figure(out_dir, variant, seed, name) for name in classes]
         figures = [paths.feature_maps_figure(into, variant, seed, name) for name in classes]
