@@ -131,8 +131,10 @@ class CheckpointFiles:
 class RunRecord:
     """What the evaluate stage keeps of one trained model in git, in ``folder``
     (reports/eval/<variant>/seed<k>/, not cached): its test-set results, and copies of the train
-    stage's history, run facts and layer table. The analyse stage reads only these (and the
-    metrics files), so the report can be made again where DVC's cache of models is gone."""
+    stage's history, run facts and layer table. The analyse stage reads these (and the
+    metrics files; the first seed's model only for the feature maps, whose figures it keeps
+    where the model is absent), so the report can be made again where DVC's cache of models
+    is gone."""
 
     folder: Path
 
