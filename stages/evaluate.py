@@ -13,7 +13,7 @@ def main() -> None:
     config = load_params(paths.PARAMS)
     config.variant(args.variant)
     data = load_prepared(paths.PREPARED_ARRAYS)
-    for seed, metrics in evaluate_variant(config, args.variant, data.x_test, data.y_test).items():
+    for seed, metrics in evaluate_variant(config, args.variant, data.y_test).items():
         print(f"{paths.run_name(args.variant, seed)}: test accuracy {metrics.test_accuracy:.4f}, "
               f"macro F1 {metrics.test_macro_f1:.4f}")
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fmnist import analysis, evaluation, plots, report
+from fmnist import analysis, evaluation, feature_maps, plots, report
 from fmnist.config import parse_params
 from fmnist.models import build_model
 from fmnist.params import load_params
@@ -129,18 +129,27 @@ def test_feature_maps_have_one_channel_per_filter_and_come_from_the_named_class(
     config = load_params(REPO / "params.yaml")
     labels = np.array([3, 8, 2, 8, 2])
     images = np.random.default_rng(0).integers(0, 255, (5, 28, 28)).astype(np.uint8)
-    index = evaluation.first_of_class(labels, config.class_index("Bag"))
+    index = feature_maps.first_of_class(labels, config.class_index("Bag"))
     assert index == 1 and labels[index] == 8
-    maps = evaluation.feature_maps(build_model(config.variant("cnn2"), "cnn2"), images[index])
+    model = build_model(config.variant("cnn2"), "cnn2")
+    batched = feature_maps.feature_maps(model, images[[index, 2]])  # one call for both images
+    assert len(batched) == 2
+    maps = batched[0]
     assert {name: m.shape for name, m in maps.items()} == {"block1_relu": (32, 26, 26),
                                                           "block2_relu": (32, 11, 11)}
     assert (maps["block1_relu"] >= 0).all()  # after ReLU
-    skip_maps = evaluation.feature_maps(build_model(config.variant("cnn2_bn_skip"), "s"), images[index])
+    # each image's maps are its own: the batch gives what the image alone gives
+    alone = feature_maps.feature_maps(model, images[[2]])[0]
+    for name in maps:
+        np.testing.assert_allclose(batched[1][name], alone[name], rtol=1e-5, atol=1e-5)
+        assert not np.allclose(batched[0][name], batched[1][name])
+    skip_model = build_model(config.variant("cnn2_bn_skip"), "s")
+    (skip_maps,) = feature_maps.feature_maps(skip_model, images[[index]])
     # ReLU after the skip sum (ours): the activated sum is what each block pools
     assert {name: m.shape for name, m in skip_maps.items()} == {"block1_relu": (32, 28, 28),
                                                                "block2_relu": (32, 14, 14)}
     with pytest.raises(ValueError, match="no image of class 5"):
-        evaluation.first_of_class(labels, 5)
+        feature_maps.first_of_class(labels, 5)
 
 
 def _judged(contrast) -> analysis.Judged:
@@ -321,7 +330,7 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
         summary, error_analysis=ErrorAnalysis(
             run="cnn2_bn_skip-seed0", top_errors=(error,), per_class=per_class,
             confused_pairs=(ConfusedPair(actual="Shirt", predicted="T-shirt/top", count=9),)),
-        feature_maps={"cnn2": {"Bag": "eval/cnn2-seed0/feature_maps_bag.png"}},
+        feature_maps={"cnn2": {"Bag": "analysis/feature_maps/cnn2-seed0_bag.png"}},
         curve_figures=("training_loss.png",))
     text = report.markdown(config, summary, analysis.check_claims(summary), runs,
                            {v: f'Model: "{v}"\n' for v in config.variants})
@@ -345,7 +354,7 @@ def test_report_builds_from_fixture_metrics_with_every_table(tmp_path, monkeypat
     assert "**cnn4_bn_aug**" in beyond and "convs_per_block 2" in beyond and "optimizer adamw" in beyond
     assert "cnn2_bn" not in beyond and config.analyse.beyond_paper["cnn4_bn_aug"] in beyond
     assert "![training_loss.png](analysis/training_loss.png)" in text
-    assert "![cnn2, Bag](eval/cnn2-seed0/feature_maps_bag.png)" in text  # evaluate's, from reports/
+    assert "![cnn2, Bag](analysis/feature_maps/cnn2-seed0_bag.png)" in text  # analyse's, from reports/
     assert "SVC (C=10, rbf) [1] | 89.70 | 85.00" in text
     assert "**Caveat:** NOT the canonical split" in text
     # Welch: +0.50 points, se 0.163, 4 dof: 95% CI [+0.05, +0.95], the paper's +1.05 outside

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from fmnist import cli, data, download, evaluation, files, plots, tracking, training
+from fmnist import cli, data, download, evaluation, files, paths, plots, tracking, training
 from fmnist.config import ConfigError
 from fmnist.download import DownloadError
 from fmnist.idx import write_idx
@@ -532,15 +532,26 @@ def test_garbage_prepared_data_and_a_damaged_model_are_one_line_errors(tmp_path,
         "its cache or re-runs prepare)")
 
     (prepared / "fashion_mnist.npz").write_bytes((tmp_path / "prepared" / "d.npz").read_bytes())
-    model_dir = tmp_path / "models" / "cnn2" / "seed0"
-    model_dir.mkdir(parents=True)
-    (model_dir / "model.keras").write_bytes(b"PK\x03\x04 damaged")
-    result = _stage(tmp_path, "evaluate.py", "--variant", "cnn2")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
-    assert sum(line.startswith("ERROR") for line in result.stderr.splitlines()) == 1
-    assert line.startswith("ERROR: models/cnn2/seed0/model.keras cannot be read as a Keras model (")
-    assert line.endswith("run `dvc repro` (DVC restores it from its cache or re-runs the train stage)")
+    # the evaluate stage reads the train stage's test-set probabilities, not the model
+    probabilities = paths.run_files("cnn2", 0).test_probabilities
+    (tmp_path / probabilities).parent.mkdir(parents=True)
+    remedy = "run `dvc repro` (DVC restores it from its cache or re-runs the train stage)"
+    n_test = len(np.load(prepared / "fashion_mnist.npz")["y_test"])
+    for content, expected in (
+            (b"PK\x03\x04 damaged", f"ERROR: {probabilities.as_posix()} cannot be read (ValueError: the "
+                                    "magic string is not correct; "),
+            (np.ones((n_test, 3), "float32"),
+             f"ERROR: {probabilities.as_posix()} holds float32 ({n_test}, 3) where the train stage writes "
+             f"float32 ({n_test}, 10) for this test set: it was replaced or made from other data; ")):
+        if isinstance(content, bytes):
+            (tmp_path / probabilities).write_bytes(content)
+        else:
+            np.save(tmp_path / probabilities, content)
+        result = _stage(tmp_path, "evaluate.py", "--variant", "cnn2")
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        line = result.stderr.strip().splitlines()[-1]
+        assert sum(line.startswith("ERROR") for line in result.stderr.splitlines()) == 1
+        assert line.startswith(expected) and line.endswith(remedy), line
 
     # Tracebacks when asked for.
     debug = _stage(tmp_path, "evaluate.py", "--variant", "cnn2", FMNIST_DEBUG="1")
@@ -778,11 +789,12 @@ def test_a_full_disk_names_the_output_and_says_to_free_space(tmp_path, monkeypat
 
 # --- 8. a stage's log starts with its own first line, not TensorFlow's start-up -----
 def test_a_stage_importing_keras_on_the_cpu_starts_with_its_own_line():
-    """stages/evaluate.py and stages/baseline.py import Keras before their first line; the
-    train stage and the search first look whether TensorFlow is installed (fmnist.device, a
-    find_spec that imports nothing) and import it later; the first operation makes TensorFlow
-    probe CUDA. None of TensorFlow's start-up lines shows (as under DVC, no
-    TF_CPP_MIN_LOG_LEVEL is set beforehand); another line on stderr does."""
+    """The train stage and the search first look whether TensorFlow is installed
+    (fmnist.device, a find_spec that imports nothing) and import it later (stages/evaluate.py
+    and stages/baseline.py never do: tests/test_structure.py; stages/analyse.py when it loads
+    a model); the first operation makes TensorFlow probe CUDA. None of TensorFlow's start-up
+    lines shows (as under DVC, no TF_CPP_MIN_LOG_LEVEL is set beforehand); another line on
+    stderr does."""
     script = ("import runpy, sys\n"
               "def imports(stage):\n"
               "    runpy.run_path(f'stages/{stage}.py', run_name='imports only')\n"

@@ -12,8 +12,10 @@ import sqlite3
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from benchmarks.timed_repro import cache_lost_outputs
 from fmnist import paths, repro
@@ -102,6 +104,14 @@ def test_each_stage_hands_the_next_what_it_needs(pipeline):
         assert [int(row["epoch"]) for row in curves if row["variant"] == variant] == epochs
         architecture = files.architecture.read_text()
         assert f'<details><summary>{variant}</summary>\n\n```\n{architecture.rstrip()}\n```' in report
+        # evaluate scored the train stage's probabilities: predictions/ holds them as they were
+        with np.load(repo / paths.predictions_file(variant, 0)) as predictions:
+            np.testing.assert_array_equal(predictions["probabilities"], np.load(files.test_probabilities))
+        # the feature maps (Figs. 5-7): drawn by analyse from the first seed's model, in its folder
+        figure = paths.feature_maps_figure(paths.ANALYSIS, variant, 0, "Bag")
+        assert (repo / figure).read_bytes().startswith(b"\x89PNG")
+        assert f"![{variant}, Bag]({figure.relative_to(paths.REPORT.parent).as_posix()})" in report
+        assert not list((repo / paths.run_record(variant, 0).folder).glob("*feature*"))
     baseline = json.loads((repo / paths.BASELINE_METRICS).read_text())
     assert baseline["train_size"] == params["baseline"]["train_size"]
     assert summary["baseline"]["test_accuracy"] == baseline["test_accuracy"]
@@ -149,6 +159,17 @@ def test_the_analysis_tags_each_model_run_with_the_papers_model_it_stands_for(pi
 
 
 @pytest.mark.slow
+def test_the_feature_maps_are_logged_to_the_first_seeds_run_beside_its_evaluation(pipeline):
+    repo, _, _ = pipeline
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    for variant in VARIANTS:
+        run_id = json.loads((repo / paths.run_record(variant, 0).run_info).read_text())["mlflow_run_id"]
+        logged = {artifact.path for artifact in client.list_artifacts(run_id, "evaluation")}
+        figure = paths.feature_maps_figure(paths.ANALYSIS, variant, 0, "Bag")
+        assert {f"evaluation/{figure.name}", "evaluation/errors.csv"} <= logged, logged
+
+
+@pytest.mark.slow
 def test_nothing_changed_nothing_runs(pipeline):
     repo, _, _ = pipeline
     assert _ran(run(["dvc", "repro"], repo).stdout) == set()
@@ -156,8 +177,9 @@ def test_nothing_changed_nothing_runs(pipeline):
 
 @pytest.mark.slow
 def test_a_clone_without_the_dvc_cache_makes_the_same_report(pipeline, tmp_path):
-    """The analyse stage reads only what git holds of each run (paths.RunRecord): a clone
-    whose DVC cache of models is gone (another machine, a lost cache) makes the report again."""
+    """The analyse stage reads what git holds of each run (paths.RunRecord) and, for the
+    feature maps, the first seed's models: a clone whose DVC cache of models is gone (another
+    machine, a lost cache) makes the report again, keeping the feature maps git holds."""
     repo, _, _ = pipeline
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "first repro"], repo)
@@ -175,10 +197,12 @@ def test_a_clone_without_the_dvc_cache_makes_the_same_report(pipeline, tmp_path)
     for made in (paths.REPORT, paths.SUMMARY, paths.CURVES):
         assert (clone / made).read_text() == (repo / made).read_text(), made
     report = (clone / paths.REPORT).read_text()
-    for variant in VARIANTS:  # the first seed's feature maps, drawn by evaluate, kept in git
-        figure = paths.run_record(variant, 0).feature_maps("Bag")
-        assert (clone / figure).read_bytes().startswith(b"\x89PNG")
+    for variant in VARIANTS:  # the first seed's feature maps, drawn by analyse, kept as git holds them
+        figure = paths.feature_maps_figure(paths.ANALYSIS, variant, 0, "Bag")
+        assert (clone / figure).read_bytes() == (repo / figure).read_bytes()
         assert f"]({figure.relative_to(paths.REPORT.parent).as_posix()})" in report
+        model = paths.run_files(variant, 0).model
+        assert f"{model} is not here (DVC's cache of models): its feature maps are kept" in remade.stdout
 
 
 @pytest.mark.slow

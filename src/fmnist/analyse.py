@@ -1,12 +1,15 @@
 """The analyse stage: read what evaluate kept of every run in git (paths.RunRecord, the
 metrics files), have analysis compute, plots draw and report write every table and figure of
-the paper; metrics/summary.json; one MLflow run. It reads no model: the report can be made
-again from a clone whose DVC cache of models is gone."""
+the paper; metrics/summary.json; one MLflow run. The one model it reads is each variant's
+first seed's, for the feature maps (Figs. 5-7, fmnist.feature_maps); where that model is not
+here (a clone whose DVC cache of models is gone) it keeps the figures git holds, so the
+report can still be made again."""
 
 from __future__ import annotations
 
 import csv
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from fmnist.records import (
 )
 
 RECORD_REMEDY = "written by the evaluate stage: run `dvc repro`"
+MODEL_REMEDY = "run `dvc repro` (DVC restores it from its cache or re-runs the train stage)"
 
 
 def load_runs(config: Config) -> list[analysis.TrainedRun]:
@@ -89,13 +93,52 @@ def log_committed_baseline(config: Config, baseline: BaselineMetrics) -> bool:
     return True
 
 
-def feature_map_figure(variant: str, seed: int, class_name: str, report_dir: Path) -> str:
-    """The evaluate stage's figure, as a path relative to the report's folder."""
-    figure = paths.run_record(variant, seed).feature_maps(class_name)
-    if not figure.is_file():
-        raise FileNotFoundError(f"{figure} is missing ({RECORD_REMEDY}; the first seed's "
-                                "evaluate stages draw the feature maps)")
-    return Path(os.path.relpath(figure, report_dir)).as_posix()
+def draw_feature_maps(config: Config, data: Dataset, variants: list[str], out_dir: Path,
+                      into: Path) -> dict[str, list[Path]]:
+    """Figs. 5-7 of each variant's first-seed model into ``into`` (the analyse folder being
+    made, ``out_dir``'s replacement), as paths.feature_maps_figure names them. A variant whose
+    model is not here (DVC's cache gone) keeps its figures from ``out_dir`` (what git holds),
+    saying so; without them either, a one-line error. Returns the variants drawn now, with their
+    figures' final paths (in ``out_dir``)."""
+    seed = config.train.seeds[0]
+    classes = config.analyse.feature_map_classes
+    drawn: dict[str, list[Path]] = {}
+    if not classes:
+        return drawn
+    for variant in variants:
+        final = [paths.feature_maps_figure(out_dir, variant, seed, name) for name in classes]
+        figures = [paths.feature_maps_figure(into, variant, seed, name) for name in classes]
+        figures[0].parent.mkdir(parents=True, exist_ok=True)
+        model_file = paths.run_files(variant, seed).model
+        if not model_file.is_file():
+            missing = [str(figure) for figure in final if not figure.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{model_file} not found, and no earlier feature maps of it "
+                                        f"({', '.join(missing)}); {MODEL_REMEDY}")
+            print(f"{model_file} is not here (DVC's cache of models): its feature maps are kept "
+                  f"as git holds them ({final[0].parent})")
+            for kept, figure in zip(final, figures, strict=True):
+                shutil.copyfile(kept, figure)
+            continue
+        # Keras only here: where no model is present, the stage never imports it
+        from fmnist import feature_maps
+        from fmnist.models import load_model_file
+
+        feature_maps.draw(load_model_file(model_file, MODEL_REMEDY), data.x_test, data.y_test,
+                          config.evaluate.class_names, classes, figures, paths.run_name(variant, seed))
+        drawn[variant] = final
+    return drawn
+
+
+def log_feature_maps(config: Config, drawn: dict[str, list[Path]]) -> None:
+    """Each drawn variant's figures to its first seed's MLflow run, under ``evaluation/`` (beside
+    the evaluate stage's record); a run not in this store is left, as ``tag_model_runs`` does."""
+    seed = config.train.seeds[0]
+    for variant, figures in drawn.items():
+        run_id = RunInfo.read(paths.run_record(variant, seed).run_info, RECORD_REMEDY).mlflow_run_id
+        if tracking.run_is_usable(run_id):
+            with tracking.resume(run_id):
+                tracking.log_artifacts(*figures, folder="evaluation")
 
 
 def analyse(config: Config, data: Dataset, data_info: DataInfo, baseline: BaselineMetrics,
@@ -132,10 +175,12 @@ def analyse(config: Config, data: Dataset, data_info: DataInfo, baseline: Baseli
             f"actual {e.actual} ({e.probability_actual:.1e})"
             for n, e in enumerate(errors.top_errors)],
             tmp / "top_errors.png", f"Highest cross-entropy errors: {error_run}")
-        # Feature maps (Figs. 5-7), drawn by evaluate for the first seed: paths from reports/
+        # Feature maps (Figs. 5-7) of the first seed's models; the report links them from reports/
+        drawn = draw_feature_maps(config, data, list(summary.variants), out_dir, tmp)
         feature_maps = {
-            variant: {class_name: feature_map_figure(variant, first_seed, class_name, report_file.parent)
-                      for class_name in config.analyse.feature_map_classes}
+            variant: {class_name: Path(os.path.relpath(
+                paths.feature_maps_figure(out_dir, variant, first_seed, class_name), report_file.parent)
+            ).as_posix() for class_name in config.analyse.feature_map_classes}
             for variant in summary.variants}
         summary = replace(summary, curve_figures=tuple(curve_figures), error_analysis=errors,
                           feature_maps=feature_maps)
@@ -150,6 +195,7 @@ def analyse(config: Config, data: Dataset, data_info: DataInfo, baseline: Baseli
     # with one-bar charts and join every legend; there, each run is one pipeline execution.
     experiment_id = tracking.connect(tracking.analysis_experiment(config.tracking.experiment))
     tag_model_runs(config, runs)
+    log_feature_maps(config, drawn)
     log_committed_baseline(config, baseline)
     with tracking.run(experiment_id, "analysis", {
             "kind": "analysis", "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),

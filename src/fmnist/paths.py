@@ -89,6 +89,12 @@ class RunFiles:
         return self.folder / "model.keras"
 
     @property
+    def test_probabilities(self) -> Path:
+        """The final model's class probabilities on the test set, (n, 10) float32 (.npy): what
+        the evaluate stage scores, so that it loads no model (and imports no Keras)."""
+        return self.folder / "test_probabilities.npy"
+
+    @property
     def history(self) -> Path:
         """One record per epoch: training loss/accuracy, monitored test metrics, timing."""
         return self.folder / "history.json"
@@ -128,8 +134,10 @@ class CheckpointFiles:
 class RunRecord:
     """What the evaluate stage keeps of one trained model in git, in ``folder``
     (reports/eval/<variant>/seed<k>/, not cached): its test-set results, and copies of the train
-    stage's history, run facts and layer table. The analyse stage reads only these (and the
-    metrics files), so the report can be made again where DVC's cache of models is gone."""
+    stage's history, run facts and layer table. The analyse stage reads these (and the
+    metrics files; the first seed's model only for the feature maps, whose figures it keeps
+    where the model is absent), so the report can be made again where DVC's cache of models
+    is gone."""
 
     folder: Path
 
@@ -168,10 +176,12 @@ class RunRecord:
         """Every misclassified test image, highest cross-entropy first (Fig. 8, Table III)."""
         return self.folder / "errors.csv"
 
-    def feature_maps(self, class_name: str) -> Path:
-        """Figs. 5-7 for the first test image of a class: drawn for the first seed's runs."""
-        slug = re.sub(r"[^A-Za-z0-9]+", "_", class_name).strip("_").lower()
-        return self.folder / f"feature_maps_{slug}.png"
+
+def feature_maps_figure(analysis_dir: Path, variant: str, seed: int, class_name: str) -> Path:
+    """Figs. 5-7 for the first test image of a class, drawn by the analyse stage from the first
+    seed's model: ``analysis_dir``/feature_maps/<run name>_<class>.png (reports/analysis/...)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", class_name).strip("_").lower()
+    return Path(analysis_dir) / "feature_maps" / f"{run_name(variant, seed)}_{slug}.png"
 
 
 # The per-variant stages' outputs (dvc.yaml's `outs`: one folder per variant, a file or

@@ -164,6 +164,9 @@ class RunInfo(_Record):
     canonical_split: bool
     data_source: str
     class_names: tuple[str, ...]  # in the model's output order
+    # the final model's prediction of the test set (paths.RunFiles.test_probabilities), timed
+    # in the train stage; absent in a record made before it was
+    predict_seconds: float | None = _absent_when_none()
     # of the settings, code and data that made it (fmnist.training.train_seeds keeps a seed
     # whose fingerprint matches); "" for a model made before fingerprints were recorded
     fingerprint: str = ""

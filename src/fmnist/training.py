@@ -190,6 +190,10 @@ class TrainedModel:
     device: str
     train_seconds: float
     name: str  # the run's name (paths.run_name)
+    # the final model's class probabilities on the test set, (n, 10) float32: the evaluate
+    # stage scores these instead of loading the model; and how long predicting them took
+    test_probabilities: np.ndarray
+    predict_seconds: float
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -300,8 +304,8 @@ def _trains_together() -> bool:
 def _made_by(out_dir: Path) -> str | None:
     """The fingerprint a complete models/<variant>/seed<k>/ folder was made with, else None."""
     files = paths.RunFiles(out_dir)
-    if not all(path.is_file() for path in (files.model, files.history, files.history_csv,
-                                           files.architecture, files.run_info)):
+    if not all(path.is_file() for path in (files.model, files.test_probabilities, files.history,
+                                           files.history_csv, files.architecture, files.run_info)):
         return None
     return RunInfo.fingerprint_of(files.run_info)
 
@@ -372,6 +376,7 @@ class _SeedRun:
     resumed_run_id: str | None
     run_id: str = ""
     loop_started: float = 0.0
+    train_seconds: float = 0.0  # elapsed() when the loop ended
     result: TrainedModel | None = None
 
     @property
@@ -433,6 +438,8 @@ def _train(config: Config, runs: list[_SeedRun], data: Dataset, data_info: DataI
                 else:
                     fit_seeds([run.model for run in runs], data, config.train, callbacks,
                               initial_epoch=len(runs[0].history), seeds=[run.seed for run in runs])
+            for run in runs:  # the loop's time, before any run's outputs are written and logged
+                run.train_seconds = run.elapsed()
             # each run's outputs and model are logged as its _tracked context exits (last first)
     except TrainingError:
         for run in runs:  # resuming would repeat the failure (the seeds started together)
@@ -515,16 +522,28 @@ def _tracked(config: Config, run: _SeedRun, data: Dataset, data_info: DataInfo,
         tracking.log_dataset("fashion-mnist-test", data.x_test, data.y_test, "testing", data_info)
         tracking.log_missing_steps(run.history)  # epochs an earlier attempt could not log
         yield
+        probabilities, predict_seconds = predict_test(run.model, data.x_test)
         result = TrainedModel(run.model, run.history, run_id, device.backend(), run.precision,
-                              device.describe(), run.elapsed(), run.name)
+                              device.describe(), run.train_seconds, run.name, probabilities,
+                              predict_seconds)
         write_outputs(result, run.out_dir, data_info, config.evaluate.class_names, run.made_by)
         files = paths.RunFiles(run.out_dir)
-        tracking.log_results({"train_seconds": round(result.train_seconds, 1)})
+        tracking.log_results({"train_seconds": round(result.train_seconds, 1),
+                              "predict_seconds": round(result.predict_seconds, 2)})
         tracking.log_artifacts(files.history, files.architecture)
         examples = -(-2 // run.devices) * run.devices  # 2, or a multiple of the devices that split it
         tracking.log_keras_model(run.model, run.name, data.x_test[:examples], config.evaluate.class_names,
                                  device.pip_requirements())
         run.result = result
+
+
+def predict_test(model: keras.Model, x_test: np.ndarray) -> tuple[np.ndarray, float]:
+    """The trained model's class probabilities on the test set, (n, 10) float32 (also for a
+    model trained in bfloat16), and the seconds ``predict`` took. Inference only: the model's
+    weights and the training are as they were."""
+    started = time.perf_counter()
+    probabilities = np.asarray(model.predict(x_test, batch_size=1024, verbose=0), dtype="float32")
+    return probabilities, time.perf_counter() - started
 
 
 def write_outputs(result: TrainedModel, out_dir: Path, data_info: DataInfo,
@@ -536,6 +555,7 @@ def write_outputs(result: TrainedModel, out_dir: Path, data_info: DataInfo,
         tmp.mkdir()
         files = paths.RunFiles(tmp)
         result.model.save(files.model)
+        np.save(files.test_probabilities, result.test_probabilities)
         files.history.write_text(json.dumps(result.history, indent=1) + "\n")
         columns = list(dict.fromkeys(key for record in result.history for key in record))
         with files.history_csv.open("w", newline="") as f:
@@ -545,6 +565,7 @@ def write_outputs(result: TrainedModel, out_dir: Path, data_info: DataInfo,
         write_text(files.architecture, summary_text(result.model))
         RunInfo(mlflow_run_id=result.run_id, keras_backend=result.backend, precision=result.precision,
                 device=result.device, train_seconds=round(result.train_seconds, 1),
+                predict_seconds=round(result.predict_seconds, 2),
                 epochs=len(result.history), parameters=result.model.count_params(),
                 canonical_split=data_info.canonical_split, data_source=data_info.source,
                 class_names=tuple(class_names), fingerprint=fingerprint).write(files.run_info)
