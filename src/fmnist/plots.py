@@ -82,25 +82,42 @@ def error_grid(images: np.ndarray, captions: Sequence[str], path: Path, title: s
     _save(fig, path)
 
 
+def _mosaic(maps: np.ndarray, columns: int) -> np.ndarray:
+    """(channels, h, w) -> one (rows * (h + 1) - 1, columns * (w + 1) - 1) image: the channels
+    row by row, each scaled to [0, 1] on its own (as one imshow per channel would), NaN between
+    them (drawn blank)."""
+    channels, h, w = maps.shape
+    low = maps.min(axis=(1, 2), keepdims=True)
+    span = maps.max(axis=(1, 2), keepdims=True) - low
+    scaled = np.divide(maps - low, span, out=np.zeros(maps.shape), where=span > 0)
+    rows = -(-channels // columns)
+    mosaic = np.full((rows * (h + 1) - 1, columns * (w + 1) - 1), np.nan)
+    for channel in range(channels):
+        row, column = divmod(channel, columns)
+        mosaic[row * (h + 1):row * (h + 1) + h, column * (w + 1):column * (w + 1) + w] = scaled[channel]
+    return mosaic
+
+
 def feature_maps(image: np.ndarray, maps: Sequence[np.ndarray], layer_names: Sequence[str],
                  path: Path, title: str) -> None:
     """The paper's Figs. 5-7: the input image, then every channel of each conv layer's
-    output; ``maps`` holds one (channels, h, w) array per layer."""
+    output, 8 to a row (channel 1 top left), each channel in its own colour scale; ``maps``
+    holds one (channels, h, w) array per layer. One image per layer, not one axes per channel
+    (dozens of axes took seconds per figure)."""
     columns = 8
-    layer_rows = [-(-len(m) // columns) for m in maps]
-    rows = 1 + sum(layer_rows)
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.2), squeeze=False)
-    for ax in axes.ravel():
+    mosaics = [_mosaic(np.asarray(m, dtype=float), columns) for m in maps]
+    heights = [1.4] + [1.1 * -(-len(m) // columns) for m in maps]
+    fig, axes = plt.subplots(len(heights), 1, figsize=(columns * 1.1, sum(heights)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    axes = axes[:, 0]
+    for ax in axes:
         ax.axis("off")
-    axes[0, 0].imshow(image, cmap="gray_r")
-    axes[0, 0].set_title("input", fontsize=7)
-    row = 1
-    for layer_maps, name, n_rows in zip(maps, layer_names, layer_rows, strict=True):
-        for channel, channel_map in enumerate(layer_maps):
-            ax = axes[row + channel // columns, channel % columns]
-            ax.imshow(channel_map, cmap="viridis")
-            ax.set_title(f"{name} ch{channel + 1}", fontsize=6)
-        row += n_rows
+    axes[0].imshow(image, cmap="gray_r")
+    axes[0].set_title("input", fontsize=8)
+    colours = plt.get_cmap("viridis").with_extremes(bad="white")
+    for ax, mosaic, name, layer_maps in zip(axes[1:], mosaics, layer_names, maps, strict=True):
+        ax.imshow(mosaic, cmap=colours, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"{name}: channels 1-{len(layer_maps)}, 8 to a row", fontsize=8)
     fig.suptitle(title)
     _save(fig, path)
 
