@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,18 @@ from fmnist.config import parse_params
 from fmnist.idx import write_idx
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One JAX compilation cache for the whole session (unless one is set): every JAX process
+    the tests start, in any temporary repository, loads what an earlier one compiled, as the
+    stages of one project do (``fmnist.device.jax_environment``). Made by the main process,
+    before the xdist workers start (they inherit it), and removed at its end."""
+    if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    folder = tempfile.mkdtemp(prefix="fmnist-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
 @pytest.fixture(autouse=True)
