@@ -31,7 +31,6 @@ from fmnist.records import (
 )
 
 RECORD_REMEDY = "written by the evaluate stage: run `dvc repro`"
-MODEL_REMEDY = "run `dvc repro` (DVC restores it from its cache or re-runs the train stage)"
 
 
 def load_runs(config: Config) -> list[analysis.TrainedRun]:
@@ -114,7 +113,7 @@ def draw_feature_maps(config: Config, data: Dataset, variants: list[str], out_di
             missing = [str(figure) for figure in final if not figure.is_file()]
             if missing:
                 raise FileNotFoundError(f"{model_file} not found, and no earlier feature maps of it "
-                                        f"({', '.join(missing)}); {MODEL_REMEDY}")
+                                        f"({', '.join(missing)}); {paths.MODEL_REMEDY}")
             print(f"{model_file} is not here (DVC's cache of models): its feature maps are kept "
                   f"as git holds them ({final[0].parent})")
             for kept, figure in zip(final, figures, strict=True):
@@ -124,7 +123,7 @@ def draw_feature_maps(config: Config, data: Dataset, variants: list[str], out_di
         from fmnist import feature_maps
         from fmnist.models import load_model_file
 
-        feature_maps.draw(load_model_file(model_file, MODEL_REMEDY), data.x_test, data.y_test,
+        feature_maps.draw(load_model_file(model_file, paths.MODEL_REMEDY), data.x_test, data.y_test,
                           config.evaluate.class_names, classes, figures, paths.run_name(variant, seed))
         drawn[variant] = final
     return drawn

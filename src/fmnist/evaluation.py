@@ -30,9 +30,6 @@ from fmnist.records import (
 )
 from fmnist.scoring import Evaluation, cross_entropy, run_metrics, score, tracked_results
 
-# models/ is a cached DVC output: DVC puts back what the train stage wrote, or trains again.
-MODEL_REMEDY = "run `dvc repro` (DVC restores it from its cache or re-runs the train stage)"
-
 
 def load_test_probabilities(path: Path, n_test: int) -> np.ndarray:
     """The train stage's (n_test, 10) float32 class probabilities of the test set; a missing,
@@ -40,17 +37,17 @@ def load_test_probabilities(path: Path, n_test: int) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (the train stage writes it beside the model); "
-                                f"{MODEL_REMEDY}")
+                                f"{paths.MODEL_REMEDY}")
     try:
         with path.open("rb") as f:  # an .npy file only (np.load would also open an archive)
             probabilities = np.lib.format.read_array(f, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise CorruptFileError(f"{path} cannot be read ({error_reason(error)}): it is damaged or was "
-                               f"replaced; {MODEL_REMEDY}") from error
+                               f"replaced; {paths.MODEL_REMEDY}") from error
     if probabilities.shape != (n_test, NUM_CLASSES) or probabilities.dtype != np.float32:
         raise CorruptFileError(f"{path} holds {probabilities.dtype} {probabilities.shape} where the train "
                                f"stage writes float32 ({n_test}, {NUM_CLASSES}) for this test set: it "
-                               f"was replaced or made from other data; {MODEL_REMEDY}")
+                               f"was replaced or made from other data; {paths.MODEL_REMEDY}")
     return probabilities
 
 

@@ -30,6 +30,8 @@ PREPARED_ARRAYS = DATA_PREPARED / "fashion_mnist.npz"
 PREPARED_INFO = DATA_PREPARED / records.DataInfo.FILE
 
 MODELS = Path("models")
+# what to do when a file under models/ (a cached DVC output) is missing or damaged
+MODEL_REMEDY = "run `dvc repro` (DVC restores it from its cache or re-runs the train stage)"
 CHECKPOINTS = Path(".checkpoints")  # resumable training state; not a DVC output (DVC deletes those)
 # JAX's persistent compilation cache (and XLA's GPU autotune results), shared by every stage
 # process and queue worker of the project (fmnist.device.jax_environment); safe to delete
