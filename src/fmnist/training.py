@@ -556,7 +556,11 @@ def probe_first_of_each_class(model: keras.Model, x_test: np.ndarray, y_test: np
     probe (10 images): the analyse stage draws those of analyse.feature_map_classes."""
     classes, indices = first_of_each_class(y_test)
     images = x_test[indices]  # (k, 28, 28)
-    return FeatureMaps(classes, indices, images, probe_feature_maps(model, images))
+    # data parallel (device.training_setup), a batch divides evenly by the devices: the last
+    # image repeated up to a multiple of them, its copies' maps dropped
+    padding = -len(images) % device.data_parallel_devices()
+    probed = probe_feature_maps(model, np.concatenate([images, np.repeat(images[-1:], padding, axis=0)]))
+    return FeatureMaps(classes, indices, images, {name: maps[:len(images)] for name, maps in probed.items()})
 
 
 def write_outputs(result: TrainedModel, out_dir: Path, data_info: DataInfo,
