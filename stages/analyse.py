@@ -1,6 +1,6 @@
 """DVC stage `analyse`: every table and figure of the paper, summary and report (see fmnist.analyse)."""
 
-from fmnist import device, paths
+from fmnist import paths
 from fmnist.analyse import analyse
 from fmnist.cli import stage_main
 from fmnist.data import load_prepared
@@ -13,7 +13,6 @@ def main() -> None:
     config = load_params(paths.PARAMS)
     for note in config.notes:  # analyse entries that name a removed variant
         print(f"NOTE: params.yaml {note}")
-    device.select_backend(config.train.backend)  # the feature maps load models: the train stage's
     summary = analyse(config, load_prepared(paths.PREPARED_ARRAYS), DataInfo.read(paths.PREPARED_INFO),
                       BaselineMetrics.read(paths.BASELINE_METRICS),
                       paths.ANALYSIS, paths.REPORT, paths.SUMMARY)

@@ -13,7 +13,7 @@ from scipy import stats
 
 from fmnist import analysis, evaluation, feature_maps, plots, report
 from fmnist.config import parse_params
-from fmnist.models import build_model
+from fmnist.files import CorruptFileError
 from fmnist.params import load_params
 from fmnist.paths import RunRecord
 from fmnist.records import (
@@ -125,31 +125,55 @@ def test_confused_pairs_are_the_largest_off_diagonal_cells():
                      ConfusedPair(actual="c4", predicted="c2", count=33)]
 
 
-def test_feature_maps_have_one_channel_per_filter_and_come_from_the_named_class():
+def _feature_maps(labels: np.ndarray, images: np.ndarray) -> feature_maps.FeatureMaps:
+    """Maps as a model's probe gives them: float32, one (channels, h, w) per image and layer."""
+    classes, indices = feature_maps.first_of_each_class(labels)
+    rng = np.random.default_rng(1)
+    return feature_maps.FeatureMaps(classes, indices, images[indices], {
+        "block1_relu": rng.random((len(classes), 32, 26, 26), dtype=np.float32) * 7,
+        "block2_relu": rng.random((len(classes), 32, 11, 11), dtype=np.float32) * 1e5})
+
+
+def test_feature_maps_keep_the_first_image_of_each_class_and_read_back_in_float16(tmp_path):
     config = load_params(REPO / "params.yaml")
     labels = np.array([3, 8, 2, 8, 2])
     images = np.random.default_rng(0).integers(0, 255, (5, 28, 28)).astype(np.uint8)
-    index = feature_maps.first_of_class(labels, config.class_index("Bag"))
-    assert index == 1 and labels[index] == 8
-    model = build_model(config.variant("cnn2"), "cnn2")
-    batched = feature_maps.feature_maps(model, images[[index, 2]])  # one call for both images
-    assert len(batched) == 2
-    maps = batched[0]
-    assert {name: m.shape for name, m in maps.items()} == {"block1_relu": (32, 26, 26),
-                                                          "block2_relu": (32, 11, 11)}
-    assert (maps["block1_relu"] >= 0).all()  # after ReLU
-    # each image's maps are its own: the batch gives what the image alone gives
-    alone = feature_maps.feature_maps(model, images[[2]])[0]
-    for name in maps:
-        np.testing.assert_allclose(batched[1][name], alone[name], rtol=1e-5, atol=1e-5)
-        assert not np.allclose(batched[0][name], batched[1][name])
-    skip_model = build_model(config.variant("cnn2_bn_skip"), "s")
-    (skip_maps,) = feature_maps.feature_maps(skip_model, images[[index]])
-    # ReLU after the skip sum (ours): the activated sum is what each block pools
-    assert {name: m.shape for name, m in skip_maps.items()} == {"block1_relu": (32, 28, 28),
-                                                               "block2_relu": (32, 14, 14)}
+    classes, indices = feature_maps.first_of_each_class(labels)
+    assert classes.tolist() == [2, 3, 8] and indices.tolist() == [2, 0, 1]
+    maps = _feature_maps(labels, images)
+    maps.write(tmp_path / "maps.npz")
+    back = feature_maps.FeatureMaps.read(tmp_path / "maps.npz", "REMEDY")
+    assert list(back.layers) == ["block1_relu", "block2_relu"]  # block order
+    index, image, layers = back.of_class(config.class_index("Bag"))
+    assert index == 1 and labels[index] == 8 and np.array_equal(image, images[1])
+    assert {name: m.shape for name, m in layers.items()} == {"block1_relu": (32, 26, 26),
+                                                            "block2_relu": (32, 11, 11)}
+    block1 = maps.layers["block1_relu"][2]  # Bag is the third class present
+    assert layers["block1_relu"].dtype == np.float16 and not np.array_equal(layers["block1_relu"], block1)
+    np.testing.assert_allclose(layers["block1_relu"], block1, rtol=2 ** -11, atol=0)  # float16's rounding
+    # beyond float16's range: clipped to its largest number, not infinite
+    assert np.isfinite(back.layers["block2_relu"]).all()
+    assert back.layers["block2_relu"].max() == np.finfo(np.float16).max
     with pytest.raises(ValueError, match="no image of class 5"):
-        feature_maps.first_of_class(labels, 5)
+        back.of_class(5)
+    # three classes stored, five images in the test set: about 0.5 MB of maps, compressed
+    assert (tmp_path / "maps.npz").stat().st_size < sum(m.size for m in back.layers.values()) * 2
+
+
+def test_missing_damaged_or_malformed_feature_maps_are_one_line_errors(tmp_path):
+    path = tmp_path / "feature_maps.npz"
+    with pytest.raises(FileNotFoundError, match=f"^{path} not found; REMEDY$"):
+        feature_maps.FeatureMaps.read(path, "REMEDY")
+    path.write_bytes(b"PK\x03\x04 damaged")
+    with pytest.raises(CorruptFileError, match=f"^{path} cannot be read as feature maps \\(BadZipFile: .*"
+                                               "damaged or was replaced; REMEDY$"):
+        feature_maps.FeatureMaps.read(path, "REMEDY")
+    images = np.zeros((4, 28, 28), np.uint8)
+    maps = _feature_maps(np.array([0, 1, 2, 3]), images)
+    maps = dataclasses.replace(maps, layers={"block1_relu": maps.layers["block1_relu"][:2]})
+    maps.write(path)
+    with pytest.raises(CorruptFileError, match="for each of its 4 classes: it was replaced; REMEDY$"):
+        feature_maps.FeatureMaps.read(path, "REMEDY")
 
 
 def _judged(contrast) -> analysis.Judged:

@@ -790,9 +790,9 @@ def test_a_full_disk_names_the_output_and_says_to_free_space(tmp_path, monkeypat
 # --- 8. a stage's log starts with its own first line, not TensorFlow's start-up -----
 def test_a_stage_importing_keras_on_the_cpu_starts_with_its_own_line():
     """The train stage and the search first look whether TensorFlow is installed
-    (fmnist.device, a find_spec that imports nothing) and import it later (stages/evaluate.py
-    and stages/baseline.py never do: tests/test_structure.py; stages/analyse.py when it loads
-    a model); the first operation makes TensorFlow probe CUDA. None of TensorFlow's start-up
+    (fmnist.device, a find_spec that imports nothing) and import it later (stages/evaluate.py,
+    stages/baseline.py and stages/analyse.py never do: tests/test_structure.py); the first
+    operation makes TensorFlow probe CUDA. None of TensorFlow's start-up
     lines shows (as under DVC, no TF_CPP_MIN_LOG_LEVEL is set beforehand); another line on
     stderr does."""
     script = ("import runpy, sys\n"
@@ -806,6 +806,7 @@ def test_a_stage_importing_keras_on_the_cpu_starts_with_its_own_line():
               "device.select_backend('tensorflow')\n"
               "imports('evaluate')\n"
               "imports('baseline')\n"
+              "imports('analyse')\n"
               "import keras\n"
               "keras.ops.ones((2, 2))\n"
               "print('after the first operation', flush=True)\n"

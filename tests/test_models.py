@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fmnist.config import ConfigError
-from fmnist.models import build_model, feature_layer_names
+from fmnist.models import build_model, feature_layer_names, probe_feature_maps
 from fmnist.params import load_params
 from tests.conftest import REPO
 
@@ -46,6 +46,25 @@ def test_every_variant_maps_images_to_class_probabilities(config, variant):
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     assert model.count_params() == PAPER_PARAMETERS[variant]
     assert feature_layer_names(model) == ["block1_relu", "block2_relu"]
+
+
+def test_the_feature_map_probe_gives_each_images_maps_of_each_block_in_one_call(config):
+    images = np.random.default_rng(0).integers(0, 255, (3, 28, 28)).astype(np.uint8)
+    model = build_model(config.variant("cnn2"), "cnn2")
+    batched = probe_feature_maps(model, images[[0, 2]])  # one call for both images
+    assert {name: m.shape for name, m in batched.items()} == {"block1_relu": (2, 32, 26, 26),
+                                                             "block2_relu": (2, 32, 11, 11)}
+    assert all(m.dtype == np.float32 for m in batched.values())
+    assert (batched["block1_relu"] >= 0).all()  # after ReLU
+    # each image's maps are its own: the batch gives what the image alone gives
+    alone = probe_feature_maps(model, images[[2]])
+    for name in batched:
+        np.testing.assert_allclose(batched[name][1], alone[name][0], rtol=1e-5, atol=1e-5)
+        assert not np.allclose(batched[name][0], batched[name][1])
+    skip_maps = probe_feature_maps(build_model(config.variant("cnn2_bn_skip"), "s"), images[[0]])
+    # ReLU after the skip sum (ours): the activated sum is what each block pools
+    assert {name: m.shape for name, m in skip_maps.items()} == {"block1_relu": (1, 32, 28, 28),
+                                                               "block2_relu": (1, 32, 14, 14)}
 
 
 def test_skip_blocks_add_the_input_and_can_project_it(config):

@@ -107,7 +107,8 @@ def test_each_stage_hands_the_next_what_it_needs(pipeline):
         # evaluate scored the train stage's probabilities: predictions/ holds them as they were
         with np.load(repo / paths.predictions_file(variant, 0)) as predictions:
             np.testing.assert_array_equal(predictions["probabilities"], np.load(files.test_probabilities))
-        # the feature maps (Figs. 5-7): drawn by analyse from the first seed's model, in its folder
+        # the feature maps (Figs. 5-7): drawn by analyse from those the train stage wrote beside
+        # the first seed's model
         figure = paths.feature_maps_figure(paths.ANALYSIS, variant, 0, "Bag")
         assert (repo / figure).read_bytes().startswith(b"\x89PNG")
         assert f"![{variant}, Bag]({figure.relative_to(paths.REPORT.parent).as_posix()})" in report
@@ -178,8 +179,9 @@ def test_nothing_changed_nothing_runs(pipeline):
 @pytest.mark.slow
 def test_a_clone_without_the_dvc_cache_makes_the_same_report(pipeline, tmp_path):
     """The analyse stage reads what git holds of each run (paths.RunRecord) and, for the
-    feature maps, the first seed's models: a clone whose DVC cache of models is gone (another
-    machine, a lost cache) makes the report again, keeping the feature maps git holds."""
+    feature maps, the train stage's file beside the first seed's models: a clone whose DVC
+    cache of models is gone (another machine, a lost cache) makes the report again, keeping
+    the feature maps git holds."""
     repo, _, _ = pipeline
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "first repro"], repo)
@@ -201,8 +203,8 @@ def test_a_clone_without_the_dvc_cache_makes_the_same_report(pipeline, tmp_path)
         figure = paths.feature_maps_figure(paths.ANALYSIS, variant, 0, "Bag")
         assert (clone / figure).read_bytes() == (repo / figure).read_bytes()
         assert f"]({figure.relative_to(paths.REPORT.parent).as_posix()})" in report
-        model = paths.run_files(variant, 0).model
-        assert f"{model} is not here (DVC's cache of models): its feature maps are kept" in remade.stdout
+        maps = paths.run_files(variant, 0).feature_maps
+        assert f"{maps} is not here (DVC's cache of models): its feature maps are kept" in remade.stdout
 
 
 @pytest.mark.slow

@@ -85,7 +85,7 @@ def test_the_import_walk_follows_lazy_and_package_imports():
 
 # A trained run's file names, and the words that build run names: spelled in paths.py only.
 RUN_FILE_LITERALS = [paths.RunFiles(Path()).model.name, paths.RunFiles(Path()).history.name,
-                     paths.RunFiles(Path()).test_probabilities.name,
+                     paths.RunFiles(Path()).test_probabilities.name, paths.RunFiles(Path()).feature_maps.name,
                      paths.RunFiles(Path()).history_csv.name, paths.RunFiles(Path()).architecture.name,
                      paths.CheckpointFiles(Path()).state.name,
                      "-seed{", "git_commit"]
@@ -112,16 +112,38 @@ def test_no_module_imports_training_but_the_train_stage_and_the_search():
     assert sorted(importers) == ["src/fmnist/search.py", "stages/train.py"]
 
 
-@pytest.mark.parametrize("stage", ["evaluate", "baseline"])
+FRAMEWORKS = {"keras", "tensorflow", "jax", "torch"}
+
+
+def _framework_imports(file: Path) -> set[str]:
+    """The deep learning frameworks ``file`` imports anywhere in it (a function's lazy import included)."""
+    named = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            named.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            named |= {alias.name.split(".")[0] for alias in node.names}
+    return named & FRAMEWORKS
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "baseline", "analyse"])
 def test_the_stages_without_a_model_import_no_deep_learning_framework(stage):
-    """The evaluate stage scores the train stage's probabilities and the baseline fits the SVC:
-    neither process imports Keras or a backend (TensorFlow's import alone costs 5-9 s)."""
+    """The evaluate stage scores the train stage's probabilities, the baseline fits the SVC and
+    the analyse stage draws the feature maps the train stage wrote: none of their processes
+    imports Keras or a backend (TensorFlow's import alone costs 5-9 s), not even in a function
+    that runs later (the walk of every fmnist module the stage imports)."""
     import subprocess
     import sys
 
+    script_file = REPO / "stages" / f"{stage}.py"
+    importers = {file.relative_to(REPO).as_posix(): sorted(_framework_imports(file))
+                 for file in [script_file, *map(_module_file, imported_modules(script_file))]}
+    assert {file: found for file, found in importers.items() if found} == {}
+    # the walk can fail: the train stage's modules import Keras
+    assert _framework_imports(PACKAGE / "models.py") == {"keras"}
     script = ("import runpy, sys\n"
               f"runpy.run_path('stages/{stage}.py', run_name='imports only')\n"
-              "frameworks = {'keras', 'tensorflow', 'jax', 'torch'}\n"
+              f"frameworks = {FRAMEWORKS!r}\n"
               "print(sorted({m.split('.')[0] for m in sys.modules} & frameworks))\n"
               "import keras\n"  # the check itself can fail: Keras is installed here
               "print('keras' in sys.modules)\n")

@@ -25,6 +25,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fmnist import download, tracking, tracking_server
+from fmnist.feature_maps import FeatureMaps
 from fmnist.prepare import prepare
 from tests.conftest import built_copy, make_dvc_repo, only_variants, run, venv_env
 
@@ -369,8 +370,10 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_training_is_data_parallel_on_several_jax_devices(tmp_path, tiny_params, tiny_config, tiny_idx_dir):
-    """Two virtual CPU devices stand for several GPUs: the same code path (keras.distribution)."""
-    devices = 2
+    """Four virtual CPU devices stand for several GPUs: the same code path (keras.distribution).
+    Every batch divides by four (the tiny data: 32 and 16 training images, 60 test images); the
+    feature maps' 10 images do not, and are padded."""
+    devices = 4
     import yaml
 
     download.download(tiny_config.data, tmp_path / "raw", local_dir=tiny_idx_dir)
@@ -391,3 +394,5 @@ def test_training_is_data_parallel_on_several_jax_devices(tmp_path, tiny_params,
     assert run_info["device"].endswith(f"x{devices}, data parallel") and run_info["epochs"] == 2
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     assert all(math.isfinite(record["loss"]) for record in history)
+    maps = FeatureMaps.read(tmp_path / "out" / "feature_maps.npz", "REMEDY")
+    assert maps.classes.tolist() == list(range(10)) and len(maps.layers["block1_relu"]) == 10

@@ -19,6 +19,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fmnist import cli, device, download, tracking, training
+from fmnist.feature_maps import FeatureMaps
+from fmnist.models import probe_feature_maps
 from fmnist.prepare import prepare
 from fmnist.tracking import TrackingError
 from fmnist.training import EpochRecorder, TrainingError, train_variant
@@ -44,13 +46,27 @@ def test_tiny_training_writes_outputs_and_an_mlflow_run(tiny_config, tiny_data, 
     result = _train(tiny_config, tiny_data, mlflow_store)
     out = mlflow_store / "models" / "cnn2"
     assert sorted(p.name for p in out.iterdir()) == [
-        "history.csv", "history.json", "model.keras", "run.json", "summary.txt", "test_probabilities.npy"]
+        "feature_maps.npz", "history.csv", "history.json", "model.keras", "run.json", "summary.txt",
+        "test_probabilities.npy"]
     # the saved model's probabilities of the test set, for the evaluate stage (which loads no model)
     probabilities = np.load(out / "test_probabilities.npy")
-    x_test = tiny_data[0].x_test
+    x_test, y_test = tiny_data[0].x_test, tiny_data[0].y_test
     assert probabilities.dtype == np.float32 and probabilities.shape == (len(x_test), 10)
     saved = keras.models.load_model(out / "model.keras")
     np.testing.assert_allclose(probabilities, saved.predict(x_test, verbose=0), rtol=1e-5, atol=1e-6)
+    # the saved model's feature maps of the first test image of every class, for the analyse
+    # stage (which loads no model): a probe of the saved model, within float16's rounding
+    maps = FeatureMaps.read(out / "feature_maps.npz", "REMEDY")
+    assert maps.classes.tolist() == list(range(10))
+    for label in range(10):
+        index, image, layers = maps.of_class(label)
+        assert index == np.flatnonzero(y_test == label)[0] and np.array_equal(image, x_test[index])
+        probed = probe_feature_maps(saved, x_test[[index]])
+        assert list(layers) == list(probed) == ["block1_relu", "block2_relu"]
+        for name, stored in layers.items():
+            assert stored.dtype == np.float16 and stored.shape == probed[name].shape[1:]
+            np.testing.assert_allclose(stored, probed[name][0], rtol=2 ** -11, atol=2 ** -24)
+        assert layers["block2_relu"].max() > 0
     history = json.loads((out / "history.json").read_text())
     assert [record["epoch"] for record in history] == [1, 2]
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"} <= set(history[0])
@@ -382,6 +398,8 @@ def test_training_under_the_jax_backend(tmp_path, tiny_params, tiny_config, tiny
     assert result.returncode == 0, result.stderr[-3000:]
     run_info = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run_info["keras_backend"] == "jax" and run_info["epochs"] == 2
+    maps = FeatureMaps.read(tmp_path / "out" / "feature_maps.npz", "REMEDY")  # probed under JAX too
+    assert maps.classes.tolist() == list(range(10)) and np.isfinite(maps.layers["block1_relu"]).all()
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     assert all(math.isfinite(r["loss"]) for r in history)
 

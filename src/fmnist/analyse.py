@@ -1,9 +1,9 @@
 """The analyse stage: read what evaluate kept of every run in git (paths.RunRecord, the
 metrics files), have analysis compute, plots draw and report write every table and figure of
-the paper; metrics/summary.json; one MLflow run. The one model it reads is each variant's
-first seed's, for the feature maps (Figs. 5-7, fmnist.feature_maps); where that model is not
-here (a clone whose DVC cache of models is gone) it keeps the figures git holds, so the
-report can still be made again."""
+the paper; metrics/summary.json; one MLflow run. From models/ it reads only each variant's
+first seed's feature maps, which the train stage wrote (Figs. 5-7, fmnist.feature_maps): it
+loads no model and imports no Keras. Where that file is not here (a clone whose DVC cache of
+models is gone) it keeps the figures git holds, so the report can still be made again."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import numpy as np
 from fmnist import analysis, paths, plots, report, results, tracking
 from fmnist.config import Config
 from fmnist.data import Dataset
+from fmnist.feature_maps import FeatureMaps
 from fmnist.files import atomic_path, read_json, write_text
 from fmnist.records import (
     MONITORED_TEST_ACCURACY,
@@ -92,12 +93,13 @@ def log_committed_baseline(config: Config, baseline: BaselineMetrics) -> bool:
     return True
 
 
-def draw_feature_maps(config: Config, data: Dataset, variants: list[str], out_dir: Path,
+def draw_feature_maps(config: Config, variants: list[str], out_dir: Path,
                       into: Path) -> dict[str, list[Path]]:
-    """Figs. 5-7 of each variant's first-seed model into ``into`` (the analyse folder being
-    made, ``out_dir``'s replacement), as paths.feature_maps_figure names them. A variant whose
-    model is not here (DVC's cache gone) keeps its figures from ``out_dir`` (what git holds),
-    saying so; without them either, a one-line error. Returns the variants drawn now, with their
+    """Figs. 5-7 of each variant's first-seed model, from the feature maps the train stage
+    wrote (paths.RunFiles.feature_maps), into ``into`` (the analyse folder being made,
+    ``out_dir``'s replacement), as paths.feature_maps_figure names them. A variant whose file
+    is not here (DVC's cache gone) keeps its figures from ``out_dir`` (what git holds), saying
+    so; without them either, a one-line error. Returns the variants drawn now, with their
     figures' final paths (in ``out_dir``)."""
     seed = config.train.seeds[0]
     classes = config.analyse.feature_map_classes
@@ -108,23 +110,23 @@ def draw_feature_maps(config: Config, data: Dataset, variants: list[str], out_di
         final = [paths.feature_maps_figure(out_dir, variant, seed, name) for name in classes]
         figures = [paths.feature_maps_figure(into, variant, seed, name) for name in classes]
         figures[0].parent.mkdir(parents=True, exist_ok=True)
-        model_file = paths.run_files(variant, seed).model
-        if not model_file.is_file():
+        maps_file = paths.run_files(variant, seed).feature_maps
+        if not maps_file.is_file():
             missing = [str(figure) for figure in final if not figure.is_file()]
             if missing:
-                raise FileNotFoundError(f"{model_file} not found, and no earlier feature maps of it "
+                raise FileNotFoundError(f"{maps_file} not found, and no earlier feature maps of it "
                                         f"({', '.join(missing)}); {paths.MODEL_REMEDY}")
-            print(f"{model_file} is not here (DVC's cache of models): its feature maps are kept "
+            print(f"{maps_file} is not here (DVC's cache of models): its feature maps are kept "
                   f"as git holds them ({final[0].parent})")
             for kept, figure in zip(final, figures, strict=True):
                 shutil.copyfile(kept, figure)
             continue
-        # Keras only here: where no model is present, the stage never imports it
-        from fmnist import feature_maps
-        from fmnist.models import load_model_file
-
-        feature_maps.draw(load_model_file(model_file, paths.MODEL_REMEDY), data.x_test, data.y_test,
-                          config.evaluate.class_names, classes, figures, paths.run_name(variant, seed))
+        maps = FeatureMaps.read(maps_file, paths.MODEL_REMEDY)
+        for class_name, figure in zip(classes, figures, strict=True):
+            index, image, layers = maps.of_class(config.class_index(class_name))
+            plots.feature_maps(image, list(layers.values()), list(layers), figure,
+                               f"{paths.run_name(variant, seed)}: conv block outputs for the first test "
+                               f"{class_name} (test image {index})")
         drawn[variant] = final
     return drawn
 
@@ -175,7 +177,7 @@ def analyse(config: Config, data: Dataset, data_info: DataInfo, baseline: Baseli
             for n, e in enumerate(errors.top_errors)],
             tmp / "top_errors.png", f"Highest cross-entropy errors: {error_run}")
         # Feature maps (Figs. 5-7) of the first seed's models; the report links them from reports/
-        drawn = draw_feature_maps(config, data, list(summary.variants), out_dir, tmp)
+        drawn = draw_feature_maps(config, list(summary.variants), out_dir, tmp)
         feature_maps = {
             variant: {class_name: Path(os.path.relpath(
                 paths.feature_maps_figure(out_dir, variant, first_seed, class_name), report_file.parent)

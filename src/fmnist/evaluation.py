@@ -6,7 +6,7 @@ seconds. Accuracy and loss, scikit-learn's per-class precision/recall/F1 (the pa
 IV), the confusion matrix (Fig. 9), every misclassified image ranked by cross-entropy (Fig.
 8). They go to the run's record in git (paths.RunRecord) beside copies of what the train stage
 left; the class probabilities go to predictions/ (cached by DVC). The feature maps (Figs. 5-7)
-need the model: the analyse stage draws them (fmnist.feature_maps).
+are probed by the train stage too and drawn by the analyse stage (fmnist.feature_maps).
 """
 
 from __future__ import annotations

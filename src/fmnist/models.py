@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 from keras import layers
 
 from fmnist.config import ModelSpec
@@ -145,6 +146,20 @@ def feature_layer_names(model: keras.Model) -> list[str]:
     pools, i.e. its activated conv output (after the skip sum where the block has one)."""
     inputs = layer_inputs(model)
     return [inputs[layer.name][0] for layer in model.layers if layer.name.endswith("_pool")]
+
+
+def probe_feature_maps(model: keras.Model, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Each block's feature maps (``feature_layer_names``) for ``images`` (n, 28, 28) pixels, by
+    layer name in block order, (n, channels, h, w) float32 each (also for a bfloat16 model);
+    one ``predict`` call (one compiled step) for all the images."""
+    names = feature_layer_names(model)
+    probe = keras.Model(model.inputs[0], [model.get_layer(name).output for name in names])
+    outputs = probe.predict(images, batch_size=len(images), verbose=0)
+    if not isinstance(outputs, list | tuple):
+        outputs = [outputs]
+    # (n, h, w, channels) -> (n, channels, h, w): a figure's rows are channels
+    return {name: np.transpose(np.asarray(output, dtype="float32"), (0, 3, 1, 2))
+            for name, output in zip(names, outputs, strict=True)}
 
 
 def _inputs_of(names: list[str]) -> str:

@@ -97,6 +97,12 @@ class RunFiles:
         return self.folder / "test_probabilities.npy"
 
     @property
+    def feature_maps(self) -> Path:
+        """Each conv block's output for the first test image of every class (fmnist.feature_maps):
+        what the analyse stage draws as Figs. 5-7, so that it loads no model (and imports no Keras)."""
+        return self.folder / "feature_maps.npz"
+
+    @property
     def history(self) -> Path:
         """One record per epoch: training loss/accuracy, monitored test metrics, timing."""
         return self.folder / "history.json"
@@ -137,9 +143,9 @@ class RunRecord:
     """What the evaluate stage keeps of one trained model in git, in ``folder``
     (reports/eval/<variant>/seed<k>/, not cached): its test-set results, and copies of the train
     stage's history, run facts and layer table. The analyse stage reads these (and the
-    metrics files; the first seed's model only for the feature maps, whose figures it keeps
-    where the model is absent), so the report can be made again where DVC's cache of models
-    is gone."""
+    metrics files; from models/ only the first seed's RunFiles.feature_maps, whose figures it
+    keeps where that file is absent), so the report can be made again where DVC's cache of
+    models is gone."""
 
     folder: Path
 
@@ -181,7 +187,8 @@ class RunRecord:
 
 def feature_maps_figure(analysis_dir: Path, variant: str, seed: int, class_name: str) -> Path:
     """Figs. 5-7 for the first test image of a class, drawn by the analyse stage from the first
-    seed's model: ``analysis_dir``/feature_maps/<run name>_<class>.png (reports/analysis/...)."""
+    seed's RunFiles.feature_maps: ``analysis_dir``/feature_maps/<run name>_<class>.png
+    (reports/analysis/...)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "_", class_name).strip("_").lower()
     return Path(analysis_dir) / "feature_maps" / f"{run_name(variant, seed)}_{slug}.png"
 

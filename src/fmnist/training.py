@@ -28,8 +28,9 @@ from fmnist import cli, device, paths, progress, recipes, tracking
 from fmnist.cli import Interrupted
 from fmnist.config import Config, TrainConfig
 from fmnist.data import NUM_CLASSES, Dataset
+from fmnist.feature_maps import FeatureMaps, first_of_each_class
 from fmnist.files import atomic_path, error_reason, write_json, write_text
-from fmnist.models import build_model, summary_text
+from fmnist.models import build_model, probe_feature_maps, summary_text
 from fmnist.params import flatten
 from fmnist.records import MONITORED_TEST_ACCURACY, MONITORED_TEST_LOSS, DataInfo, RunInfo
 
@@ -194,6 +195,9 @@ class TrainedModel:
     # stage scores these instead of loading the model; and how long predicting them took
     test_probabilities: np.ndarray
     predict_seconds: float
+    # the final model's feature maps of the first test image of each class (Figs. 5-7): the
+    # analyse stage draws these instead of loading the model
+    feature_maps: FeatureMaps
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -304,8 +308,9 @@ def _trains_together() -> bool:
 def _made_by(out_dir: Path) -> str | None:
     """The fingerprint a complete models/<variant>/seed<k>/ folder was made with, else None."""
     files = paths.RunFiles(out_dir)
-    if not all(path.is_file() for path in (files.model, files.test_probabilities, files.history,
-                                           files.history_csv, files.architecture, files.run_info)):
+    if not all(path.is_file() for path in (files.model, files.test_probabilities, files.feature_maps,
+                                           files.history, files.history_csv, files.architecture,
+                                           files.run_info)):
         return None
     return RunInfo.fingerprint_of(files.run_info)
 
@@ -525,7 +530,7 @@ def _tracked(config: Config, run: _SeedRun, data: Dataset, data_info: DataInfo,
         probabilities, predict_seconds = predict_test(run.model, data.x_test)
         result = TrainedModel(run.model, run.history, run_id, device.backend(), run.precision,
                               device.describe(), run.train_seconds, run.name, probabilities,
-                              predict_seconds)
+                              predict_seconds, probe_first_of_each_class(run.model, data.x_test, data.y_test))
         write_outputs(result, run.out_dir, data_info, config.evaluate.class_names, run.made_by)
         files = paths.RunFiles(run.out_dir)
         tracking.log_results({"train_seconds": round(result.train_seconds, 1),
@@ -546,6 +551,18 @@ def predict_test(model: keras.Model, x_test: np.ndarray) -> tuple[np.ndarray, fl
     return probabilities, time.perf_counter() - started
 
 
+def probe_first_of_each_class(model: keras.Model, x_test: np.ndarray, y_test: np.ndarray) -> FeatureMaps:
+    """The trained model's feature maps of the first test image of every class, in one batched
+    probe (10 images): the analyse stage draws those of analyse.feature_map_classes."""
+    classes, indices = first_of_each_class(y_test)
+    images = x_test[indices]  # (k, 28, 28)
+    # data parallel (device.training_setup), a batch divides evenly by the devices: the last
+    # image repeated up to a multiple of them, its copies' maps dropped
+    padding = -len(images) % device.data_parallel_devices()
+    probed = probe_feature_maps(model, np.concatenate([images, np.repeat(images[-1:], padding, axis=0)]))
+    return FeatureMaps(classes, indices, images, {name: maps[:len(images)] for name, maps in probed.items()})
+
+
 def write_outputs(result: TrainedModel, out_dir: Path, data_info: DataInfo,
                   class_names: tuple[str, ...], fingerprint: str) -> None:
     """models/<variant>/seed<k>/: every file of paths.RunFiles (its run_info also names the
@@ -556,6 +573,7 @@ def write_outputs(result: TrainedModel, out_dir: Path, data_info: DataInfo,
         files = paths.RunFiles(tmp)
         result.model.save(files.model)
         np.save(files.test_probabilities, result.test_probabilities)
+        result.feature_maps.write(files.feature_maps)
         files.history.write_text(json.dumps(result.history, indent=1) + "\n")
         columns = list(dict.fromkeys(key for record in result.history for key in record))
         with files.history_csv.open("w", newline="") as f:
