@@ -60,6 +60,7 @@ def trained_run(variant: str, seed: int) -> dict:
     train_images = DataInfo.read(paths.PREPARED_INFO).sizes.train
     seconds = run_info.train_seconds
     return {"variant": variant, "seed": seed, "epochs": run_info.epochs, "train_seconds": seconds,
+            "compile_seconds": run_info.compile_seconds,  # of train_seconds (shared by its seeds)
             "images_per_second": round(run_info.epochs * train_images / seconds),
             "final_test_accuracy": history[-1].get(MONITORED_TEST_ACCURACY),
             "backend": run_info.keras_backend, "precision": run_info.precision,

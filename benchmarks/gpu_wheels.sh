@@ -2,9 +2,9 @@
 # Wheels for the GPU check. The lent GPU machine (Python 3.12.3, JAX 0.11.2 + CUDA 13, numpy,
 # pandas, scikit-learn, matplotlib, pyyaml, h5py, rich, protobuf, ... but no Keras, MLflow or DVC)
 # has no internet, so what it lacks travels as py3.12 manylinux x86_64 wheels in the working tree:
-#   .whl/      keras 3.15.1 + mlflow-skinny 3.17.2 with its SQLite store (~20 MB, 33 wheels)
+#   .whl/      keras 3.15.1 + mlflow-skinny 3.17.2 with its SQLite store (~20 MB, 35 wheels)
 #   .whl-dvc/  dvc 3.67.1 on top of .whl/ (~11 MB, 53 wheels; optional, send it only if it fits)
-# (--one-dir puts both sets in .whl/, 86 wheels, ~30.5 MB, as benchmarks/gpu_check.sh expects;
+# (--one-dir puts both sets in .whl/, 88 wheels, ~30.7 MB, as benchmarks/gpu_check.sh expects;
 #  --no-dvc fetches .whl/ alone and leaves .whl-dvc/ as it is.)
 # Both folders are ignored (.gitignore), so a device call names them in `carry`
 # ([".whl"] or [".whl", ".whl-dvc"]) and starts with:
@@ -38,6 +38,7 @@ CORE=(  # -> .whl/
   opentelemetry-semantic-conventions==0.66b2 python-dotenv==1.2.4 sqlparse==0.6.1
   jinja2==3.1.6 markupsafe==3.0.4 markdown-it-py==4.3.0 mdurl==0.1.2  # the report (the device's
   # torch and rich may bring them; carried so that the analyse stage cannot miss them)
+  psutil==7.2.2 nvidia-ml-py==13.590.44  # MLflow's system metrics: CPU, memory; the GPU's (NVML)
 )
 DVC=(  # -> .whl-dvc/ (needs .whl/ too)
   dvc==3.67.1 dvc-data==3.18.3 dvc-http==2.32.0 dvc-objects==5.2.0 dvc-render==1.0.2

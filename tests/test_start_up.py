@@ -1,7 +1,7 @@
 """How a JAX training process starts and what its run records: the shared compilation cache,
-the memory setting that lets processes share one GPU, no TensorFlow import, system metrics
-and images/s per epoch. Each training runs in a process of its own (JAX reads its settings
-when it is imported)."""
+the loop's compile time, the memory setting that lets processes share one GPU, no TensorFlow
+import, system metrics and images/s per epoch. Each training runs in a process of its own (JAX
+reads its settings when it is imported)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ TRAIN_UNDER_JAX = textwrap.dedent("""
         "jax_cache_dir": jax.config.jax_compilation_cache_dir,
         "jax_environment": {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_"))},
         "run_id": result.run_id, "epoch_seconds": [r["epoch_seconds"] for r in result.history],
+        "train_seconds": result.train_seconds, "compile_seconds": result.compile_seconds,
         "start_up_seconds": imported - started,
         "train_variant_seconds": time.perf_counter() - imported}))
 """)
@@ -107,6 +108,11 @@ def test_two_jax_trainings_at_once_share_the_device_and_the_cache(tmp_path):
         assert "system/system_memory_usage_megabytes" in metrics
         rates = client.get_metric_history(outcome["run_id"], "images_per_second")
         assert sorted(m.step for m in rates) == [1, 2]
+        # the loop's compile time, logged beside its time (which includes it) and in run.json
+        assert 0 < outcome["compile_seconds"] < outcome["train_seconds"], outcome
+        assert metrics["compile_seconds"] == pytest.approx(outcome["compile_seconds"], abs=0.01)
+        run_info = json.loads((folder / "models" / "cnn2" / "run.json").read_text())
+        assert run_info["compile_seconds"] == pytest.approx(outcome["compile_seconds"], abs=0.01)
         # training images over the epoch's seconds (240 tiny images)
         for metric in rates:
             seconds = outcome["epoch_seconds"][metric.step - 1]

@@ -160,6 +160,58 @@ def backend() -> str:
     return keras.backend.backend()
 
 
+# JAX's own timings of making a compiled function: tracing to a jaxpr, lowering it, and XLA's
+# compile (or the read from the persistent compilation cache)
+_JAX_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                       "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                       "/jax/core/compile/backend_compile_duration")
+
+
+class CompileClock:
+    """What ``compile_clock`` measured: ``seconds``, or None where it could not."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        """The wall time covered by the compile events (a function traced inside another's
+        trace counts once)."""
+        if self.spans is None:
+            return None
+        covered, reached = 0.0, float("-inf")
+        for start, end in sorted(self.spans):
+            if end > reached:
+                covered += end - max(start, reached)
+                reached = end
+        return covered
+
+
+@contextmanager
+def compile_clock() -> Iterator[CompileClock]:
+    """Time the compiles of the code inside: under JAX, the wall time its tracing, lowering
+    and XLA compiles took (from JAX's monitoring events; a hit in the persistent compilation
+    cache counts as its read); under TensorFlow and torch ``seconds`` stays None (their
+    tracing is not reported apart from the steps it runs in)."""
+    clock = CompileClock()
+    if backend() != "jax":
+        yield clock
+        return
+    import jax.monitoring  # noqa: PLC0415 (the backend is JAX: imported already)
+
+    clock.spans = []
+
+    def listen(event: str, start: float, end: float, **_: object) -> None:
+        if event in _JAX_COMPILE_EVENTS:
+            clock.spans.append((start, end))
+
+    jax.monitoring.register_event_time_span_listener(listen)
+    try:
+        yield clock
+    finally:
+        jax.monitoring.unregister_event_time_span_listener(listen)
+
+
 def accelerator() -> str:
     """'gpu' when the backend sees one (it then uses it by default), else 'cpu'."""
     name = backend()

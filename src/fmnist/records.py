@@ -167,6 +167,9 @@ class RunInfo(_Record):
     # the final model's prediction of the test set (paths.RunFiles.test_probabilities), timed
     # in the train stage; absent in a record made before it was
     predict_seconds: float | None = _absent_when_none()
+    # of train_seconds, the time spent compiling (fmnist.device.compile_clock): under JAX;
+    # absent under TensorFlow, which does not report it apart from the steps
+    compile_seconds: float | None = _absent_when_none()
     # of the settings, code and data that made it (fmnist.training.train_seeds keeps a seed
     # whose fingerprint matches); "" for a model made before fingerprints were recorded
     fingerprint: str = ""

@@ -153,13 +153,14 @@ class Checkpoint:
         self.clear()
 
     def save(self, run_id: str, history: list[dict[str, float]], model: keras.Model | None,
-             train_seconds: float) -> None:
+             train_seconds: float, compile_seconds: float | None = None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         if model is not None:
             with atomic_path(self.model_file) as tmp:  # tmp keeps the .keras suffix
                 model.save(tmp)
         write_json(self.state_file, {"fingerprint": self.fingerprint, "run_id": run_id,
                                      "history": history, "train_seconds": train_seconds,
+                                     "compile_seconds": compile_seconds,
                                      "seed_generators": [] if model is None else [
                                          np.asarray(v).tolist() for v in _seed_generator_states(model)]})
 
@@ -190,6 +191,7 @@ class TrainedModel:
     precision: str
     device: str
     train_seconds: float
+    compile_seconds: float | None  # of train_seconds (device.compile_clock; None: not measured)
     name: str  # the run's name (paths.run_name)
     # the final model's class probabilities on the test set, (n, 10) float32: the evaluate
     # stage scores these instead of loading the model; and how long predicting them took
@@ -378,10 +380,12 @@ class _SeedRun:
     model: keras.Model
     history: list[dict[str, float]]
     earlier_seconds: float  # training time of earlier attempts
+    earlier_compile_seconds: float | None  # their compile time (None: not measured)
     resumed_run_id: str | None
     run_id: str = ""
     loop_started: float = 0.0
     train_seconds: float = 0.0  # elapsed() when the loop ended
+    compile_clock: device.CompileClock | None = None  # this attempt's, while its loop runs
     result: TrainedModel | None = None
 
     @property
@@ -390,6 +394,11 @@ class _SeedRun:
 
     def elapsed(self) -> float:
         return self.earlier_seconds + time.perf_counter() - self.loop_started
+
+    def compile_seconds(self) -> float | None:
+        """Of ``elapsed()``, the time spent compiling (None where the backend does not say)."""
+        now = self.compile_clock.seconds if self.compile_clock else None
+        return None if now is None else (self.earlier_compile_seconds or 0.0) + now
 
 
 def _prepare(config: Config, variant: str, seed: int, data: Dataset, data_info: DataInfo, out_dir: Path,
@@ -412,7 +421,7 @@ def _prepare(config: Config, variant: str, seed: int, data: Dataset, data_info: 
                                       config.train.epochs, len(data.y_train), config.train.batch_size)
     return _SeedRun(variant, seed, Path(out_dir), checkpoint, settings, _fingerprint(settings, inputs),
                     precision, devices, model, history, float(state.get("train_seconds", 0.0)),
-                    state.get("run_id"))
+                    state.get("compile_seconds"), state.get("run_id"))
 
 
 def _train(config: Config, runs: list[_SeedRun], data: Dataset, data_info: DataInfo, experiment_id: str,
@@ -434,9 +443,9 @@ def _train(config: Config, runs: list[_SeedRun], data: Dataset, data_info: DataI
                                                      chunked=_trains_together())]
                          for run, line in zip(runs, epoch_lines, strict=True)]
             started = time.perf_counter()
-            for run in runs:
-                run.loop_started = started
-            with cli.stop_at_safe_points():
+            with cli.stop_at_safe_points(), device.compile_clock() as compile_clock:
+                for run in runs:
+                    run.loop_started, run.compile_clock = started, compile_clock
                 if len(runs) == 1:
                     fit(runs[0].model, data, config.train, callbacks[0], initial_epoch=len(runs[0].history),
                         seed=runs[0].seed)
@@ -482,7 +491,7 @@ def _recorder(run: _SeedRun, epoch_line: progress.EpochLine, test: tuple[np.ndar
     def flush() -> None:
         if pending:
             run.history.extend(pending)
-            run.checkpoint.save(run.run_id, run.history, run.model, run.elapsed())
+            run.checkpoint.save(run.run_id, run.history, run.model, run.elapsed(), run.compile_seconds())
             if len(pending) == 1:
                 tracking.log_epoch(pending[0], run_id=run.run_id)
             else:
@@ -529,12 +538,16 @@ def _tracked(config: Config, run: _SeedRun, data: Dataset, data_info: DataInfo,
         yield
         probabilities, predict_seconds = predict_test(run.model, data.x_test)
         result = TrainedModel(run.model, run.history, run_id, device.backend(), run.precision,
-                              device.describe(), run.train_seconds, run.name, probabilities,
-                              predict_seconds, probe_first_of_each_class(run.model, data.x_test, data.y_test))
+                              device.describe(), run.train_seconds, run.compile_seconds(), run.name,
+                              probabilities, predict_seconds,
+                              probe_first_of_each_class(run.model, data.x_test, data.y_test))
         write_outputs(result, run.out_dir, data_info, config.evaluate.class_names, run.made_by)
         files = paths.RunFiles(run.out_dir)
-        tracking.log_results({"train_seconds": round(result.train_seconds, 1),
-                              "predict_seconds": round(result.predict_seconds, 2)})
+        timings = {"train_seconds": round(result.train_seconds, 1),
+                   "predict_seconds": round(result.predict_seconds, 2)}
+        if result.compile_seconds is not None:
+            timings["compile_seconds"] = round(result.compile_seconds, 2)
+        tracking.log_results(timings)
         tracking.log_artifacts(files.history, files.architecture)
         examples = -(-2 // run.devices) * run.devices  # 2, or a multiple of the devices that split it
         tracking.log_keras_model(run.model, run.name, data.x_test[:examples], config.evaluate.class_names,
@@ -583,6 +596,7 @@ def write_outputs(result: TrainedModel, out_dir: Path, data_info: DataInfo,
         write_text(files.architecture, summary_text(result.model))
         RunInfo(mlflow_run_id=result.run_id, keras_backend=result.backend, precision=result.precision,
                 device=result.device, train_seconds=round(result.train_seconds, 1),
+                compile_seconds=None if result.compile_seconds is None else round(result.compile_seconds, 2),
                 predict_seconds=round(result.predict_seconds, 2),
                 epochs=len(result.history), parameters=result.model.count_params(),
                 canonical_split=data_info.canonical_split, data_source=data_info.source,

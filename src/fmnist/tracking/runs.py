@@ -288,6 +288,7 @@ RESULT_METRICS = {
     "best_epoch_test_accuracy_selected_on_test": "the paper's kind of number: the best epoch as "
                                                   "seen on the test set (flatters; never selects)",
     "train_seconds": "time to fit the model (all attempts of a resumed training)",
+    "compile_seconds": "of train_seconds, the time spent compiling (JAX only)",
     "predict_seconds": "time to predict the test set",
 }
 # Series: one value per epoch (step = epoch). Keras' names, except the test set's, which is
