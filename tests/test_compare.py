@@ -185,21 +185,39 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, built_pi
 
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "results"], repo)
-    # two experiments that move the tiny models' accuracy
-    run(["dvc", "exp", "run", "-n", "fewer-epochs", "-S", "train.epochs=1"], repo)
-    run(["dvc", "exp", "run", "-n", "lower-lr", "-S", "train.learning_rate=0.0002"], repo)
+    # two experiments that move the tiny models' accuracy: a lower learning rate; then, after
+    # edits, one that drops a variant (its params, the analyse entries naming it), changes a
+    # list param and trains fewer epochs
+    champion_variant = params["registry"]["champion_variant"]  # kept: the registry's checks below
+    assert champion_variant in SHOWN and champion_variant in VARIANTS
+    lower = run(["dvc", "exp", "run", "-n", "lower-lr", "-S", "train.learning_rate=0.0002"], repo)
+    assert (f"@champion stays at fashion-mnist-{champion_variant} version 1: experiment lower-lr "
+            "registers its versions but moves no alias") in lower.stdout, lower.stdout[-3000:]
+    run(["dvc", "exp", "apply", "lower-lr"], repo)  # the workspace as a user leaves it
+    kept = [champion_variant]
+    dropped = [v for v in VARIANTS if v not in kept]
+    (repo / "params.yaml").write_text(yaml.safe_dump(only_variants(params, kept), sort_keys=False))
+    run(["dvc", "exp", "run", "-n", "dropped", "-S", "analyse.loss_levels=[0.5,0.4]",
+         "-S", "train.epochs=1"], repo)
     with _store(repo) as db:  # each experiment's runs named after it: apart in every legend
         names = {name for (name,) in db.execute("SELECT name FROM runs")}
-    for name in ("fewer-epochs", "lower-lr"):
-        assert {f"{v}-seed0 @ {name}" for v in VARIANTS} | {f"analysis @ {name}"} <= names
+    for name, trained in (("lower-lr", VARIANTS), ("dropped", kept)):
+        assert {f"{v}-seed0 @ {name}" for v in trained} | {f"analysis @ {name}"} <= names
+    assert not {f"{v}-seed0 @ dropped" for v in dropped} & names
     # both registered their models, tagged with their names, and left @champion where it was
-    champion = "fashion-mnist-authors_cnn2_bn_skip"  # registry.champion_variant
+    champion = f"fashion-mnist-{champion_variant}"
     with _store(repo) as db:
         aliases = db.execute("SELECT name, alias, version FROM registered_model_aliases").fetchall()
         experiments = dict(db.execute("SELECT version, value FROM model_version_tags WHERE name = ? "
                                       "AND key = 'dvc_exp_name'", (champion,)).fetchall())
     assert aliases == [(champion, "champion", 1)]
-    assert {experiments.get(2), experiments.get(3)} == {"fewer-epochs", "lower-lr"}, experiments
+    assert {experiments.get(2), experiments.get(3)} == {"lower-lr", "dropped"}, experiments
+    with _store(repo) as db:  # and with the params the experiment changed
+        changed = db.execute("SELECT t.value FROM model_version_tags t JOIN model_version_tags e ON "
+                             "t.name = e.name AND t.version = e.version WHERE t.name = ? AND t.key = "
+                             "'params_changed' AND e.key = 'dvc_exp_name' AND e.value = 'lower-lr'",
+                             (champion,)).fetchall()
+    assert changed == [("train.learning_rate=0.0002",)], changed
     command = _docs_exp_show()
     shown = run(command, repo, env={**venv_env(), "COLUMNS": "160"}).stdout
     assert max(len(line) for line in shown.splitlines()) <= 160, shown
@@ -216,11 +234,7 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, built_pi
         for variant in SHOWN:
             assert float(row[variant]) > 0 and float(row[variant]) in cells, (row, line)
 
-    # after edits: an experiment that drops a variant (its params, the analyse entries naming
-    # it) and changes a list param; every documented command stays within 160 columns
-    run(["dvc", "exp", "apply", "lower-lr"], repo)  # the workspace as a user leaves it
-    (repo / "params.yaml").write_text(yaml.safe_dump(only_variants(params, VARIANTS[:1]), sort_keys=False))
-    run(["dvc", "exp", "run", "-n", "dropped", "-S", "analyse.loss_levels=[0.5,0.4]"], repo)
+    # every documented command stays within 160 columns
     for command in _docs_commands():
         shown = run(command, repo, env={**venv_env(), "COLUMNS": "160"}).stdout
         assert shown.strip() and max(len(line) for line in shown.splitlines()) <= 160, (command, shown)
@@ -231,7 +245,7 @@ def test_tiny_pipeline_compares_in_mlflow_and_in_dvc_exp_show(tmp_path, built_pi
     diff = run(["dvc", "metrics", "diff", "HEAD", "dropped", "--all", "--no-path", "--targets",
                 "metrics/accuracy.json"], repo).stdout
     rows = {line.split()[0]: line.split()[1:] for line in diff.splitlines()[1:]}
-    assert rows[VARIANTS[1]][1] == "-" and float(rows[VARIANTS[0]][1]) > 0, diff  # dropped, kept
+    assert [rows[v][1] for v in dropped] == ["-"] and float(rows[champion_variant][1]) > 0, diff
 
     # `dvc plots diff` of two experiments: one line per run and experiment, not one per run
     plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "lower-lr", "--json"], repo).stdout)

@@ -269,7 +269,13 @@ def test_an_experiment_on_one_variant_retrains_only_it(pipeline):
     assert names.count("cnn2-seed0") == 2
     with sqlite3.connect(repo / "mlflow.db") as db:  # the experiment's run says which it is
         named = db.execute("SELECT count(*) FROM runs WHERE name = 'cnn2-seed0 @ dropout-03'").fetchone()
+        # its model registered as a version tagged with the experiment and the param it added
+        tags = db.execute("SELECT t.key, t.value FROM model_version_tags t JOIN model_version_tags e "
+                          "ON t.name = e.name AND t.version = e.version WHERE t.name = "
+                          "'fashion-mnist-cnn2' AND e.key = 'dvc_exp_name' AND e.value = 'dropout-03'"
+                          ).fetchall()
     assert named == (1,)
+    assert {("dvc_exp_name", "dropout-03"), ("params_changed", "variants.cnn2.dropout_rate=0.3")} <= set(tags)
 
 
 @pytest.mark.slow

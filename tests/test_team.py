@@ -33,12 +33,17 @@ EXPERIMENT = "fashion-mnist-cnn"  # params.yaml's tracking.experiment
 LEARNING_RATES = ("0.002", "0.003")  # one queued experiment each
 
 # Stages started at the same instant: each opens the store, gets the experiment, logs a run.
+# Each says it has imported MLflow (ready-<i>), then waits for the instant that the test
+# writes (go) once all have.
 _STAGE = """
 import sys, time
 from pathlib import Path
 from fmnist import tracking
-start_at = float(sys.argv[2])
-time.sleep(max(0.0, start_at - time.time()))
+folder, go = Path(sys.argv[1]), Path(sys.argv[2])
+(folder / ("ready-" + sys.argv[3])).touch()
+while not go.exists():
+    time.sleep(0.01)
+time.sleep(max(0.0, float(go.read_text()) - time.time()))
 experiment_id = tracking.connect("parallel", Path(sys.argv[1]))
 with tracking.run(experiment_id, "stage-" + sys.argv[3], {}):
     for step in range(20):
@@ -53,10 +58,17 @@ def test_stages_started_at_once_share_a_new_sqlite_store(tmp_path):
     env = venv_env()
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
                                          env.get("PYTHONPATH", "")])
-    start_at = str(time.time() + 15)  # after every interpreter has imported MLflow
-    stages = [subprocess.Popen([sys.executable, "-c", _STAGE, str(tmp_path), start_at, str(i)], env=env,
+    go = tmp_path / "go"
+    stages = [subprocess.Popen([sys.executable, "-c", _STAGE, str(tmp_path), str(go), str(i)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
               for i in range(4)]
+    deadline = time.monotonic() + 300
+    while (len(list(tmp_path.glob("ready-*"))) < 4 and time.monotonic() < deadline
+           and all(stage.poll() is None for stage in stages)):  # one that failed: its output below
+        time.sleep(0.05)
+    written = tmp_path / "go.tmp"
+    written.write_text(str(time.time() + 0.5))  # every interpreter has imported MLflow
+    written.rename(go)  # whole, at once
     outputs = [stage.communicate(timeout=300)[0] for stage in stages]
     assert [stage.returncode for stage in stages] == [0] * 4, "\n".join(outputs)
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
