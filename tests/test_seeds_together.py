@@ -189,10 +189,10 @@ CHUNKS = textwrap.dedent("""
                             compiled_epochs=True, chunk_epochs=length)
         jax_loop.fit_seeds = fit_seeds
 
-    def counted_save(self, run_id, history, model, seconds):
+    def counted_save(self, run_id, history, model, *seconds):
         if model is not None:
             saves.append(len(history))
-        return real_save(self, run_id, history, model, seconds)
+        return real_save(self, run_id, history, model, *seconds)
 
     training.Checkpoint.save = counted_save
 
