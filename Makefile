@@ -44,11 +44,15 @@ small: $(VENV)/.installed
 	@echo "Experiment 'small' (2 epochs, seed 0, SVC on 10,000 images: NOT the paper's numbers) beside the committed results:"
 	@dvc metrics diff HEAD small --all --no-path --targets metrics/accuracy.json
 
-# the test files spread over one worker per core (pytest-xdist), each file on one worker (a
-# module's tests may share a fixture and run in order), the longest files first
-# (tests/conftest.py: LONGEST_FIRST); the slowest tests are listed at the end
+# the test files spread over pytest-xdist workers, one more than the cores: the slow tests
+# wait on their subprocesses (queue workers polled, servers starting, a fixture built by
+# another worker), and the extra worker fills those waits (on the 2-core Zen 5: 522 s with 3
+# workers, 574-608 s with 2); each file on one worker (a module's tests may share a fixture
+# and run in order), the longest files first (tests/conftest.py: LONGEST_FIRST); the slowest
+# tests are listed at the end
+WORKERS_FOR_TESTS := $(shell echo $$(( $$(nproc) + 1 )))
 test: $(VENV)/.installed-dev lint deps-system
-	python -m pytest -n auto --dist loadfile --no-loadscope-reorder --durations=15
+	python -m pytest -n $(WORKERS_FOR_TESTS) --dist loadfile --no-loadscope-reorder --durations=15
 
 lint: $(VENV)/.installed-dev
 	ruff check src stages tests benchmarks

@@ -89,12 +89,16 @@ def pytest_runtest_makereport(item, call):
             report.sections.append((f"last {name} of the timed-out {error.cmd!r}",
                                     (output or "(nothing)")[-3000:]))
     return report
+
+
 # The test files that run pipelines, longest first (`make test` lists the slowest tests). `make
-# test` spreads whole files over two workers (xdist's loadfile, without its default reorder
-# by number of tests, which put these last): starting with the longest, the two workers end
-# together instead of one running test_compare alone at the end.
-LONGEST_FIRST = ["test_team.py", "test_compare.py", "test_faults.py", "test_use.py",
-                 "test_pipeline.py", "test_benchmarks.py", "test_search.py", "test_training.py",
+# test` spreads whole files over its workers (xdist's loadfile, without its default reorder
+# by number of tests, which put these last): starting with the longest, the workers end
+# together instead of one running test_compare alone at the end. test_benchmarks before
+# test_faults: the first tests of test_compare and test_faults wait for the same built
+# pipeline, so the three first files are not all waiting for one worker's build.
+LONGEST_FIRST = ["test_team.py", "test_compare.py", "test_benchmarks.py", "test_faults.py",
+                 "test_use.py", "test_pipeline.py", "test_search.py", "test_training.py",
                  "test_recipes.py", "test_device.py"]
 
 
