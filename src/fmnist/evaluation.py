@@ -2,11 +2,12 @@
 
 It scores the class probabilities the train stage predicted with the model in memory
 (paths.RunFiles.test_probabilities): it loads no model and imports no Keras, so it starts in
-seconds. Accuracy and loss, scikit-learn's per-class precision/recall/F1 (the paper's Table
-IV), the confusion matrix (Fig. 9), every misclassified image ranked by cross-entropy (Fig.
-8). They go to the run's record in git (paths.RunRecord) beside copies of what the train stage
-left; the class probabilities go to predictions/ (cached by DVC). The feature maps (Figs. 5-7)
-are probed by the train stage too and drawn by the analyse stage (fmnist.feature_maps).
+seconds. Accuracy and loss, the per-class precision/recall/F1 (the paper's Table IV, to
+scikit-learn's definitions, computed in numpy by fmnist.scoring), the confusion matrix (Fig.
+9), every misclassified image ranked by cross-entropy (Fig. 8). They go to the run's record
+in git (paths.RunRecord) beside copies of what the train stage left; the class probabilities
+go to predictions/ (cached by DVC). The feature maps (Figs. 5-7) are probed by the train
+stage too and drawn by the analyse stage (fmnist.feature_maps).
 """
 
 from __future__ import annotations
