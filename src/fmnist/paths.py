@@ -163,7 +163,8 @@ class RunRecord:
 
     @property
     def classification_report(self) -> Path:
-        """scikit-learn's per-class precision, recall, F1 and support (Table IV), as JSON."""
+        """The per-class precision, recall, F1 and support (Table IV), to scikit-learn's definitions
+        and format (computed in numpy by fmnist.scoring), as JSON."""
         return self.folder / "classification_report.json"
 
     @property
