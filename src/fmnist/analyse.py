@@ -115,13 +115,13 @@ def draw_feature_maps(config: Config, variants: list[str], out_dir: Path,
             missing = [str(figure) for figure in final if not figure.is_file()]
             if missing:
                 raise FileNotFoundError(f"{maps_file} not found, and no earlier feature maps of it "
-                                        f"({', '.join(missing)}); {paths.MODEL_REMEDY}")
+                                        f"({', '.join(missing)}); {paths.model_remedy(maps_file.parent)}")
             print(f"{maps_file} is not here (DVC's cache of models): its feature maps are kept "
                   f"as git holds them ({final[0].parent})")
             for kept, figure in zip(final, figures, strict=True):
                 shutil.copyfile(kept, figure)
             continue
-        maps = FeatureMaps.read(maps_file, paths.MODEL_REMEDY)
+        maps = FeatureMaps.read(maps_file, paths.model_remedy(maps_file.parent))
         for class_name, figure in zip(classes, figures, strict=True):
             index, image, layers = maps.of_class(config.class_index(class_name))
             plots.feature_maps(image, list(layers.values()), list(layers), figure,

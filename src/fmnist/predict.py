@@ -194,7 +194,7 @@ def load_classifier(source: str) -> Classifier:
 
         run_info = RunInfo.read(files.run_info)
         names = run_info.class_names
-        model = load_model_file(files.model, "train it again with `dvc repro`")
+        model = load_model_file(files.model, paths.model_remedy(folder))
         origin = f"{source} (a train-stage model folder, MLflow run {run_info.mlflow_run_id})"
         return Classifier(lambda x: np.asarray(model.predict(x, verbose=0)), tuple(names), source, origin)
     raise FileNotFoundError(f"--model {source}: not a model folder (no {files.model.name} or MLmodel) and "
