@@ -226,7 +226,8 @@ def model_remedy(folder: Path = SEED_FOLDER) -> str:
     """What to do when a file in the seed's folder ``folder`` (models/<variant>/seed<k>/) is
     missing or damaged: restore the variant's folder from DVC's cache (a second), or train the
     seed again."""
-    return f"restore it with `dvc checkout {Path(folder).parent}` (from DVC's cache), or {retrain_remedy(folder)}"
+    return (f"restore it with `dvc checkout {Path(folder).parent}` (from DVC's cache), or "
+            f"{retrain_remedy(folder)}")
 
 
 def checkpoint_dir(variant: str, seed: int) -> Path:
