@@ -117,6 +117,10 @@ def test_params_mistakes_stop_dvc_repro_before_any_stage_and_no_output_is_lost(t
     history.write_text("{not json")
     failed = run(["dvc", "repro", "--single-item", "analyse"], repo, check=False)
     assert failed.returncode != 0 and _ran(failed.stdout) == {"analyse"}
+    # the stage's one line names the file, what is wrong and what to do
+    assert ("ERROR: reports/eval/cnn2/seed0/history.json cannot be read as JSON (JSONDecodeError: "
+            in failed.stderr + failed.stdout), failed.stderr
+    assert "unexpected JSONDecodeError" not in failed.stderr + failed.stdout, failed.stderr
     for path in ["reports/analysis", "reports/report.md", "metrics/summary.json"]:
         assert _digest(repo / path) == before[path], path
 

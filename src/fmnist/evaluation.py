@@ -104,8 +104,8 @@ def evaluate_model(variant: str, seed: int, y_test: np.ndarray, class_names: tup
     record_dir = paths.run_record(variant, seed).folder
     title = paths.run_name(variant, seed)
     probabilities = load_test_probabilities(files.test_probabilities, len(y_test))
-    history = read_json(files.history, "written by the train stage")
-    run_info = RunInfo.read(files.run_info)
+    history = read_json(files.history, "written by the train stage", paths.model_remedy(files.folder))
+    run_info = RunInfo.read(files.run_info, remedy=paths.model_remedy(files.folder))
     evaluation = score(probabilities, y_test, class_names)
     metrics = run_metrics(evaluation, history)
 
