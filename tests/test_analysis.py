@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fmnist import analysis, evaluation, feature_maps, plots, report
+from fmnist import analyse, analysis, evaluation, feature_maps, paths, plots, report
 from fmnist.config import parse_params
 from fmnist.files import CorruptFileError
 from fmnist.params import load_params
@@ -174,6 +174,40 @@ def test_missing_damaged_or_malformed_feature_maps_are_one_line_errors(tmp_path)
     maps.write(path)
     with pytest.raises(CorruptFileError, match="for each of its 4 classes: it was replaced; REMEDY$"):
         feature_maps.FeatureMaps.read(path, "REMEDY")
+
+
+def test_a_damaged_confusion_matrix_is_a_one_line_error_naming_it(tmp_path):
+    committed = (REPO / paths.run_record("cnn2", 0).confusion_matrix).read_text()
+    path = tmp_path / "confusion_matrix.csv"
+    path.write_text(committed)
+    assert analyse.read_confusion(path, 10).tolist() == [[int(n) for n in row.split(",")]
+                                                         for row in committed.splitlines()]
+    remedy = "it is damaged or was replaced; delete it and run `dvc repro` to make it again$"
+    path.write_text(committed[:-8])  # the last row cut short
+    with pytest.raises(CorruptFileError, match=f"^{path} cannot be read as a confusion matrix "
+                                               f"\\(ValueError: .*\\): {remedy}"):
+        analyse.read_confusion(path, 10)
+    path.write_text("\n".join(committed.splitlines()[:7]) + "\n")  # rows lost
+    with pytest.raises(CorruptFileError, match=f"^{path} holds 7 x 10 counts where the evaluate stage writes "
+                                               f"10 x 10: {remedy}"):
+        analyse.read_confusion(path, 10)
+    with pytest.raises(FileNotFoundError, match="written by the evaluate stage"):
+        analyse.read_confusion(tmp_path / "absent.csv", 10)
+
+
+def test_a_missing_or_damaged_model_file_says_how_to_restore_or_re_train_its_seed(tmp_path):
+    folder = tmp_path / "models" / "cnn2" / "seed0"
+    folder.mkdir(parents=True)
+    remedy = (f"restore it with `dvc checkout {folder.parent}` (from DVC's cache), or delete {folder} and "
+              "run `dvc repro` to train it again")
+    path = paths.RunFiles(folder).test_probabilities
+    with pytest.raises(FileNotFoundError) as error:
+        evaluation.load_test_probabilities(path, 10)
+    assert str(error.value).endswith(remedy)
+    path.write_bytes(b"\x93NUMPY damaged")
+    with pytest.raises(CorruptFileError) as error:
+        evaluation.load_test_probabilities(path, 10)
+    assert str(error.value).startswith(f"{path} cannot be read") and str(error.value).endswith(remedy)
 
 
 def _judged(contrast) -> analysis.Judged:

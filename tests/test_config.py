@@ -160,6 +160,23 @@ def test_a_new_variant_is_only_an_edit_of_params():
         parse_params(raw).variant("nope")
 
 
+@pytest.mark.parametrize("name", ["cnn2.v2", "cnn 2", "-cnn2", "cnn2/v2"])
+def test_a_variant_name_dvc_cannot_take_is_refused_with_the_allowed_characters(name):
+    # dvc.yaml lists `variants.${key}`: DVC would read `variants.cnn2.v2` as key v2 of cnn2
+    raw = real_params()
+    raw["variants"][name] = {}
+    with pytest.raises(ConfigError) as error:
+        parse_params(raw)
+    assert str(error.value) == (f"params.yaml: variants = {name!r} is invalid; allowed: variant names of "
+                                "letters, digits, '_', '-' (they name folders, stages and DVC's params keys, "
+                                "which DVC splits at '.')")
+    raw["search"]["study"] = name
+    del raw["variants"][name]
+    with pytest.raises(ConfigError, match="search.study"):  # the study names the variant it writes
+        parse_params(raw)
+    assert "cnn2_v2-1" in parse_params(_with("variants.cnn2_v2-1", {})).variants
+
+
 def test_make_small_sets_valid_params_on_every_variant():
     """`make small`'s overrides (the Makefile's SMALL) on the real params.yaml pass the
     check_params stage's validation, and shrink only the epochs, the seeds and the SVC."""

@@ -117,6 +117,10 @@ def test_params_mistakes_stop_dvc_repro_before_any_stage_and_no_output_is_lost(t
     history.write_text("{not json")
     failed = run(["dvc", "repro", "--single-item", "analyse"], repo, check=False)
     assert failed.returncode != 0 and _ran(failed.stdout) == {"analyse"}
+    # the stage's one line names the file, what is wrong and what to do
+    assert ("ERROR: reports/eval/cnn2/seed0/history.json cannot be read as JSON (JSONDecodeError: "
+            in failed.stderr + failed.stdout), failed.stderr
+    assert "unexpected JSONDecodeError" not in failed.stderr + failed.stdout, failed.stderr
     for path in ["reports/analysis", "reports/report.md", "metrics/summary.json"]:
         assert _digest(repo / path) == before[path], path
 
@@ -535,7 +539,8 @@ def test_garbage_prepared_data_and_a_damaged_model_are_one_line_errors(tmp_path,
     # the evaluate stage reads the train stage's test-set probabilities, not the model
     probabilities = paths.run_files("cnn2", 0).test_probabilities
     (tmp_path / probabilities).parent.mkdir(parents=True)
-    remedy = "run `dvc repro` (DVC restores it from its cache or re-runs the train stage)"
+    remedy = ("restore it with `dvc checkout models/cnn2` (from DVC's cache), or delete models/cnn2/seed0 "
+              "and run `dvc repro` to train it again")
     n_test = len(np.load(prepared / "fashion_mnist.npz")["y_test"])
     for content, expected in (
             (b"PK\x03\x04 damaged", f"ERROR: {probabilities.as_posix()} cannot be read (ValueError: the "

@@ -125,3 +125,17 @@ def _png_bytes(tmp_path) -> bytes:
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28)).astype(np.uint8)).save(
         tmp_path / "full.png")
     return (tmp_path / "full.png").read_bytes()
+
+
+def test_a_damaged_model_folder_says_how_to_restore_or_re_train_it(tmp_path, capsys):
+    folder = tmp_path / "models" / "cnn2" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "model.keras").write_bytes(b"PK\x03\x04 damaged")
+    (folder / "run.json").write_text('{"mlflow_run_id": "ab')  # cut short
+    Image.fromarray(_item()).save(tmp_path / "item.png")
+    assert main([str(tmp_path / "item.png"), "--model", str(folder)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"ERROR: {folder / 'run.json'} cannot be read as JSON (JSONDecodeError: Unterminated string "
+        "starting at: line 1 column 19 (char 18)): it is damaged or was replaced; restore it with "
+        f"`dvc checkout {folder.parent}` (from DVC's cache), or delete {folder} and run `dvc repro` to "
+        "train it again")

@@ -69,3 +69,18 @@ def test_runs_are_named_after_their_pipeline_execution(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "lower-lr")  # `dvc exp run` sets it
     assert tracking.execution(tmp_path) == "lower-lr"
     assert tracking.run_title("cnn2-seed0", "lower-lr") == "cnn2-seed0 @ lower-lr"
+
+
+def test_a_run_missing_from_the_store_says_to_train_its_seed_again(mlflow_store, capsys):
+    """There is no per-seed stage, and `dvc repro -f train@<variant>` keeps a seed whose files
+    match: the way to a new run is to delete the seed's folder and run `dvc repro`."""
+    missing = "0" * 32
+    with tracking.resume(missing) as found:
+        assert not found
+    warning = capsys.readouterr().out.strip()
+    assert warning.startswith(f"WARNING: MLflow run {missing} is not in sqlite:///")
+    assert warning.endswith("nothing logged to it. To record it again, delete models/<variant>/seed<k> "
+                            "and run `dvc repro` to train it again."), warning
+    with pytest.raises(tracking.TrackingError, match=f"^MLflow run {missing} is not in .*; to log it again, "
+                       r"delete models/<variant>/seed<k> and run `dvc repro` to train it again$"):
+        tracking.run_tags(missing)

@@ -19,7 +19,7 @@ from fmnist import analysis, paths, plots, report, results, tracking
 from fmnist.config import Config
 from fmnist.data import Dataset
 from fmnist.feature_maps import FeatureMaps
-from fmnist.files import atomic_path, read_json, write_text
+from fmnist.files import REMAKE_REMEDY, CorruptFileError, atomic_path, error_reason, read_json, write_text
 from fmnist.records import (
     MONITORED_TEST_ACCURACY,
     MONITORED_TEST_LOSS,
@@ -45,6 +45,24 @@ def load_runs(config: Config) -> list[analysis.TrainedRun]:
                 metrics=RunMetrics.read(paths.metrics_file(variant, seed), RECORD_REMEDY),
                 run_info=RunInfo.read(record.run_info, RECORD_REMEDY)))
     return runs
+
+
+def read_confusion(path: Path, n_classes: int) -> np.ndarray:
+    """A run's confusion matrix as the evaluate stage wrote it (paths.RunRecord.confusion_matrix,
+    (n_classes, n_classes) counts); a missing or damaged file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing ({RECORD_REMEDY})")
+    try:
+        confusion = np.loadtxt(path, delimiter=",", dtype=int, ndmin=2)
+    except ValueError as error:
+        raise CorruptFileError(f"{path} cannot be read as a confusion matrix ({error_reason(error)}): it is "
+                               f"damaged or was replaced; {REMAKE_REMEDY}") from error
+    if confusion.shape != (n_classes, n_classes):
+        raise CorruptFileError(f"{path} holds {confusion.shape[0]} x {confusion.shape[1]} counts where the "
+                               f"evaluate stage writes {n_classes} x {n_classes}: it is damaged or was "
+                               f"replaced; {REMAKE_REMEDY}")
+    return confusion
 
 
 def write_curves_csv(runs: list[analysis.TrainedRun], path: Path) -> None:
@@ -115,13 +133,13 @@ def draw_feature_maps(config: Config, variants: list[str], out_dir: Path,
             missing = [str(figure) for figure in final if not figure.is_file()]
             if missing:
                 raise FileNotFoundError(f"{maps_file} not found, and no earlier feature maps of it "
-                                        f"({', '.join(missing)}); {paths.MODEL_REMEDY}")
+                                        f"({', '.join(missing)}); {paths.model_remedy(maps_file.parent)}")
             print(f"{maps_file} is not here (DVC's cache of models): its feature maps are kept "
                   f"as git holds them ({final[0].parent})")
             for kept, figure in zip(final, figures, strict=True):
                 shutil.copyfile(kept, figure)
             continue
-        maps = FeatureMaps.read(maps_file, paths.MODEL_REMEDY)
+        maps = FeatureMaps.read(maps_file, paths.model_remedy(maps_file.parent))
         for class_name, figure in zip(classes, figures, strict=True):
             index, image, layers = maps.of_class(config.class_index(class_name))
             plots.feature_maps(image, list(layers.values()), list(layers), figure,
@@ -167,7 +185,7 @@ def analyse(config: Config, data: Dataset, data_info: DataInfo, baseline: Baseli
         record = paths.run_record(config.analyse.error_variant, first_seed)
         errors = analysis.error_analysis(
             Misclassified.read_csv(record.errors),
-            np.loadtxt(record.confusion_matrix, delimiter=",", dtype=int),
+            read_confusion(record.confusion_matrix, len(class_names)),
             read_json(record.classification_report, RECORD_REMEDY), class_names,
             config.analyse.top_errors, error_run)
         worst = [error.index for error in errors.top_errors]

@@ -33,7 +33,8 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "threshold", "none")
 SEARCH_STORAGES = ("sqlite:///", "postgresql://", "postgresql+psycopg://")
-_VARIANT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# no '.': dvc.yaml lists a variant's params as `variants.<name>`, and DVC splits that path at dots
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 # Upper bounds of whole numbers: far beyond any sensible run, low enough that an absurd value
 # (a typo of many zeros) stops here instead of failing deep in Keras or NumPy.
 MAX_EPOCHS = 10_000
@@ -395,7 +396,7 @@ class SearchConfig:
 
     def validate(self) -> None:
         _check(_VARIANT_NAME.match(self.study) is not None, "search.study", self.study,
-               "letters, digits, '_', '.', '-' (it names the study and the variant it writes)")
+               "letters, digits, '_', '-' (it names the study and the variant it writes)")
         _check(bool(self.space), "search.space", self.space, "at least one key to search")
         _check_whole(self.n_trials, "search.n_trials", 1, MAX_EPOCHS)
         _check_whole(self.epochs, "search.epochs", 1, MAX_EPOCHS)
@@ -573,7 +574,8 @@ def build_variants(model_defaults: Any, variants: Any) -> dict[str, ModelSpec]:
     specs = {}
     for name, overrides in variants.items():
         _check(isinstance(name, str) and _VARIANT_NAME.match(name) is not None, "variants", name,
-               "variant names of letters, digits, '_', '.', '-' (they name folders and stages)")
+               "variant names of letters, digits, '_', '-' (they name folders, stages and DVC's "
+               "params keys, which DVC splits at '.')")
         overrides = overrides or {}
         if not isinstance(overrides, dict):
             _fail(f"variants.{name}", overrides, "a mapping of model keys")

@@ -38,17 +38,17 @@ def load_test_probabilities(path: Path, n_test: int) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (the train stage writes it beside the model); "
-                                f"{paths.MODEL_REMEDY}")
+                                f"{paths.model_remedy(path.parent)}")
     try:
         with path.open("rb") as f:  # an .npy file only (np.load would also open an archive)
             probabilities = np.lib.format.read_array(f, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise CorruptFileError(f"{path} cannot be read ({error_reason(error)}): it is damaged or was "
-                               f"replaced; {paths.MODEL_REMEDY}") from error
+                               f"replaced; {paths.model_remedy(path.parent)}") from error
     if probabilities.shape != (n_test, NUM_CLASSES) or probabilities.dtype != np.float32:
         raise CorruptFileError(f"{path} holds {probabilities.dtype} {probabilities.shape} where the train "
                                f"stage writes float32 ({n_test}, {NUM_CLASSES}) for this test set: it "
-                               f"was replaced or made from other data; {paths.MODEL_REMEDY}")
+                               f"was replaced or made from other data; {paths.model_remedy(path.parent)}")
     return probabilities
 
 
@@ -104,8 +104,8 @@ def evaluate_model(variant: str, seed: int, y_test: np.ndarray, class_names: tup
     record_dir = paths.run_record(variant, seed).folder
     title = paths.run_name(variant, seed)
     probabilities = load_test_probabilities(files.test_probabilities, len(y_test))
-    history = read_json(files.history, "written by the train stage")
-    run_info = RunInfo.read(files.run_info)
+    history = read_json(files.history, "written by the train stage", paths.model_remedy(files.folder))
+    run_info = RunInfo.read(files.run_info, remedy=paths.model_remedy(files.folder))
     evaluation = score(probabilities, y_test, class_names)
     metrics = run_metrics(evaluation, history)
 

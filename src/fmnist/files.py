@@ -103,16 +103,28 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def read_json(path: Path, what: str) -> Any:
-    """Read a JSON file another stage wrote; a missing file names the stage to run."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found ({what}); run `dvc repro` to produce it")
-    return json.loads(path.read_text())
+# What to do about a damaged file that a stage wrote, where its reader knows no better: true of
+# every output (DVC re-runs the stage that writes a missing one, and the train stage trains a
+# seed again whose folder lacks a file); a file under models/ is restored faster by
+# fmnist.paths.model_remedy's `dvc checkout`.
+REMAKE_REMEDY = "delete it and run `dvc repro` to make it again"
 
 
 class CorruptFileError(ValueError):
     """A file that an earlier stage wrote cannot be read (damaged or replaced)."""
+
+
+def read_json(path: Path, what: str, remedy: str = REMAKE_REMEDY) -> Any:
+    """Read a JSON file another stage wrote; a missing file names the stage to run, a damaged
+    one (not JSON) is a CorruptFileError ending in ``remedy``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found ({what}); run `dvc repro` to produce it")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:  # json.JSONDecodeError, UnicodeDecodeError
+        raise CorruptFileError(f"{path} cannot be read as JSON ({error_reason(error)}): it is damaged or "
+                               f"was replaced; {remedy}") from error
 
 
 def error_reason(error: BaseException) -> str:

@@ -30,8 +30,6 @@ PREPARED_ARRAYS = DATA_PREPARED / "fashion_mnist.npz"
 PREPARED_INFO = DATA_PREPARED / records.DataInfo.FILE
 
 MODELS = Path("models")
-# what to do when a file under models/ (a cached DVC output) is missing or damaged
-MODEL_REMEDY = "run `dvc repro` (DVC restores it from its cache or re-runs the train stage)"
 CHECKPOINTS = Path(".checkpoints")  # resumable training state; not a DVC output (DVC deletes those)
 # JAX's persistent compilation cache (and XLA's GPU autotune results), shared by every stage
 # process and queue worker of the project (fmnist.device.jax_environment); safe to delete
@@ -163,7 +161,8 @@ class RunRecord:
 
     @property
     def classification_report(self) -> Path:
-        """scikit-learn's per-class precision, recall, F1 and support (Table IV), as JSON."""
+        """The per-class precision, recall, F1 and support (Table IV), to scikit-learn's definitions
+        and format (computed in numpy by fmnist.scoring), as JSON."""
         return self.folder / "classification_report.json"
 
     @property
@@ -207,6 +206,28 @@ def model_dir(variant: str, seed: int) -> Path:
 
 def run_files(variant: str, seed: int) -> RunFiles:
     return RunFiles(model_dir(variant, seed))
+
+
+# What to do about a seed's model folder, models/<variant>/seed<k>/ (in messages that cannot
+# name it, these words). Its variant's folder is a `persist: true` output: `dvc repro` does not
+# restore it from DVC's cache but re-runs train@<variant>, which keeps every seed whose files
+# exist and whose fingerprint matches (fmnist.training), a damaged file or a lost MLflow run
+# included; a missing file trains the seed again.
+SEED_FOLDER = MODELS / "<variant>" / "seed<k>"
+
+
+def retrain_remedy(folder: Path = SEED_FOLDER) -> str:
+    """How to train the seed of ``folder`` (models/<variant>/seed<k>/) again: new files, a new
+    MLflow run."""
+    return f"delete {folder} and run `dvc repro` to train it again"
+
+
+def model_remedy(folder: Path = SEED_FOLDER) -> str:
+    """What to do when a file in the seed's folder ``folder`` (models/<variant>/seed<k>/) is
+    missing or damaged: restore the variant's folder from DVC's cache (a second), or train the
+    seed again."""
+    return (f"restore it with `dvc checkout {Path(folder).parent}` (from DVC's cache), or "
+            f"{retrain_remedy(folder)}")
 
 
 def checkpoint_dir(variant: str, seed: int) -> Path:

@@ -19,7 +19,7 @@ SHOWN = ("loss", "accuracy", "val_loss", "val_accuracy", "test_loss", "test_accu
 def stage_label(stage: str, variants: Sequence[str], seeds: Sequence[int], variant: str,
                 seed: int) -> str:
     """``[train 5/27] cnn2_bn seed 1``: the model's place in dvc.yaml's variant x seed matrix
-    (variants outer, seeds inner, as DVC names the stages)."""
+    (variants outer, seeds inner)."""
     variants, seeds = list(variants), list(seeds)
     if variant not in variants or seed not in seeds:  # called outside the matrix (a test, a script)
         return f"[{stage}] {variant} seed {seed}"

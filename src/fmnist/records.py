@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from fmnist.files import CorruptFileError, atomic_path, read_json, write_json
+from fmnist.files import REMAKE_REMEDY, CorruptFileError, atomic_path, error_reason, read_json, write_json
 
 _ABSENT_WHEN_NONE = "absent when None"
 
@@ -90,14 +90,15 @@ class _Record:
         write_json(path, self.as_json())
 
     @classmethod
-    def read(cls, path: Path, what: str = "") -> typing.Self:
-        """The record in ``path``; ``what`` says where it comes from (default: its stage)."""
-        raw = read_json(path, what or f"written by the {cls.WRITER} stage")
+    def read(cls, path: Path, what: str = "", remedy: str = REMAKE_REMEDY) -> typing.Self:
+        """The record in ``path``; ``what`` says where it comes from (default: its stage),
+        ``remedy`` what to do when the file is damaged or not the record."""
+        raw = read_json(path, what or f"written by the {cls.WRITER} stage", remedy)
         try:
             return _from_json(cls, raw)
         except _Mismatch as error:
-            raise CorruptFileError(f"{path} is not what the {cls.WRITER} stage writes ({error}); run "
-                                   "`dvc repro` to make it again") from None
+            raise CorruptFileError(f"{path} is not what the {cls.WRITER} stage writes ({error}); "
+                                   f"{remedy}") from None
 
 
 # --- the data ---------------------------------------------------------------------------
@@ -270,8 +271,14 @@ class Misclassified:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing (written by the evaluate stage: run `dvc repro`)")
         types_ = _field_types(cls)
-        with path.open(newline="") as f:
-            return [cls(**{name: types_[name](row[name]) for name in types_}) for row in csv.DictReader(f)]
+        try:
+            with path.open(newline="") as f:
+                return [cls(**{name: types_[name](row[name]) for name in types_})
+                        for row in csv.DictReader(f)]
+        except (KeyError, TypeError, ValueError, csv.Error) as error:  # a column, a field or a value lost
+            raise CorruptFileError(f"{path} cannot be read as the evaluate stage's errors "
+                                   f"({error_reason(error)}): it is damaged or was replaced; "
+                                   f"{REMAKE_REMEDY}") from error
 
 
 # --- the analysis -----------------------------------------------------------------------------
@@ -456,5 +463,5 @@ class Accuracy(_Record):
         return dict(self.percent)
 
     @classmethod
-    def read(cls, path: Path, what: str = "") -> Accuracy:
-        return cls(read_json(path, what or f"written by the {cls.WRITER} stage"))
+    def read(cls, path: Path, what: str = "", remedy: str = REMAKE_REMEDY) -> Accuracy:
+        return cls(read_json(path, what or f"written by the {cls.WRITER} stage", remedy))

@@ -102,7 +102,8 @@ def register_models(config: Config) -> tuple[dict[str, dict[str, str]], str]:
     registered = {}
     for variant in config.variants:
         for seed in config.train.seeds:
-            run_info = RunInfo.read(paths.run_files(variant, seed).run_info)
+            files = paths.run_files(variant, seed)
+            run_info = RunInfo.read(files.run_info, remedy=paths.model_remedy(files.folder))
             run_id = run_info.mlflow_run_id
             tags = {"variant": variant, "seed": str(seed), "data_source": run_info.data_source,
                     "canonical_split": str(run_info.canonical_split),
@@ -144,8 +145,9 @@ def promote(config: Config, variant: str, seed: int | None = None, version: str 
     name = registry.model_name(variant)
     if version is None:
         seed = registry.champion_seed if seed is None else seed
-        run_info = RunInfo.read(paths.run_files(variant, seed).run_info,
-                                "written by the train stage; or name a registered --version")
+        files = paths.run_files(variant, seed)
+        run_info = RunInfo.read(files.run_info, "written by the train stage; or name a registered --version",
+                                paths.model_remedy(files.folder))
         entry = tracking.version_of_run(name, run_info.mlflow_run_id)
         if entry is None:
             raise PromotionError(f"the model in models/{variant}/seed{seed} is not registered as a version "

@@ -239,8 +239,8 @@ def resume(run_id: str) -> Iterator[bool]:
     nothing, when the store no longer holds that run (e.g. mlflow.db was deleted)."""
     uri = use_store()
     if not run_is_usable(run_id):
-        print(f"WARNING: MLflow run {run_id} is not in {uri}; nothing logged to it. Re-run the "
-              "train stage (`dvc repro -f train`) to record it again.")
+        print(f"WARNING: MLflow run {run_id} is not in {uri}; nothing logged to it. To record it "
+              f"again, {paths.retrain_remedy()}.")
         yield False
         return
     ended = _run_info(run_id)
@@ -400,8 +400,8 @@ def log_artifacts(*files: Path, folder: str | None = None) -> None:
 @guarded("reading a run's tags")
 def run_tags(run_id: str) -> dict[str, str]:
     if not run_is_usable(run_id):
-        raise TrackingError(f"MLflow run {run_id} is not in {mlflow.get_tracking_uri()}; re-run its "
-                            "train stage (`dvc repro -f train@<variant>-<seed>`) to log it again")
+        raise TrackingError(f"MLflow run {run_id} is not in {mlflow.get_tracking_uri()}; to log it "
+                            f"again, {paths.retrain_remedy()}")
     return dict(MlflowClient().get_run(run_id).data.tags)
 
 
