@@ -154,7 +154,8 @@ def test_feature_maps_keep_the_first_image_of_each_class_and_read_back_in_float1
     # beyond float16's range: clipped to its largest number, not infinite
     assert np.isfinite(back.layers["block2_relu"]).all()
     assert back.layers["block2_relu"].max() == np.finfo(np.float16).max
-    with pytest.raises(ValueError, match="no image of class 5"):
+    with pytest.raises(ValueError, match="no image of class 5, so it has no feature maps; name other classes "
+                                         "in analyse.feature_map_classes of params.yaml$"):
         back.of_class(5)
     # three classes stored, five images in the test set: about 0.5 MB of maps, compressed
     assert (tmp_path / "maps.npz").stat().st_size < sum(m.size for m in back.layers.values()) * 2

@@ -52,7 +52,8 @@ class FeatureMaps:
         maps by layer name, (channels, h, w) each."""
         found = np.flatnonzero(self.classes == label)
         if not len(found):
-            raise ValueError(f"the test set has no image of class {label}")
+            raise ValueError(f"the test set has no image of class {label}, so it has no feature maps; "
+                             "name other classes in analyse.feature_map_classes of params.yaml")
         n = int(found[0])
         return int(self.indices[n]), self.images[n], {name: maps[n] for name, maps in self.layers.items()}
 
