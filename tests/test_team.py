@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -198,10 +200,10 @@ def _queue_two_experiments(repo: Path, env: dict[str, str]) -> None:
     for rate in LEARNING_RATES:
         run(["dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={rate}"], repo, env=env)
     run(["dvc", "queue", "start", "-j", "2"], repo, env=env)
-    deadline = time.monotonic() + 1200
+    deadline = time.monotonic() + 900
     while True:
         status = run(["dvc", "queue", "status"], repo, env=env).stdout
-        if "Running" not in status and "Queued" not in status and "0 active" in status:
+        if "Running" not in status and "Queued" not in status:
             break
         assert time.monotonic() < deadline, status
         time.sleep(5)
@@ -209,6 +211,48 @@ def _queue_two_experiments(repo: Path, env: dict[str, str]) -> None:
     logs = "\n".join(run(["dvc", "queue", "logs", name], repo, env=env, check=False).stdout[-4000:]
                      for name in failed)
     assert status.count("Success") == 2, f"{status}\n{logs}"
+    _await_workers_gone(repo)
+
+
+def _await_workers_gone(repo: Path, grace: float = 60) -> None:
+    """The queue's workers leave by themselves once it is empty (they idle 10 s). DVC's queue
+    has a race, seen once here in many runs of this suite: a worker's monitor finds the queue empty
+    while the worker's own task still runs, asks it to shut down, and the worker, its task done,
+    then never exits nor answers `dvc queue stop` (--kill included). Such a worker, one with no
+    process under it (nothing of an experiment) still there after ``grace`` seconds, is
+    killed with a warning; any other process left in the repository fails the caller's check."""
+    deadline = time.monotonic() + grace
+    while (workers := _queue_workers(repo)) and time.monotonic() < deadline:
+        time.sleep(2)
+    for pid, children in workers.items():
+        if children:
+            continue  # not the race: left for the caller's `_processes_in(repo) == []` to name
+        warnings.warn(f"DVC queue worker {pid} did not exit after its queue was done (DVC's race); "
+                      "killed", stacklevel=2)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _processes_in(repo) and time.monotonic() < deadline:  # their parents leave after them
+        time.sleep(0.5)
+
+
+def _queue_workers(repo: Path) -> dict[int, list[int]]:
+    """The live `dvc exp queue-worker` processes working in ``repo``: pid -> their children."""
+    parents: dict[int, int] = {}
+    workers = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (proc / "stat").read_text().split(")")[-1].split()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if fields[0] == "Z":
+            continue
+        parents[int(proc.name)] = int(fields[1])
+        if "exp queue-worker" in cmdline and cwd.startswith(str(repo)):
+            workers.append(int(proc.name))
+    return {pid: [child for child, parent in parents.items() if parent == pid] for pid in workers}
 
 
 def _processes_in(folder: Path) -> list[str]:
