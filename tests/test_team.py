@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
 import pytest
@@ -40,6 +41,7 @@ LEARNING_RATES = ("0.002", "0.003")  # one queued experiment each
 _STAGE = """
 import sys, time
 from pathlib import Path
+from typing import NamedTuple
 from fmnist import tracking
 folder, go = Path(sys.argv[1]), Path(sys.argv[2])
 (folder / ("ready-" + sys.argv[3])).touch()
@@ -236,49 +238,50 @@ def _await_workers_gone(repo: Path, grace: float = 60) -> None:
         time.sleep(0.5)
 
 
-def _queue_workers(repo: Path) -> dict[int, list[int]]:
-    """The live `dvc exp queue-worker` processes working in ``repo``: pid -> their children."""
-    parents: dict[int, int] = {}
-    workers = []
+class _Process(NamedTuple):
+    pid: int
+    parent: int
+    cwd: str  # "" where it cannot be read
+    cmdline: str
+
+
+def _live_processes() -> list[_Process]:
+    """Every live (not zombie) process that /proc shows us."""
+    found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             fields = (proc / "stat").read_text().split(")")[-1].split()
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(proc / "cwd")
         except OSError:
-            continue
+            continue  # gone meanwhile
         if fields[0] == "Z":
             continue
-        parents[int(proc.name)] = int(fields[1])
-        if "exp queue-worker" in cmdline and cwd.startswith(str(repo)):
-            workers.append(int(proc.name))
-    return {pid: [child for child, parent in parents.items() if parent == pid] for pid in workers}
+        try:
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            cwd = ""
+        found.append(_Process(int(proc.name), int(fields[1]), cwd, cmdline))
+    return found
+
+
+def _queue_workers(repo: Path) -> dict[int, list[int]]:
+    """The live `dvc exp queue-worker` processes working in ``repo``: pid -> their children."""
+    processes = _live_processes()
+    return {worker.pid: [p.pid for p in processes if p.parent == worker.pid]
+            for worker in processes
+            if "exp queue-worker" in worker.cmdline and worker.cwd.startswith(str(repo))}
 
 
 def _processes_in(folder: Path) -> list[str]:
     """Live processes working in ``folder`` (cwd) or naming it on their command line."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if (proc / "stat").read_text().split(")")[-1].split()[0] == "Z":
-                continue
-            cwd = os.readlink(proc / "cwd")
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if cwd.startswith(str(folder)) or str(folder) in cmdline:
-            found.append(f"{proc.name}: {cmdline[:200]}")
-    return found
+    return [f"{p.pid}: {p.cmdline[:200]}" for p in _live_processes()
+            if p.cwd.startswith(str(folder)) or str(folder) in p.cmdline]
 
 
 def _descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().split(")")[-1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    for p in _live_processes():
+        children.setdefault(p.parent, []).append(p.pid)
     found, todo = {pid}, [pid]
     while todo:
         for child in children.get(todo.pop(), []):
