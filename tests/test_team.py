@@ -41,7 +41,6 @@ LEARNING_RATES = ("0.002", "0.003")  # one queued experiment each
 _STAGE = """
 import sys, time
 from pathlib import Path
-from typing import NamedTuple
 from fmnist import tracking
 folder, go = Path(sys.argv[1]), Path(sys.argv[2])
 (folder / ("ready-" + sys.argv[3])).touch()
