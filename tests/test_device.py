@@ -55,6 +55,36 @@ def test_select_backend_refuses_a_backend_keras_was_not_imported_with():
         device.select_backend("jax")
 
 
+def test_keras_is_imported_without_the_integrations_no_stage_uses():
+    """select_backend imports Keras while scikit-learn, matplotlib and (under TensorFlow) JAX
+    are refused: Keras and TensorFlow then skip their integrations with them. Keras trains as
+    before, the modules import normally afterwards, and a module imported before is left alone."""
+    script = textwrap.dedent("""
+        import json, sys
+        import matplotlib
+        from fmnist import device
+        device.select_backend("tensorflow")
+        skipped = {name: name in sys.modules for name in device.UNUSED_AT_IMPORT}
+        import keras, numpy as np
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile("sgd", "mse")
+        model.fit(np.ones((4, 3)), np.zeros((4, 2)), epochs=1, verbose=0)
+        from keras.src.visualization import plot_image_gallery
+        from keras.src.wrappers import sklearn_wrapper
+        import jax, sklearn
+        print(json.dumps({"loaded": skipped, "keras_has_matplotlib": plot_image_gallery.plt is not None,
+                          "keras_has_sklearn": sklearn_wrapper.sklearn is not None,
+                          "imported_after": [jax.__name__, sklearn.__name__]}))
+    """)
+    env = {key: value for key, value in venv_env().items() if key != "KERAS_BACKEND"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+        "loaded": {"sklearn": False, "matplotlib": True, "jax": False},  # matplotlib: imported before
+        "keras_has_matplotlib": True, "keras_has_sklearn": False, "imported_after": ["jax", "sklearn"]}
+
+
 def test_logged_models_carry_their_pip_requirements():
     requirements = device.pip_requirements()
     assert requirements[0] == f"keras=={keras.__version__}"

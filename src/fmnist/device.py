@@ -16,7 +16,7 @@ import glob
 import importlib.util
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -132,7 +132,8 @@ def select_backend(name: str) -> str:
     The param, not the environment, decides (DVC tracks params, not environment variables);
     a KERAS_BACKEND set in the environment is overridden with a note. Where JAX is installed,
     its environment (``jax_environment``) is set first: ``auto`` imports JAX to look for a
-    GPU. Under JAX or torch, Keras is kept from importing TensorFlow (``keep_tensorflow_unloaded``).
+    GPU. Then Keras is imported, without the modules of ``UNUSED_AT_IMPORT``; under JAX or
+    torch it is kept from importing TensorFlow (``keep_tensorflow_unloaded``).
     """
     if _installed("jax") and "jax" not in sys.modules:
         prepare_jax()
@@ -149,9 +150,35 @@ def select_backend(name: str) -> str:
         print(f"NOTE: KERAS_BACKEND={previous} in the environment is ignored: train.backend "
               f"({name}) selects {backend_name}.")
     os.environ["KERAS_BACKEND"] = backend_name
+    with _refused(name for name in UNUSED_AT_IMPORT if name != backend_name):
+        import keras  # noqa: F401, PLC0415 (with the backend just set)
     if backend_name != "tensorflow":
-        keep_tensorflow_unloaded()  # imports Keras, with the backend just set
+        keep_tensorflow_unloaded()
     return backend_name
+
+
+# What Keras and TensorFlow import at start-up for integrations no stage of the project uses:
+# scikit-learn for keras.wrappers' estimators, matplotlib for keras.visualization's image
+# gallery, JAX for TensorFlow Lite's converter (under other backends than JAX). About 1.4 s of
+# a train stage's 4 s of Keras import on a 2-core CPU (docs/timing.md). Each of these imports
+# is guarded there (``try: import ... except ImportError``), so refusing them while Keras is
+# imported turns only those integrations off; importing the modules later works as usual.
+UNUSED_AT_IMPORT = ("sklearn", "matplotlib", "jax")
+
+
+@contextmanager
+def _refused(names: Iterable[str]) -> Iterator[None]:
+    """While inside, ``import <name>`` (and of its submodules) raises ModuleNotFoundError for
+    each of ``names`` not imported yet: Python's own signal, a None in sys.modules."""
+    refused = [name for name in names if name not in sys.modules]
+    for name in refused:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for name in refused:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
 
 
 def backend() -> str:
