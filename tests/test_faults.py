@@ -761,6 +761,50 @@ def test_a_stop_signal_that_lands_in_a_gc_callback_still_stops_the_stage(tmp_pat
         "ERROR: interrupted; run `dvc repro` again to go on (finished stages do not run again)"]
 
 
+ENDS_AT_ONCE = """
+import atexit, sys, threading, time
+from pathlib import Path
+from fmnist import cli
+from fmnist.config import ConfigError
+
+class TornDown:
+    def __del__(self):
+        print("torn down")  # at the interpreter's teardown of this module, which is skipped
+
+held = TornDown()
+
+def main():
+    atexit.register(lambda: print("atexit ran"))
+    def late_write():
+        time.sleep(0.5)
+        Path("thread.txt").write_text("written")
+    threading.Thread(target=late_write).start()  # not a daemon: joined before the end
+    sys.stdout.write("unflushed")
+    if sys.argv[1] == "mistake":
+        raise ConfigError("a mistake the user can fix")
+    if sys.argv[1] == "exit 3":
+        sys.exit(3)
+
+cli.stage_main(main)
+print("after stage_main")
+"""
+
+
+@pytest.mark.parametrize("how, code, error", [("done", 0, ""), ("exit 3", 3, ""),
+                                              ("mistake", 1, "ERROR: a mistake the user can fix\n")])
+def test_a_stage_run_as_a_script_ends_at_once_with_its_code_and_everything_written(tmp_path, how, code,
+                                                                                  error):
+    """stage_main ends a script's process itself: nothing after it runs and the interpreter
+    does not tear the modules down, yet the exit code, unflushed output, atexit handlers and
+    threads are as Python's own end would leave them. Called from a test (above), it raises
+    SystemExit instead."""
+    (tmp_path / "stage.py").write_text(ENDS_AT_ONCE)
+    result = subprocess.run([sys.executable, "stage.py", how], cwd=tmp_path, env=_env(), capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (code, "unflushedatexit ran\n", error)
+    assert (tmp_path / "thread.txt").read_text() == "written"
+
+
 def test_a_full_disk_names_the_output_and_says_to_free_space(tmp_path, monkeypatch, capsys):
     # was: "unexpected OSError: [Errno 28] No space left on device", naming no file
     metrics = tmp_path / "metrics" / "run.json"
