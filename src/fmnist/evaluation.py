@@ -24,11 +24,7 @@ from fmnist.config import Config
 from fmnist.data import NUM_CLASSES
 from fmnist.files import CorruptFileError, atomic_path, error_reason, read_json
 from fmnist.paths import RunRecord
-from fmnist.records import (
-    Misclassified,
-    RunInfo,
-    RunMetrics,
-)
+from fmnist.records import Misclassified, RunMetrics
 from fmnist.scoring import Evaluation, cross_entropy, run_metrics, score, tracked_results
 
 
@@ -104,8 +100,8 @@ def evaluate_model(variant: str, seed: int, y_test: np.ndarray, class_names: tup
     record_dir = paths.run_record(variant, seed).folder
     title = paths.run_name(variant, seed)
     probabilities = load_test_probabilities(files.test_probabilities, len(y_test))
-    history = read_json(files.history, "written by the train stage", paths.model_remedy(files.folder))
-    run_info = RunInfo.read(files.run_info, remedy=paths.model_remedy(files.folder))
+    history = read_json(files.history, "written by the train stage", files.remedy)
+    run_info = files.read_run_info()
     evaluation = score(probabilities, y_test, class_names)
     metrics = run_metrics(evaluation, history)
 

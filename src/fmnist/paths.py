@@ -119,6 +119,16 @@ class RunFiles:
         """MLflow run id, backend, precision, device, training time, parameter count."""
         return self.folder / records.RunInfo.FILE
 
+    @property
+    def remedy(self) -> str:
+        """What to do when a file here is missing or damaged (``model_remedy``)."""
+        return model_remedy(self.folder)
+
+    def read_run_info(self, what: str = "") -> records.RunInfo:
+        """The run record; ``what`` says where it comes from (default: the train stage). A
+        missing or damaged record is an error that says how to restore it (``remedy``)."""
+        return records.RunInfo.read(self.run_info, what, self.remedy)
+
 
 @dataclass(frozen=True)
 class CheckpointFiles:

@@ -190,11 +190,10 @@ def load_classifier(source: str) -> Classifier:
     files = paths.RunFiles(folder)
     if files.model.is_file():
         from fmnist.models import load_model_file
-        from fmnist.records import RunInfo
 
-        run_info = RunInfo.read(files.run_info, remedy=paths.model_remedy(folder))
+        run_info = files.read_run_info()
         names = run_info.class_names
-        model = load_model_file(files.model, paths.model_remedy(folder))
+        model = load_model_file(files.model, files.remedy)
         origin = f"{source} (a train-stage model folder, MLflow run {run_info.mlflow_run_id})"
         return Classifier(lambda x: np.asarray(model.predict(x, verbose=0)), tuple(names), source, origin)
     raise FileNotFoundError(f"--model {source}: not a model folder (no {files.model.name} or MLmodel) and "

@@ -27,7 +27,6 @@ import os
 from fmnist import paths, tracking
 from fmnist.config import Config
 from fmnist.params import load_params
-from fmnist.records import RunInfo
 
 DESCRIPTION = ("A Fashion-MNIST classifier ({variant}; one version per training seed). Input: uint8 "
                "pixels 0-255, shape (n, 28, 28), white item on a black background, as the data set; "
@@ -103,7 +102,7 @@ def register_models(config: Config) -> tuple[dict[str, dict[str, str]], str]:
     for variant in config.variants:
         for seed in config.train.seeds:
             files = paths.run_files(variant, seed)
-            run_info = RunInfo.read(files.run_info, remedy=paths.model_remedy(files.folder))
+            run_info = files.read_run_info()
             run_id = run_info.mlflow_run_id
             tags = {"variant": variant, "seed": str(seed), "data_source": run_info.data_source,
                     "canonical_split": str(run_info.canonical_split),
@@ -146,8 +145,7 @@ def promote(config: Config, variant: str, seed: int | None = None, version: str 
     if version is None:
         seed = registry.champion_seed if seed is None else seed
         files = paths.run_files(variant, seed)
-        run_info = RunInfo.read(files.run_info, "written by the train stage; or name a registered --version",
-                                paths.model_remedy(files.folder))
+        run_info = files.read_run_info("written by the train stage; or name a registered --version")
         entry = tracking.version_of_run(name, run_info.mlflow_run_id)
         if entry is None:
             raise PromotionError(f"the model in models/{variant}/seed{seed} is not registered as a version "
