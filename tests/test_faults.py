@@ -796,8 +796,8 @@ def test_a_stage_run_as_a_script_ends_at_once_with_its_code_and_everything_writt
                                                                                   error):
     """stage_main ends a script's process itself: nothing after it runs and the interpreter
     does not tear the modules down, yet the exit code, unflushed output, atexit handlers and
-    threads are as Python's own end would leave them. Called from a test (above), it raises
-    SystemExit instead."""
+    threads are as Python's own end would leave them. Called from a test (as in the next one),
+    it raises SystemExit instead."""
     (tmp_path / "stage.py").write_text(ENDS_AT_ONCE)
     result = subprocess.run([sys.executable, "stage.py", how], cwd=tmp_path, env=_env(), capture_output=True,
                             text=True, timeout=60)
