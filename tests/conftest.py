@@ -143,6 +143,11 @@ def real_params() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
+def untimed(record: dict[str, float]) -> dict[str, float]:
+    """An epoch record less what the clock gives."""
+    return {key: value for key, value in record.items() if key not in ("epoch_seconds", "images_per_second")}
+
+
 def shrink(raw: dict) -> dict:
     """The real params, made tiny: local data (the tiny files, see ``tiny_idx_dir`` and
     ``make_dvc_repo``), 2 epochs, small batches, one seed, no quality gate on the champion."""

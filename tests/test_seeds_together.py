@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from fmnist import download
 from fmnist.prepare import prepare
-from tests.conftest import venv_env
+from tests.conftest import untimed, venv_env
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
@@ -152,11 +152,6 @@ def test_seeds_trained_together_match_each_seed_trained_alone(tmp_path, tiny_par
         assert "mlflow.parentRunId" not in run.data.tags  # siblings, not one nested under another
         losses = client.get_metric_history(run.info.run_id, "loss")
         assert sorted(m.step for m in losses) == [1, 2]
-
-
-def untimed(record: dict[str, float]) -> dict[str, float]:
-    """An epoch record less what the clock gives."""
-    return {key: value for key, value in record.items() if key not in ("epoch_seconds", "images_per_second")}
 
 
 def assert_close_weights(actual: Path, expected: Path, rtol: float = 1e-3) -> None:

@@ -276,8 +276,11 @@ def train_seeds(config: Config, variant: str, data: Dataset, data_info: DataInfo
     and data files) is kept, so adding a seed to ``train.seeds`` trains only that seed; folders
     of seeds no longer listed are removed. Under JAX on one device the seeds to train that
     start at the same epoch (all fresh, or all resuming after the same epoch) train together,
-    in one vmapped loop (``train_together``); else one after the other. Returns the models
-    trained now."""
+    in one vmapped loop (``train_together``); else one after the other, under TensorFlow each
+    fresh seed in the model object the seed before it finished (``train_variant``'s ``reuse``),
+    so that its functions are traced once per stage: an earlier seed's ``model`` in the list
+    returned then holds a later seed's state (its files in models/ are its own). Returns the
+    seeds trained now."""
     to_train = []
     for seed in config.train.seeds:
         with device.training_setup(config.train.precision) as (precision, devices):
@@ -297,9 +300,17 @@ def train_seeds(config: Config, variant: str, data: Dataset, data_info: DataInfo
                   flush=True)
             trained.append(train_variant(config, variant, seed, data, data_info,
                                          paths.model_dir(variant, seed), paths.checkpoint_dir(variant, seed),
-                                         inputs, seeds_after=len(to_train) - position - 1))
+                                         inputs, seeds_after=len(to_train) - position - 1,
+                                         reuse=_reusable(trained)))
     paths.remove_stale_seeds([paths.variant_outputs(variant)["models"]], config.train.seeds)
     return trained
+
+
+def _reusable(trained: list[TrainedModel]) -> keras.Model | None:
+    """The model the next fresh seed trains in (``_take_over``): the last one trained, under
+    TensorFlow (where it was measured and tested; torch traces nothing, JAX on one device
+    trains its seeds together)."""
+    return trained[-1].model if trained and device.backend() == "tensorflow" else None
 
 
 def _trains_together() -> bool:
@@ -319,19 +330,21 @@ def _made_by(out_dir: Path) -> str | None:
 
 def train_variant(config: Config, variant: str, seed: int, data: Dataset, data_info: DataInfo,
                   out_dir: Path, checkpoint_dir: Path, inputs: str = "",
-                  seeds_after: int = 0) -> TrainedModel:
+                  seeds_after: int = 0, reuse: keras.Model | None = None) -> TrainedModel:
     """Train ``variant`` under ``seed``; write model, history, summary and run id to ``out_dir``.
 
     Resumes from ``checkpoint_dir`` when an earlier attempt stopped (Ctrl-C, a kill, a
     tracking failure): the same MLflow run, the epochs it lacks logged again, the training
     time summed over the attempts. Keras' global dtype policy and distribution are set for
     the run and restored after it (``device.training_setup``). ``seeds_after``: how many
-    seeds the stage trains after this one (the epoch line's ETA of the stage).
+    seeds the stage trains after this one (the epoch line's ETA of the stage). ``reuse``: a
+    model of ``variant`` that an earlier seed finished in this process; a fresh seed trains in
+    it (``_take_over``), and so does not trace its train, test and predict functions again.
     """
     experiment_id = tracking.connect(config.tracking.experiment)
     with device.training_setup(config.train.precision) as (precision, devices):
         run = _prepare(config, variant, seed, data, data_info, out_dir, checkpoint_dir, precision,
-                       devices, inputs)
+                       devices, inputs, reuse)
         return _train(config, [run], data, data_info, experiment_id, seeds_after)[0]
 
 
@@ -402,9 +415,11 @@ class _SeedRun:
 
 
 def _prepare(config: Config, variant: str, seed: int, data: Dataset, data_info: DataInfo, out_dir: Path,
-             checkpoint_dir: Path, precision: str, devices: int, inputs: str) -> _SeedRun:
+             checkpoint_dir: Path, precision: str, devices: int, inputs: str,
+             reuse: keras.Model | None = None) -> _SeedRun:
     """A seed's model: its checkpoint's (an earlier attempt stopped), else built and compiled
-    under the seed (Keras' global seed: the weights and the seed generators' state)."""
+    under the seed (Keras' global seed: the weights and the seed generators' state), that
+    state then set in ``reuse`` where one is given (``_take_over``)."""
     keras.utils.set_random_seed(seed)
     settings = seed_settings(config, variant, seed, data_info, precision, devices)
     checkpoint = Checkpoint(checkpoint_dir, settings)
@@ -419,9 +434,26 @@ def _prepare(config: Config, variant: str, seed: int, data: Dataset, data_info: 
         history = []
         model = recipes.compile_model(build_model(config.variant(variant), variant), config.recipe(variant),
                                       config.train.epochs, len(data.y_train), config.train.batch_size)
+        if reuse is not None:
+            model = _take_over(reuse, model)
     return _SeedRun(variant, seed, Path(out_dir), checkpoint, settings, _fingerprint(settings, inputs),
                     precision, devices, model, history, float(state.get("train_seconds", 0.0)),
                     state.get("compile_seconds"), state.get("run_id"))
+
+
+def _take_over(trained: keras.Model, fresh: keras.Model) -> keras.Model:
+    """``trained`` (an earlier seed's model of the same variant and recipe) set to ``fresh``'s
+    starting state, its weights (batch-norm statistics included), optimizer state (step count,
+    moments) and seed generators (dropout, augmentation), so that it trains as ``fresh`` would,
+    to the last bit (tests/test_training.py). TensorFlow traces a model's train, test and
+    predict functions once per model object: the seeds after the first of a stage reuse them
+    (on tiny data 0.5-0.7 s a seed; measured in docs/timing.md)."""
+    trained.set_weights(fresh.get_weights())
+    fresh.optimizer.build(fresh.trainable_variables)  # its variables' starting values
+    for target, value in zip([*trained.optimizer.variables, *_seed_generator_states(trained)],
+                             [*fresh.optimizer.variables, *_seed_generator_states(fresh)], strict=True):
+        target.assign(value)
+    return trained
 
 
 def _train(config: Config, runs: list[_SeedRun], data: Dataset, data_info: DataInfo, experiment_id: str,
