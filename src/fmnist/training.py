@@ -447,7 +447,7 @@ def _take_over(trained: keras.Model, fresh: keras.Model) -> keras.Model:
     moments) and seed generators (dropout, augmentation), so that it trains as ``fresh`` would,
     to the last bit (tests/test_training.py). TensorFlow traces a model's train, test and
     predict functions once per model object: the seeds after the first of a stage reuse them
-    (on tiny data 0.5-0.7 s a seed; measured in docs/timing.md)."""
+    (on tiny data 0.5-2 s a seed; measured in docs/timing.md)."""
     trained.set_weights(fresh.get_weights())
     fresh.optimizer.build(fresh.trainable_variables)  # its variables' starting values
     for target, value in zip([*trained.optimizer.variables, *_seed_generator_states(trained)],
