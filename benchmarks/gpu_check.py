@@ -35,7 +35,7 @@ from benchmarks.timed_repro import DVC, ENV, stage_order
 from fmnist import paths
 from fmnist.files import write_json
 from fmnist.params import load_params
-from fmnist.records import MONITORED_TEST_ACCURACY, DataInfo, RunInfo
+from fmnist.records import MONITORED_TEST_ACCURACY, DataInfo
 
 # dvc.lock as this check last left it, in an ignored folder: a second call on the same (warm)
 # machine gets the tree's dvc.lock sent anew, and gpu_check.sh puts this one back first
@@ -55,7 +55,7 @@ def run_stage(name: str) -> dict:
 def trained_run(variant: str, seed: int) -> dict:
     """What the train stage recorded for one model (run.json, the last epoch of history.json)."""
     files = paths.run_files(variant, seed)
-    run_info = RunInfo.read(files.run_info)
+    run_info = files.read_run_info()
     history = json.loads(files.history.read_text())
     train_images = DataInfo.read(paths.PREPARED_INFO).sizes.train
     seconds = run_info.train_seconds
